@@ -1,0 +1,245 @@
+"""Configuration: dataclasses with help text, loadable from YAML, overridable by command-line flags.
+
+Every field name is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a
+YAML file may be nested by section (``training: {learning_rate: 2e-4}``) or flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("", "BEIR-layout folder, or a name looked up in $EMBEDDISTILL_DATA and ../shared/datasets")
+    train_split: str = option("train", "qrels split whose queries are labelled training queries ('' for none)")
+    eval_split: str = option("test", "qrels split to evaluate on")
+    dev_fraction: float = option(
+        0.0,
+        "hold out this fraction of the labelled training queries as the evaluation set (to choose settings "
+        "without touching the test split); eval_split is then ignored",
+    )
+    extra_queries: list[str] = option([], "extra unlabeled query files (.jsonl with _id/text, or .tsv id<TAB>text)")
+    train_query_fraction: float = option(1.0, "use this fraction of the labelled training queries (sparse-data runs)")
+    crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document")
+    perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real training query")
+    max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)")
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = option("", "teacher: a sentence-transformers model name or local path")
+    student: str = option("teacher:2", "query encoder: 'teacher:N' (teacher's first N layers) or a model name/path")
+    asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
+    projection_init: str = option(
+        "lstsq", "init of the student->teacher projection: 'lstsq' or 'random'", choices=["lstsq", "random"]
+    )
+    freeze_word_embeddings: bool = option(True, "do not train the student's token-embedding table")
+    student_dropout: bool = option(
+        False, "keep the student's dropout during distillation (off: match the teacher exactly)"
+    )
+    teacher_batch_size: int = option(32, "batch size when the teacher encodes texts")
+    max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)")
+    cache_dir: str = option("", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)")
+    trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")
+
+
+@dataclass
+class LossConfig:
+    score_weight: float = option(1.0, "weight of score distillation (softmax cross-entropy over candidates)")
+    query_em_weight: float = option(1.0, "weight of query embedding matching")
+    document_em_weight: float = option(1.0, "weight of document embedding matching (symmetric students)")
+    label_weight: float = option(0.0, "weight of the one-hot in-batch label loss on labelled positives")
+    margin_mse_weight: float = option(0.0, "weight of Margin-MSE against the anchor document")
+    em_distance: str = option("l2", "embedding-matching distance", choices=["l2", "squared_l2", "cosine"])
+    teacher_temperature: float = option(0.0, "teacher softmax temperature (0 = 0.05 for normalised teachers, else 1)")
+    student_temperature: float = option(0.0, "student softmax temperature (0 = same as the teacher's)")
+    hard_negatives: int = option(8, "hard negatives per query, sampled from the teacher's top documents")
+    hard_negative_depth: int = option(
+        50, "sample hard negatives from the teacher's top-k (labelled positives excluded)"
+    )
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = option(6, "passes over the training queries")
+    batch_size: int = option(64, "queries per step")
+    learning_rate: float = option(2e-4, "AdamW peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    seed: int = option(42, "seed for sampling, generation and initialisation")
+    checkpoint_every: int = option(200, "save a resumable checkpoint every N steps (0 = only at the end)")
+    resume: bool = option(False, "resume training from the last checkpoint in the output folder")
+    device: str = option("auto", "'auto', 'cpu' or 'cuda'")
+    precision: str = option(
+        "auto", "autocast: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'", choices=["auto", "fp32", "bf16"]
+    )
+    threads: int = option(0, "CPU threads for torch (0 = torch's default)")
+
+
+@dataclass
+class EvaluationConfig:
+    top_k: int = option(100, "documents retrieved per query")
+    metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names")
+    latency_repeats: int = option(50, "timed repeats per batch size for CPU query latency (median reported)")
+    latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency")
+
+
+@dataclass
+class DistillConfig:
+    out: str = option("", "output folder")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DistillConfig:
+        config = cls()
+        apply_overrides(config, flatten(values), source="config")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DistillConfig:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of options at the top level")
+        config = cls()
+        apply_overrides(config, flatten(values, str(path)), source=str(path))
+        return config
+
+
+def sections(config: Any) -> list[Any]:
+    """The config object itself and its nested section dataclasses."""
+    nested = [getattr(config, f.name) for f in dataclasses.fields(config)]
+    return [config] + [value for value in nested if dataclasses.is_dataclass(value)]
+
+
+def leaf_fields(config: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """``{field_name: (section_object, field)}`` for every non-section field."""
+    leaves: dict[str, tuple[Any, dataclasses.Field]] = {}
+    for section in sections(config):
+        for f in dataclasses.fields(section):
+            if dataclasses.is_dataclass(getattr(section, f.name)):
+                continue
+            if f.name in leaves:
+                raise AssertionError(f"config field {f.name!r} is defined twice")
+            leaves[f.name] = (section, f)
+    return leaves
+
+
+SECTION_NAMES = ("data", "model", "loss", "training", "evaluation")
+
+
+def flatten(values: dict, source: str = "config") -> dict:
+    """Flatten ``{section: {option: value}}`` to ``{option: value}``; sections must be known names."""
+    flat: dict = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{source}: option names must be strings, got {key!r}")
+        if isinstance(value, dict):
+            if key not in SECTION_NAMES:
+                raise ValueError(f"{source}: unknown section {key!r}; sections are {', '.join(SECTION_NAMES)}")
+            flat.update(flatten(value, source))
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+def _field_type(section: Any, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(type(section))
+    return hints[f.name]
+
+
+def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):  # noqa: UP006
+        (item_type,) = typing.get_args(annotation)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(item, item_type, name, source) for item in items]
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{source}: option {name!r} expects true/false, got {value!r}")
+    problem = ValueError(f"{source}: option {name!r} expects {annotation.__name__}, got {value!r}")
+    if isinstance(value, bool | list | dict):  # never silently turn true into 1 or a list into its repr
+        raise problem
+    try:
+        coerced = annotation(value)
+    except (TypeError, ValueError):
+        raise problem from None
+    if annotation is int and float(value) != coerced:  # 2.5 epochs is a mistake, not 2
+        raise problem
+    return coerced
+
+
+def apply_overrides(config: Any, values: dict, source: str) -> None:
+    leaves = leaf_fields(config)
+    for name, value in values.items():
+        if name not in leaves:
+            raise ValueError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(leaves))}")
+        section, f = leaves[name]
+        coerced = _coerce(value, _field_type(section, f), name, source)
+        choices = f.metadata.get("choices")
+        if choices and coerced not in choices:
+            raise ValueError(f"{source}: option {name!r} must be one of {choices}, got {coerced!r}")
+        setattr(section, name, coerced)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: Any) -> None:
+    """One flag per config field, defaulting to 'not given' so that YAML values survive unless overridden."""
+    for section in sections(config):
+        group = parser.add_argument_group(type(section).__name__.removesuffix("Config").lower() or "general")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{f.metadata.get('help', '')} (default: {value!r})"
+            annotation = _field_type(section, f)
+            if annotation is bool:
+                group.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            elif typing.get_origin(annotation) is list:
+                group.add_argument(flag, dest=f.name, nargs="*", default=None, help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    config = DistillConfig.from_yaml(args.config) if getattr(args, "config", None) else DistillConfig()
+    given = {name: getattr(args, name) for name in leaf_fields(config) if getattr(args, name, None) is not None}
+    apply_overrides(config, given, source="command line")
+    return config

@@ -1,0 +1,127 @@
+"""Evaluation: exact search, TREC runs, ir_measures metrics, and CPU query-encoding latency."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ir_measures
+import numpy as np
+import torch
+
+from embeddistill.data import RetrievalDataset, write_trec_run
+from embeddistill.indexing import FlatIndex
+from embeddistill.storage import atomic_write_json
+from embeddistill.students import QueryEncoder, count_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def score_run(
+    run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], metrics: list[str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Aggregate and per-query values of ``metrics`` (ir_measures names, e.g. ``nDCG@10``).
+
+    Queries with judgements but no retrieved documents count as zero, as in trec_eval with ``-c``.
+    """
+    measures = [ir_measures.parse_measure(name) for name in metrics]
+    per_query: dict[str, dict[str, float]] = {name: dict.fromkeys(qrels, 0.0) for name in metrics}
+    names = {str(measure): name for measure, name in zip(measures, metrics, strict=True)}
+    for metric in ir_measures.iter_calc(measures, qrels, run):
+        if metric.query_id in qrels:
+            per_query[names[str(metric.measure)]][metric.query_id] = float(metric.value)
+    aggregate = {name: float(np.mean(list(values.values()))) for name, values in per_query.items()}
+    return aggregate, per_query
+
+
+@dataclass
+class RunResult:
+    """One system's evaluation on one split."""
+
+    name: str
+    run: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    per_query: dict[str, dict[str, float]]
+
+    def save(self, folder: Path) -> None:
+        write_trec_run(folder / f"{self.name}.trec", self.run, tag=self.name)
+
+
+def evaluate_embeddings(
+    name: str,
+    query_ids: list[str],
+    query_embeddings: np.ndarray,
+    index: FlatIndex,
+    qrels: dict[str, dict[str, int]],
+    metrics: list[str],
+    k: int,
+) -> RunResult:
+    run = index.retrieve(query_ids, query_embeddings, k)
+    aggregate, per_query = score_run(run, qrels, metrics)
+    logger.info("%s: %s", name, ", ".join(f"{m} {v:.4f}" for m, v in aggregate.items()))
+    return RunResult(name, run, aggregate, per_query)
+
+
+def measure_latency(
+    encoder: QueryEncoder, queries: list[str], batch_sizes: list[int], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall-clock milliseconds to embed a batch of queries (tokenisation included), per batch size.
+
+    Every encoder is timed through the same path (tokenizer + modules on the CPU, no autograd), so the
+    ratio between teacher and student reflects the models, not the calling code.
+    """
+    encoder = encoder.to("cpu").eval()
+    result = {}
+    with torch.inference_mode():
+        for batch_size in batch_sizes:
+            batches = [
+                [queries[(i * batch_size + j) % len(queries)] for j in range(batch_size)]
+                for i in range(repeats + warmup)
+            ]
+            timings = []
+            for i, batch in enumerate(batches):
+                start = time.perf_counter()
+                encoder(encoder.tokenize(batch))
+                if i >= warmup:
+                    timings.append((time.perf_counter() - start) * 1000)
+            result[f"batch{batch_size}_ms"] = statistics.median(timings)
+    return result
+
+
+def encoder_profile(encoder: QueryEncoder) -> dict[str, int]:
+    return {"parameters": count_parameters(encoder.modules_)}
+
+
+def evaluate_model(
+    model_path: str,
+    dataset: RetrievalDataset,
+    split: str,
+    out: Path,
+    metrics: list[str],
+    k: int = 100,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run."""
+    from embeddistill.teachers import load_sentence_transformer
+
+    model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
+    qrels = dataset.qrels(split)
+    queries = {qid: dataset.queries[qid] for qid in qrels}
+    doc_ids = list(dataset.corpus)
+    logger.info("encoding %d documents and %d queries with %s", len(doc_ids), len(queries), model_path)
+    documents = model.encode_document(
+        [dataset.corpus[d] for d in doc_ids], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True
+    )
+    query_embeddings = model.encode_query(list(queries.values()), batch_size=batch_size, convert_to_numpy=True)
+    result = evaluate_embeddings(
+        "model", list(queries), query_embeddings, FlatIndex(documents, doc_ids), qrels, metrics, k
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    summary = {"model": model_path, "dataset": str(dataset.path), "split": split, "metrics": result.metrics}
+    atomic_write_json(out / "metrics.json", summary)
+    return summary

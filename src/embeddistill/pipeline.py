@@ -1,0 +1,320 @@
+"""``embeddistill distill``: data -> teacher cache -> student -> training -> side-by-side evaluation."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embeddistill import __version__
+from embeddistill.config import DistillConfig
+from embeddistill.data import RetrievalDataset, load_queries, load_query_sources, write_queries_jsonl
+from embeddistill.evaluation import RunResult, evaluate_embeddings, measure_latency
+from embeddistill.indexing import FlatIndex
+from embeddistill.losses import EmbedDistillLoss, LossWeights
+from embeddistill.querygen import GeneratedQuery, generate_queries, make_cheap_generators
+from embeddistill.reporting import write_report
+from embeddistill.storage import atomic_write_json, atomic_write_text
+from embeddistill.students import (
+    QueryEncoder,
+    build_student,
+    count_parameters,
+    fit_projection,
+    projection_of,
+    query_modules,
+)
+from embeddistill.teachers import DualEncoderTeacher
+from embeddistill.training import DistillationTrainer, Documents, TrainingQueries, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuerySet:
+    """Training queries before teacher encoding: text, labelled positives and source document, by row."""
+
+    ids: list[str]
+    texts: list[str]
+    positives: list[list[str]]
+    sources: list[str | None]
+    generated: list[bool]
+    counts: dict[str, int]
+
+
+def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, eval_ids: set[str]) -> QuerySet:
+    data = config.data
+    ids, texts, positives, sources, generated = [], [], [], [], []
+    counts = {"labelled": 0, "extra": 0, "generated": 0}
+
+    def add(query_id: str, text: str, relevant: list[str], source: str | None, is_generated: bool, kind: str):
+        ids.append(query_id)
+        texts.append(text)
+        positives.append(relevant)
+        sources.append(source if source in dataset.corpus else None)
+        generated.append(is_generated)
+        counts[kind] += 1
+
+    labelled: dict[str, str] = {}
+    if data.train_split:
+        qrels = dataset.qrels(data.train_split)
+        query_ids = sorted(q for q in qrels if q not in eval_ids)
+        if data.train_query_fraction < 1.0:
+            keep = max(1, round(len(query_ids) * data.train_query_fraction))
+            query_ids = sorted(random.Random(config.training.seed).sample(query_ids, keep))
+        for query_id in query_ids:
+            relevant = sorted((d for d, rel in qrels[query_id].items() if rel > 0), key=lambda d: -qrels[query_id][d])
+            labelled[query_id] = dataset.queries[query_id]
+            add(query_id, dataset.queries[query_id], relevant, None, False, "labelled")
+    eval_texts = {dataset.queries[q].strip().lower() for q in eval_ids}
+    for path in data.extra_queries:
+        file_sources = load_query_sources(path)
+        for query_id, text in load_queries(path).items():
+            if text.strip().lower() not in eval_texts:  # never train on a test query's text
+                add(f"extra:{query_id}", text, [], file_sources.get(query_id), bool(file_sources), "extra")
+    generators = make_cheap_generators(data.crops_per_document, data.perturbations_per_query)
+    made: list[GeneratedQuery] = generate_queries(
+        generators, dataset.corpus, labelled, config.training.seed, exclude=eval_texts
+    )
+    if data.max_generated and len(made) > data.max_generated:
+        made = random.Random(config.training.seed).sample(made, data.max_generated)
+    source_positives = {q: [d for d in positives[i]] for i, q in enumerate(ids)}
+    for query in made:
+        add(
+            query.query_id, query.text, [], query.source_id if query.generator != "perturb" else None, True, "generated"
+        )
+        if query.generator == "perturb" and source_positives.get(query.source_id):
+            sources[-1] = source_positives[query.source_id][0]
+    return QuerySet(ids, texts, positives, sources, generated, counts)
+
+
+def evaluation_qrels(config: DistillConfig, dataset: RetrievalDataset) -> dict[str, dict[str, int]]:
+    """The test split's judgements, or a seeded held-out part of the training split (``dev_fraction``)."""
+    if not config.data.dev_fraction:
+        return dataset.qrels(config.data.eval_split)
+    train = dataset.qrels(config.data.train_split)
+    held_out = round(len(train) * config.data.dev_fraction)
+    chosen = random.Random(f"dev-{config.training.seed}").sample(sorted(train), held_out)
+    return {query_id: train[query_id] for query_id in sorted(chosen)}
+
+
+def mine_from_teacher(
+    query_set: QuerySet, teacher_queries: np.ndarray, index: FlatIndex, depth: int
+) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """Anchor document, labelled positives and hard-negative pool (teacher top-``depth``) of every query."""
+    row_of = {doc_id: row for row, doc_id in enumerate(index.ids)}
+    _, top = index.search(teacher_queries, depth + 1)
+    anchors = np.empty(len(query_set.texts), dtype=np.int64)
+    positives, pools = [], np.full((len(query_set.texts), depth), -1, dtype=np.int64)
+    for i in range(len(query_set.texts)):
+        relevant = [row_of[d] for d in query_set.positives[i] if d in row_of]
+        source = query_set.sources[i]
+        anchors[i] = relevant[0] if relevant else row_of[source] if source else top[i, 0]
+        excluded = set(relevant) | {int(anchors[i])}
+        pool = [int(r) for r in top[i] if r >= 0 and int(r) not in excluded][:depth]
+        pools[i, : len(pool)] = pool
+        positives.append(relevant)
+    return anchors, positives, pools
+
+
+def initialise_projection(
+    student, teacher_embeddings: np.ndarray, texts: list[str], seed: int, sample: int = 4096
+) -> None:
+    projection = projection_of(student)
+    if projection is None:
+        return
+    modules = list(query_modules(student))
+    before = torch.nn.Sequential(*modules[: modules.index(projection)])
+    encoder = QueryEncoder.of(student)
+    rows = np.random.default_rng(seed).permutation(len(texts))[:sample]
+    with torch.inference_mode():
+        features = [
+            before(encoder.tokenize([texts[r] for r in rows[i : i + 128]]))["sentence_embedding"].float().numpy()
+            for i in range(0, len(rows), 128)
+        ]
+    fit_projection(projection, np.concatenate(features), teacher_embeddings[rows])
+    logger.info("projection initialised by least squares on %d queries", len(rows))
+
+
+def resolved_temperatures(config: DistillConfig, teacher_normalized: bool) -> tuple[float, float]:
+    teacher_t = config.loss.teacher_temperature or (0.05 if teacher_normalized else 1.0)
+    return teacher_t, config.loss.student_temperature or teacher_t
+
+
+def distill(config: DistillConfig) -> dict:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    random.seed(config.training.seed)
+    torch.manual_seed(config.training.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+
+    dataset = RetrievalDataset.load(config.data.dataset)
+    eval_qrels = evaluation_qrels(config, dataset)
+    eval_ids = sorted(eval_qrels)
+    query_set = collect_training_queries(config, dataset, set(eval_ids))
+    write_queries_jsonl(
+        out / "training_queries.jsonl",
+        [
+            {"_id": i, "text": t, "generated": g}
+            for i, t, g in zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
+        ],
+    )
+    logger.info("training queries: %s", query_set.counts)
+
+    tick = time.perf_counter()
+    device = str(resolve_device(config.training.device))
+    teacher = DualEncoderTeacher.load(
+        config.model.teacher,
+        cache_dir=config.model.cache_dir or None,
+        device=device,
+        batch_size=config.model.teacher_batch_size,
+        max_seq_length=config.model.max_seq_length or None,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    doc_ids = list(dataset.corpus)
+    doc_texts = [dataset.corpus[d] for d in doc_ids]
+    teacher_docs = teacher.embed_documents(doc_texts, desc="corpus")
+    teacher_train = teacher.embed_queries(query_set.texts, desc="training queries")
+    teacher_eval = teacher.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
+    timings["teacher_cache_seconds"] = time.perf_counter() - tick
+
+    teacher_index = FlatIndex(teacher_docs, doc_ids)
+    anchors, positives, pools = mine_from_teacher(
+        query_set, teacher_train, teacher_index, config.loss.hard_negative_depth
+    )
+    student = build_student(
+        config.model.student, teacher.model, config.model.asymmetric, device, config.model.trust_remote_code
+    )
+    if config.model.projection_init == "lstsq":
+        initialise_projection(student, teacher_train, query_set.texts, config.training.seed)
+
+    teacher_t, student_t = resolved_temperatures(config, teacher.normalized)
+    loss = config.loss
+    criterion = EmbedDistillLoss(
+        LossWeights(
+            loss.score_weight, loss.query_em_weight, loss.document_em_weight, loss.label_weight, loss.margin_mse_weight
+        ),
+        teacher_temperature=teacher_t,
+        student_temperature=student_t,
+        distance=loss.em_distance,
+    )
+    queries = TrainingQueries(
+        query_set.texts, teacher_train, anchors, positives, pools, np.asarray(query_set.generated, dtype=bool)
+    )
+    trainer = DistillationTrainer(
+        student,
+        queries,
+        Documents(doc_texts, teacher_docs),
+        criterion,
+        config.training,
+        hard_negatives=loss.hard_negatives,
+        out=out,
+        freeze_word_embeddings=config.model.freeze_word_embeddings,
+        dropout=config.model.student_dropout,
+    )
+    training = trainer.train()
+    timings["train_seconds"] = training["train_seconds"]
+    student.to("cpu")
+    student.save(str(out / "student"))
+
+    tick = time.perf_counter()
+    metrics, k = config.evaluation.metrics, config.evaluation.top_k
+    eval_texts = [dataset.queries[q] for q in eval_ids]
+    teacher_result = evaluate_embeddings("teacher", eval_ids, teacher_eval, teacher_index, eval_qrels, metrics, k)
+    student_encoder = QueryEncoder.of(student)
+    student_queries = student_encoder.encode(eval_texts)
+    if config.model.asymmetric:
+        student_index = teacher_index
+    else:
+        student_docs = student.encode_document(doc_texts, batch_size=32, convert_to_numpy=True, show_progress_bar=True)
+        student_index = FlatIndex(student_docs, doc_ids)
+    student_result = evaluate_embeddings("student", eval_ids, student_queries, student_index, eval_qrels, metrics, k)
+    teacher_encoder = QueryEncoder(
+        torch.nn.Sequential(*teacher.model._modules.values()), teacher.model.tokenizer, teacher.model.max_seq_length
+    )
+    latency_args = (eval_texts, config.evaluation.latency_batch_sizes, config.evaluation.latency_repeats)
+    teacher_latency = measure_latency(teacher_encoder, *latency_args)
+    student_latency = measure_latency(student_encoder, *latency_args)
+    timings["evaluation_seconds"] = time.perf_counter() - tick
+    timings["total_seconds"] = time.perf_counter() - started
+
+    for result in (teacher_result, student_result):
+        result.save(out)
+    summary = build_summary(
+        config,
+        dataset,
+        query_set,
+        teacher_result,
+        student_result,
+        teacher_encoder,
+        student_encoder,
+        teacher_latency,
+        student_latency,
+        training,
+        timings,
+        (teacher_t, student_t),
+    )
+    atomic_write_json(out / "metrics.json", summary)
+    write_report(out / "report.md", summary)
+    return summary
+
+
+def build_summary(
+    config,
+    dataset,
+    query_set,
+    teacher_result: RunResult,
+    student_result: RunResult,
+    teacher_encoder,
+    student_encoder,
+    teacher_latency,
+    student_latency,
+    training,
+    timings,
+    temperatures,
+) -> dict:
+    retention = {m: _ratio(student_result.metrics[m], teacher_result.metrics[m]) for m in teacher_result.metrics}
+    speedup = {key.removesuffix("_ms"): _ratio(teacher_latency[key], student_latency[key]) for key in teacher_latency}
+    return {
+        "dataset": str(dataset.path),
+        "eval_split": config.data.eval_split,
+        "eval_queries": len(teacher_result.per_query[next(iter(teacher_result.per_query))]),
+        "teacher": {
+            "model": config.model.teacher,
+            **teacher_result.metrics,
+            "latency": teacher_latency,
+            "query_encoder_parameters": count_parameters(teacher_encoder.modules_),
+        },
+        "student": {
+            "model": config.model.student,
+            "asymmetric": config.model.asymmetric,
+            **student_result.metrics,
+            "latency": student_latency,
+            "query_encoder_parameters": count_parameters(student_encoder.modules_),
+        },
+        "retention": retention,
+        "speedup": speedup,
+        "training_queries": query_set.counts,
+        "training": {**training, "temperatures": list(temperatures)},
+        "timings": timings,
+        "environment": {
+            "embeddistill": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")

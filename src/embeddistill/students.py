@@ -1,0 +1,194 @@
+"""Students: small encoders trained to reproduce a teacher's retrieval geometry.
+
+* **Asymmetric** (METHOD.md, 3): a small trainable query tower and the teacher's own document tower, frozen.
+  Saved as a standard sentence-transformers model whose ``Router`` sends ``encode_query`` through the small
+  tower (+ projection) and ``encode_document`` through the teacher, so the student searches the teacher's
+  index and only the cheap query side runs online.
+* **Symmetric**: one small tower for both sides, both trained; document embedding matching applies.
+
+A query tower is either any sentence-transformers / Hugging Face model, or ``teacher:N``: the teacher's
+embeddings and first ``N`` layers, with its tokenizer and pooling (a strong initialisation, arXiv 2306.11550).
+When its dimension differs from the teacher's, a learned linear projection maps it into the teacher's space.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from torch import nn
+
+try:  # sentence-transformers >= 6 moved the modules; 5.x keeps them in `models`
+    from sentence_transformers.base.modules import Dense, Normalize, Router, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+except ImportError:  # pragma: no cover - depends on the installed version
+    from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
+
+from embeddistill.teachers import is_normalized, load_sentence_transformer
+
+logger = logging.getLogger(__name__)
+
+_TEACHER_PREFIX = re.compile(r"^teacher:(\d+)$")
+
+
+def _transformer_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The ``nn.ModuleList`` of transformer blocks of a Hugging Face encoder and the attribute holding it."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name:
+            parent_name, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attribute
+    raise ValueError(f"cannot find the {n_layers} transformer layers of {type(model).__name__}")
+
+
+def truncate_transformer(transformer: Transformer, n_layers: int) -> Transformer:
+    """A copy of a sentence-transformers ``Transformer`` module keeping its embeddings and first layers."""
+    truncated = copy.deepcopy(transformer)
+    hf_model = truncated.auto_model
+    total = hf_model.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"teacher:{n_layers} asks for {n_layers} layers; the teacher has {total}")
+    parent, attribute = _transformer_layers(hf_model)
+    setattr(parent, attribute, getattr(parent, attribute)[:n_layers])
+    hf_model.config.num_hidden_layers = n_layers
+    return truncated
+
+
+def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
+    return list(model._modules.values())
+
+
+def query_tower_modules(
+    spec: str, teacher: SentenceTransformer, device: str, trust_remote_code: bool
+) -> list[nn.Module]:
+    """Transformer + pooling modules of the student's encoder (no projection or normalisation yet)."""
+    teacher_modules = _modules_of(teacher)
+    match = _TEACHER_PREFIX.match(spec)
+    if match:
+        transformer = next(m for m in teacher_modules if isinstance(m, Transformer))
+        pooling = next(m for m in teacher_modules if isinstance(m, Pooling))
+        return [truncate_transformer(transformer, int(match.group(1))), copy.deepcopy(pooling)]
+    student = load_sentence_transformer(spec, device=device, trust_remote_code=trust_remote_code)
+    # Drop the student's own normalisation and projections: projection and normalisation into the
+    # teacher's space are added after it.
+    return [m for m in _modules_of(student) if not isinstance(m, Normalize | Dense)]
+
+
+def _output_dimension(modules: list[nn.Module]) -> int:
+    return next(m for m in reversed(modules) if isinstance(m, Pooling)).get_embedding_dimension()
+
+
+def make_projection(in_features: int, out_features: int) -> Dense:
+    return Dense(in_features, out_features, bias=False, activation_function=nn.Identity())
+
+
+def fit_projection(projection: Dense, student_embeddings: np.ndarray, teacher_embeddings: np.ndarray) -> None:
+    """Initialise the projection by least squares from student to teacher embeddings of the same texts.
+
+    A random projection starts the student far from the teacher's space; the least-squares map starts it
+    at the best linear alignment, so training spends its steps on the encoder rather than on the map.
+    """
+    solution, *_ = np.linalg.lstsq(
+        student_embeddings.astype(np.float64), teacher_embeddings.astype(np.float64), rcond=None
+    )
+    with torch.no_grad():
+        projection.linear.weight.copy_(torch.from_numpy(solution.T).float())
+
+
+def build_student(
+    spec: str,
+    teacher: SentenceTransformer,
+    asymmetric: bool,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> SentenceTransformer:
+    """Build a student sentence-transformers model whose (query) embeddings live in the teacher's space."""
+    tower = query_tower_modules(spec, teacher, device, trust_remote_code)
+    student_dim, teacher_dim = _output_dimension(tower), teacher.get_sentence_embedding_dimension()
+    if student_dim != teacher_dim:
+        logger.info("student: adding a %d -> %d projection into the teacher's space", student_dim, teacher_dim)
+        tower.append(make_projection(student_dim, teacher_dim))
+    if is_normalized(teacher):
+        tower.append(Normalize())
+    if asymmetric:
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        router = Router.for_query_document(query_modules=tower, document_modules=_modules_of(teacher))
+        model = SentenceTransformer(modules=[router], device=device)
+    else:
+        model = SentenceTransformer(modules=tower, device=device)
+    return model
+
+
+def query_modules(student: SentenceTransformer) -> nn.Sequential:
+    """The modules that embed a query: the Router's query route, or the whole model."""
+    first = student[0]
+    if isinstance(first, Router):
+        return first.sub_modules["query"]
+    return nn.Sequential(*_modules_of(student))
+
+
+def is_asymmetric(student: SentenceTransformer) -> bool:
+    return isinstance(student[0], Router)
+
+
+def query_tokenizer(student: SentenceTransformer):
+    return next(m for m in query_modules(student) if isinstance(m, Transformer)).tokenizer
+
+
+def query_max_length(student: SentenceTransformer) -> int:
+    return next(m for m in query_modules(student) if isinstance(m, Transformer)).max_seq_length
+
+
+def projection_of(student: SentenceTransformer) -> Dense | None:
+    return next((m for m in query_modules(student) if isinstance(m, Dense)), None)
+
+
+def trainable_parameters(student: SentenceTransformer, freeze_word_embeddings: bool) -> list[nn.Parameter]:
+    """Parameters the optimiser updates: the query tower (asymmetric) or the whole student (symmetric)."""
+    modules = query_modules(student)
+    if freeze_word_embeddings:
+        # The token embedding table is most of a small student's parameters; it is already aligned with the
+        # teacher's (for teacher:N it *is* the teacher's), and updating it on sparse queries mostly overfits.
+        for name, parameter in modules.named_parameters():
+            if "word_embeddings" in name or name.endswith("embed_tokens.weight"):
+                parameter.requires_grad_(False)
+    return [p for p in modules.parameters() if p.requires_grad]
+
+
+def count_parameters(modules: nn.Module) -> int:
+    return sum(p.numel() for p in modules.parameters())
+
+
+class QueryEncoder(nn.Module):
+    """The online query encoder as one module: tokenized input -> embedding (what serving runs)."""
+
+    def __init__(self, modules: nn.Sequential, tokenizer, max_length: int):
+        super().__init__()
+        self.modules_ = modules
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def of(cls, model: SentenceTransformer) -> QueryEncoder:
+        return cls(query_modules(model), query_tokenizer(model), query_max_length(model))
+
+    def tokenize(self, texts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(device) for k, v in features.items()}
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.modules_(dict(features))["sentence_embedding"]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        device = next(self.parameters()).device
+        parts = [
+            self(self.tokenize(texts[i : i + batch_size], device)).float().cpu().numpy()
+            for i in range(0, len(texts), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,298 @@
+"""The distillation training loop: batches of queries against in-batch and mined candidates.
+
+Each step embeds ``B`` training queries with the student, gathers the candidate documents of the batch
+(every query's anchor document plus hard negatives sampled from the teacher's own top-k), scores them with
+teacher and student, and minimises :class:`~embeddistill.losses.EmbedDistillLoss`. Checkpoints hold the
+student's weights, the optimiser state and the RNG state, all in safetensors/JSON, so ``--resume`` continues
+exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from embeddistill.config import TrainingConfig
+from embeddistill.losses import EmbedDistillLoss
+from embeddistill.storage import atomic_write_bytes, atomic_write_json, sha256_file
+from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, trainable_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingQueries:
+    """Training queries with everything the loss needs, aligned by row.
+
+    ``anchors[i]`` is the document row that query ``i`` is paired with in the batch: its first labelled
+    positive, the document it was generated from, or else the teacher's top document. ``negative_pool[i]``
+    holds the teacher's top documents for it with labelled positives and the anchor removed (``-1`` pads).
+    """
+
+    texts: list[str]
+    teacher_embeddings: np.ndarray
+    anchors: np.ndarray
+    positives: list[list[int]]
+    negative_pool: np.ndarray
+    generated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class Documents:
+    texts: list[str]
+    teacher_embeddings: np.ndarray
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Batcher:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``, negatives by ``(seed, step)``."""
+
+    def __init__(self, queries: TrainingQueries, batch_size: int, hard_negatives: int, seed: int):
+        self.queries, self.batch_size, self.hard_negatives, self.seed = queries, batch_size, hard_negatives, seed
+        self.steps_per_epoch = math.ceil(len(queries) / batch_size)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
+        rows = order[position * self.batch_size : (position + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        candidates = list(self.queries.anchors[rows])
+        for row in rows:
+            pool = self.queries.negative_pool[row]
+            pool = pool[pool >= 0]
+            if len(pool) and self.hard_negatives:
+                candidates.extend(rng.choice(pool, size=min(self.hard_negatives, len(pool)), replace=False))
+        # Duplicate columns would count a document twice in the softmax: keep each document once.
+        documents, inverse = np.unique(np.asarray(candidates, dtype=np.int64), return_inverse=True)
+        anchor_columns = inverse[: len(rows)]
+        label_mask = np.ones((len(rows), len(documents)), dtype=bool)
+        column_of = {int(d): c for c, d in enumerate(documents)}
+        for i, row in enumerate(rows):
+            for positive in self.queries.positives[row]:
+                column = column_of.get(positive)
+                if column is not None and column != anchor_columns[i]:
+                    label_mask[i, column] = False  # another positive of the same query is no negative
+        return {"rows": rows, "documents": documents, "anchor_columns": anchor_columns, "label_mask": label_mask}
+
+
+class DistillationTrainer:
+    def __init__(
+        self,
+        student: SentenceTransformer,
+        queries: TrainingQueries,
+        documents: Documents,
+        criterion: EmbedDistillLoss,
+        config: TrainingConfig,
+        hard_negatives: int,
+        out: Path,
+        freeze_word_embeddings: bool = True,
+        dropout: bool = False,
+    ):
+        self.student, self.queries, self.documents = student, queries, documents
+        self.criterion, self.config, self.out = criterion, config, Path(out)
+        self.device = resolve_device(config.device)
+        self.student.to(self.device)
+        self.asymmetric = is_asymmetric(student)
+        self.encoder = QueryEncoder.of(student)
+        self.parameters = trainable_parameters(student, freeze_word_embeddings)
+        if not dropout:
+            # The target is a deterministic teacher: dropout noise only slows the fit of a small student.
+            for module in query_modules(student).modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
+        self.total_steps = self.batcher.steps_per_epoch * config.epochs
+        self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
+        self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
+        self.generated = torch.from_numpy(queries.generated).to(self.device)
+        self.checkpoint_dir = self.out / "checkpoint"
+        self.log_path = self.out / "train_log.jsonl"
+
+    def learning_rate(self, step: int) -> float:
+        warmup = max(1, int(self.config.warmup_ratio * self.total_steps))
+        if step < warmup:
+            return self.config.learning_rate * (step + 1) / warmup
+        remaining = max(1, self.total_steps - warmup)
+        return self.config.learning_rate * max(0.0, (self.total_steps - step) / remaining)
+
+    def _autocast(self):
+        precision = self.config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def _embed_documents(self, rows: np.ndarray) -> torch.Tensor:
+        texts = [self.documents.texts[r] for r in rows]
+        modules = query_modules(self.student)
+        features = self.encoder.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
+        )
+        return modules({k: v.to(self.device) for k, v in features.items()})["sentence_embedding"]
+
+    def step(self, step: int) -> dict[str, float]:
+        batch = self.batcher.batch(step)
+        rows, documents = batch["rows"], torch.from_numpy(batch["documents"]).to(self.device)
+        texts = [self.queries.texts[r] for r in rows]
+        index = torch.from_numpy(rows).to(self.device)
+        anchor_columns = torch.from_numpy(batch["anchor_columns"]).to(self.device)
+        with self._autocast():
+            student_queries = self.encoder(self.encoder.tokenize(texts, self.device)).float()
+            teacher_queries = self.teacher_queries[index]
+            teacher_documents = self.teacher_documents[documents]
+            student_documents = None if self.asymmetric else self._embed_documents(batch["documents"]).float()
+            scored_documents = teacher_documents if self.asymmetric else student_documents
+            parts = self.criterion(
+                student_scores=student_queries @ scored_documents.T,
+                teacher_scores=teacher_queries @ teacher_documents.T,
+                student_queries=student_queries,
+                teacher_queries=teacher_queries,
+                anchor_index=anchor_columns,
+                positive_index=anchor_columns,
+                label_mask=torch.from_numpy(batch["label_mask"]).to(self.device),
+                student_documents=student_documents,
+                teacher_documents=teacher_documents,
+                generated=self.generated[index],
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        return {name: float(value.detach()) for name, value in parts.items()}
+
+    def train(self) -> dict:
+        torch.manual_seed(self.config.seed)
+        start_step = self._resume() if self.config.resume else 0
+        if not self.config.resume:
+            self.log_path.unlink(missing_ok=True)
+        query_modules(self.student).train()
+        started = time.perf_counter()
+        running: dict[str, float] = {}
+        bar = tqdm(
+            range(start_step, self.total_steps), desc="distill", unit="step", initial=start_step, total=self.total_steps
+        )
+        for step in bar:
+            parts = self.step(step)
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+            if step % 10 == 0 or step == self.total_steps - 1:
+                self._log(
+                    {
+                        "step": step,
+                        "epoch": step // self.batcher.steps_per_epoch,
+                        "lr": self.learning_rate(step),
+                        **parts,
+                    }
+                )
+            done = step + 1
+            if self.config.checkpoint_every and done % self.config.checkpoint_every == 0 and done < self.total_steps:
+                self.save_checkpoint(done)
+        query_modules(self.student).eval()
+        seconds = time.perf_counter() - started
+        self.save_checkpoint(self.total_steps)
+        return {"steps": self.total_steps, "resumed_from_step": start_step, "train_seconds": seconds}
+
+    def _log(self, record: dict) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # -- checkpoints: safetensors + JSON, never pickle ---------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in query_modules(self.student).state_dict().items()}
+        optimizer_tensors, optimizer_meta = _flatten_optimizer(self.optimizer)
+        files = {
+            "weights.safetensors": weights,
+            "optimizer.safetensors": optimizer_tensors,
+            "rng.safetensors": {"torch": torch.get_rng_state()},
+        }
+        checksums = {}
+        for name, tensors in files.items():
+            tmp = folder / f".{name}.tmp"
+            save_file(tensors, str(tmp))
+            atomic_write_bytes(folder / name, tmp.read_bytes())
+            tmp.unlink()
+            checksums[name] = sha256_file(folder / name)
+        # state.json is written last and names the checksums: a checkpoint is valid only when all match.
+        atomic_write_json(folder / "state.json", {"step": step, "optimizer": optimizer_meta, "sha256": checksums})
+        logger.info("checkpoint at step %d -> %s", step, folder)
+
+    def _resume(self) -> int:
+        state_path = self.checkpoint_dir / "state.json"
+        if not state_path.exists():
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+            return 0
+        state = json.loads(state_path.read_text())
+        for name, checksum in state["sha256"].items():
+            if sha256_file(self.checkpoint_dir / name) != checksum:
+                raise RuntimeError(f"{self.checkpoint_dir / name}: checksum mismatch; the checkpoint is corrupt")
+        weights = load_file(str(self.checkpoint_dir / "weights.safetensors"), device=str(self.device))
+        query_modules(self.student).load_state_dict(weights)
+        _restore_optimizer(
+            self.optimizer, load_file(str(self.checkpoint_dir / "optimizer.safetensors")), state["optimizer"]
+        )
+        torch.set_rng_state(load_file(str(self.checkpoint_dir / "rng.safetensors"))["torch"])
+        step = int(state["step"])
+        self._truncate_log(step)
+        logger.info("resumed from step %d", step)
+        return step
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records past the checkpoint: those steps are about to be run again."""
+        if not self.log_path.exists():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _log_step(line) < step]
+        atomic_write_bytes(self.log_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def _log_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError):
+        return 1 << 62  # a torn last line from a kill is dropped
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    scalars: dict[str, dict] = {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in meta.get("scalars", {}).items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
