@@ -245,3 +245,15 @@ def test_filter_copy_rule_threshold():
     four_of_six = _q("b", "alpha beta gamma delta omega psi", "d")  # 4/6 = 0.67: kept
     gapped = _q("c", "alpha gamma epsilon eta theta zeta", "d")  # all words in the document, no long run
     assert [q.query_id for q in filter_generated([five_of_six, four_of_six, gapped], documents)] == ["b", "c"]
+
+
+def test_gguf_file_or_folder_is_resolved(tmp_path):
+    from embeddistill.querygen.lm import _resolve_model
+
+    (tmp_path / "model-q4.gguf").write_bytes(b"")
+    assert _resolve_model(str(tmp_path / "model-q4.gguf")) == (str(tmp_path), "model-q4.gguf")
+    assert _resolve_model(str(tmp_path)) == (str(tmp_path), "model-q4.gguf")
+    (tmp_path / "model-q8.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="several GGUF files"):
+        _resolve_model(str(tmp_path))
+    assert _resolve_model("google/gemma-3-270m") == ("google/gemma-3-270m", None)  # a hub name passes through

@@ -114,6 +114,8 @@ def build_student(
         tower.append(make_projection(student_dim, teacher_dim))
     if is_normalized(teacher):
         tower.append(Normalize())
+    # Trainable weights stay in fp32 even when the teacher was loaded in half precision (autocast handles speed).
+    nn.Sequential(*tower).float()
     if asymmetric:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
