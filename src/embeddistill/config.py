@@ -78,7 +78,7 @@ class LossConfig:
 class TrainingConfig:
     epochs: int = option(6, "passes over the training queries")
     batch_size: int = option(64, "queries per step")
-    learning_rate: float = option(2e-4, "AdamW peak learning rate")
+    learning_rate: float = option(1e-3, "AdamW peak learning rate (chosen on dev splits: benchmarks/results/defaults_dev.json)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
