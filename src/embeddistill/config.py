@@ -1,7 +1,7 @@
 """Configuration: dataclasses with help text, loadable from YAML, overridable by command-line flags.
 
 Every field name is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a
-YAML file may be nested by section (``training: {learning_rate: 2e-4}``) or flat.
+YAML file may be nested by section (``training: {learning_rate: 1e-3}``) or flat.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class LossConfig:
 class TrainingConfig:
     epochs: int = option(6, "passes over the training queries")
     batch_size: int = option(64, "queries per step")
-    learning_rate: float = option(1e-3, "AdamW peak learning rate (chosen on dev splits: benchmarks/results/defaults_dev.json)")
+    learning_rate: float = option(1e-3, "AdamW peak learning rate (chosen on dev splits, see defaults_dev.json)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")

@@ -26,6 +26,7 @@ from embeddistill.students import (
     build_student,
     count_parameters,
     fit_projection,
+    is_asymmetric,
     projection_of,
     query_modules,
 )
@@ -146,36 +147,44 @@ def resolved_temperatures(config: DistillConfig, teacher_normalized: bool) -> tu
     return teacher_t, config.loss.student_temperature or teacher_t
 
 
-def distill(config: DistillConfig) -> dict:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.training.threads:
-        torch.set_num_threads(config.training.threads)
-    random.seed(config.training.seed)
-    torch.manual_seed(config.training.seed)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    atomic_write_text(out / "config.yaml", config.to_yaml())
+@dataclass
+class Prepared:
+    """Everything a distillation run needs before training: data, training queries, teacher embeddings."""
 
+    config: DistillConfig
+    dataset: RetrievalDataset
+    eval_ids: list[str]
+    eval_qrels: dict[str, dict[str, int]]
+    query_set: QuerySet
+    teacher: DualEncoderTeacher
+    doc_ids: list[str]
+    doc_texts: list[str]
+    teacher_docs: np.ndarray
+    teacher_train: np.ndarray
+    teacher_eval: np.ndarray
+    teacher_index: FlatIndex
+    timings: dict[str, float]
+
+    @property
+    def eval_texts(self) -> list[str]:
+        return [self.dataset.queries[q] for q in self.eval_ids]
+
+
+def prepare(config: DistillConfig, out: Path) -> Prepared:
+    """Load the data, collect training queries and embed everything with the teacher (cached)."""
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
-    write_queries_jsonl(
-        out / "training_queries.jsonl",
-        [
-            {"_id": i, "text": t, "generated": g}
-            for i, t, g in zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
-        ],
-    )
+    rows = zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
+    write_queries_jsonl(out / "training_queries.jsonl", [{"_id": i, "text": t, "generated": g} for i, t, g in rows])
     logger.info("training queries: %s", query_set.counts)
 
     tick = time.perf_counter()
-    device = str(resolve_device(config.training.device))
     teacher = DualEncoderTeacher.load(
         config.model.teacher,
         cache_dir=config.model.cache_dir or None,
-        device=device,
+        device=str(resolve_device(config.training.device)),
         batch_size=config.model.teacher_batch_size,
         max_seq_length=config.model.max_seq_length or None,
         trust_remote_code=config.model.trust_remote_code,
@@ -185,21 +194,27 @@ def distill(config: DistillConfig) -> dict:
     teacher_docs = teacher.embed_documents(doc_texts, desc="corpus")
     teacher_train = teacher.embed_queries(query_set.texts, desc="training queries")
     teacher_eval = teacher.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
-    timings["teacher_cache_seconds"] = time.perf_counter() - tick
-
-    teacher_index = FlatIndex(teacher_docs, doc_ids)
-    anchors, positives, pools = mine_from_teacher(
-        query_set, teacher_train, teacher_index, config.loss.hard_negative_depth
+    return Prepared(
+        config,
+        dataset,
+        eval_ids,
+        eval_qrels,
+        query_set,
+        teacher,
+        doc_ids,
+        doc_texts,
+        teacher_docs,
+        teacher_train,
+        teacher_eval,
+        FlatIndex(teacher_docs, doc_ids),
+        {"teacher_cache_seconds": time.perf_counter() - tick},
     )
-    student = build_student(
-        config.model.student, teacher.model, config.model.asymmetric, device, config.model.trust_remote_code
-    )
-    if config.model.projection_init == "lstsq":
-        initialise_projection(student, teacher_train, query_set.texts, config.training.seed)
 
-    teacher_t, student_t = resolved_temperatures(config, teacher.normalized)
+
+def make_criterion(config: DistillConfig, teacher_normalized: bool) -> EmbedDistillLoss:
+    teacher_t, student_t = resolved_temperatures(config, teacher_normalized)
     loss = config.loss
-    criterion = EmbedDistillLoss(
+    return EmbedDistillLoss(
         LossWeights(
             loss.score_weight, loss.query_em_weight, loss.document_em_weight, loss.label_weight, loss.margin_mse_weight
         ),
@@ -207,41 +222,93 @@ def distill(config: DistillConfig) -> dict:
         student_temperature=student_t,
         distance=loss.em_distance,
     )
-    queries = TrainingQueries(
-        query_set.texts, teacher_train, anchors, positives, pools, np.asarray(query_set.generated, dtype=bool)
+
+
+def train_student(prep: Prepared, out: Path):
+    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
+    config = prep.config
+    device = str(resolve_device(config.training.device))
+    student = build_student(
+        config.model.student, prep.teacher.model, config.model.asymmetric, device, config.model.trust_remote_code
     )
+    if config.model.projection_init == "lstsq":
+        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed)
+    anchors, positives, pools = mine_from_teacher(
+        prep.query_set, prep.teacher_train, prep.teacher_index, config.loss.hard_negative_depth
+    )
+    generated = np.asarray(prep.query_set.generated, dtype=bool)
     trainer = DistillationTrainer(
         student,
-        queries,
-        Documents(doc_texts, teacher_docs),
-        criterion,
+        TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated),
+        Documents(prep.doc_texts, prep.teacher_docs),
+        make_criterion(config, prep.teacher.normalized),
         config.training,
-        hard_negatives=loss.hard_negatives,
+        hard_negatives=config.loss.hard_negatives,
         out=out,
         freeze_word_embeddings=config.model.freeze_word_embeddings,
         dropout=config.model.student_dropout,
     )
     training = trainer.train()
-    timings["train_seconds"] = training["train_seconds"]
+    training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
     student.to("cpu")
+    return student, training
+
+
+def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:
+    """Search with the student's query embeddings in the teacher's index, or (symmetric students) in its own."""
+    config = prep.config
+    query_embeddings = QueryEncoder.of(student).encode(prep.eval_texts)
+    index = prep.teacher_index
+    if own_index if own_index is not None else not is_asymmetric(student):
+        documents = student.encode_document(
+            prep.doc_texts, batch_size=32, convert_to_numpy=True, show_progress_bar=True
+        )
+        index = FlatIndex(documents, prep.doc_ids)
+    return evaluate_embeddings(
+        name,
+        prep.eval_ids,
+        query_embeddings,
+        index,
+        prep.eval_qrels,
+        config.evaluation.metrics,
+        config.evaluation.top_k,
+    )
+
+
+def teacher_query_encoder(teacher: DualEncoderTeacher) -> QueryEncoder:
+    model = teacher.model
+    return QueryEncoder(torch.nn.Sequential(*model._modules.values()), model.tokenizer, model.max_seq_length)
+
+
+def distill(config: DistillConfig) -> dict:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    random.seed(config.training.seed)
+    torch.manual_seed(config.training.seed)
+    started = time.perf_counter()
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+
+    prep = prepare(config, out)
+    student, training = train_student(prep, out)
+    timings = {**prep.timings, "train_seconds": training["train_seconds"]}
     student.save(str(out / "student"))
 
     tick = time.perf_counter()
-    metrics, k = config.evaluation.metrics, config.evaluation.top_k
-    eval_texts = [dataset.queries[q] for q in eval_ids]
-    teacher_result = evaluate_embeddings("teacher", eval_ids, teacher_eval, teacher_index, eval_qrels, metrics, k)
-    student_encoder = QueryEncoder.of(student)
-    student_queries = student_encoder.encode(eval_texts)
-    if config.model.asymmetric:
-        student_index = teacher_index
-    else:
-        student_docs = student.encode_document(doc_texts, batch_size=32, convert_to_numpy=True, show_progress_bar=True)
-        student_index = FlatIndex(student_docs, doc_ids)
-    student_result = evaluate_embeddings("student", eval_ids, student_queries, student_index, eval_qrels, metrics, k)
-    teacher_encoder = QueryEncoder(
-        torch.nn.Sequential(*teacher.model._modules.values()), teacher.model.tokenizer, teacher.model.max_seq_length
+    evaluation = config.evaluation
+    teacher_result = evaluate_embeddings(
+        "teacher",
+        prep.eval_ids,
+        prep.teacher_eval,
+        prep.teacher_index,
+        prep.eval_qrels,
+        evaluation.metrics,
+        evaluation.top_k,
     )
-    latency_args = (eval_texts, config.evaluation.latency_batch_sizes, config.evaluation.latency_repeats)
+    student_result = evaluate_student(prep, student)
+    teacher_encoder, student_encoder = teacher_query_encoder(prep.teacher), QueryEncoder.of(student)
+    latency_args = (prep.eval_texts, evaluation.latency_batch_sizes, evaluation.latency_repeats)
     teacher_latency = measure_latency(teacher_encoder, *latency_args)
     student_latency = measure_latency(student_encoder, *latency_args)
     timings["evaluation_seconds"] = time.perf_counter() - tick
@@ -251,8 +318,7 @@ def distill(config: DistillConfig) -> dict:
         result.save(out)
     summary = build_summary(
         config,
-        dataset,
-        query_set,
+        prep,
         teacher_result,
         student_result,
         teacher_encoder,
@@ -261,7 +327,6 @@ def distill(config: DistillConfig) -> dict:
         student_latency,
         training,
         timings,
-        (teacher_t, student_t),
     )
     atomic_write_json(out / "metrics.json", summary)
     write_report(out / "report.md", summary)
@@ -270,8 +335,7 @@ def distill(config: DistillConfig) -> dict:
 
 def build_summary(
     config,
-    dataset,
-    query_set,
+    prep: Prepared,
     teacher_result: RunResult,
     student_result: RunResult,
     teacher_encoder,
@@ -280,8 +344,8 @@ def build_summary(
     student_latency,
     training,
     timings,
-    temperatures,
 ) -> dict:
+    dataset, query_set = prep.dataset, prep.query_set
     retention = {m: _ratio(student_result.metrics[m], teacher_result.metrics[m]) for m in teacher_result.metrics}
     speedup = {key.removesuffix("_ms"): _ratio(teacher_latency[key], student_latency[key]) for key in teacher_latency}
     return {
@@ -304,7 +368,7 @@ def build_summary(
         "retention": retention,
         "speedup": speedup,
         "training_queries": query_set.counts,
-        "training": {**training, "temperatures": list(temperatures)},
+        "training": training,
         "timings": timings,
         "environment": {
             "embeddistill": __version__,
