@@ -126,10 +126,13 @@ def main() -> None:
             print(name, rows[name]["metrics"], flush=True)
         for learning_rate in args.peer_learning_rates:
             name = f"peer: sentence-transformers EmbedDistillLoss (L2), lr {learning_rate:g}"
-            rows[name] = {
-                "options": {"learning_rate": learning_rate},
-                **run_peer(base, learning_rate, Path(scratch) / f"peer{len(rows)}"),
-            }
+            try:
+                peer = run_peer(base, learning_rate, Path(scratch) / f"peer{len(rows)}")
+            except Exception as error:  # report a peer that cannot run here instead of losing our rows
+                logging.exception("peer failed")
+                peer_errors[name] = repr(error)
+                continue
+            rows[name] = {"options": {"learning_rate": learning_rate}, **peer}
             print(name, rows[name]["metrics"], flush=True)
 
     ours = rows["embeddistill (score + EM + generated queries)"]
@@ -151,6 +154,7 @@ def main() -> None:
             "versions": {"torch": torch.__version__},
             "teacher": teacher,
             "rows": rows,
+            "peer_errors": peer_errors,
         },
     )
 
