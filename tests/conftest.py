@@ -61,7 +61,7 @@ def _sentence_transformer_modules():
     return Transformer, Pooling, Normalize
 
 
-def build_tiny_teacher(folder: Path, seed: int = 0, max_seq_length: int = 64) -> str:
+def build_tiny_teacher(folder: Path, seed: int = 0, max_seq_length: int = 64, hidden_size: int = 32) -> str:
     """Save a tiny random BERT sentence-transformers model into ``folder``; return the path as a string."""
     import torch
     import transformers
@@ -71,7 +71,7 @@ def build_tiny_teacher(folder: Path, seed: int = 0, max_seq_length: int = 64) ->
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(_minilm_path()))
     config = transformers.BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=4,
         num_attention_heads=2,
         intermediate_size=64,
@@ -82,7 +82,7 @@ def build_tiny_teacher(folder: Path, seed: int = 0, max_seq_length: int = 64) ->
     transformers.BertModel(config).save_pretrained(hf_folder)
     tokenizer.save_pretrained(hf_folder)
     transformer = Transformer(str(hf_folder), max_seq_length=max_seq_length)
-    pooling = Pooling(32, pooling_mode="mean")
+    pooling = Pooling(hidden_size, pooling_mode="mean")
     model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
     out = folder / "tiny-teacher"
     model.save(str(out))
@@ -92,6 +92,12 @@ def build_tiny_teacher(folder: Path, seed: int = 0, max_seq_length: int = 64) ->
 @pytest.fixture(scope="session")
 def tiny_teacher_path(tmp_path_factory) -> str:
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_path(tmp_path_factory) -> str:
+    """A different tiny model, narrower than the teacher (16-d), so a student built from it needs a projection."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny-student"), seed=1, hidden_size=16)
 
 
 @pytest.fixture(scope="session")

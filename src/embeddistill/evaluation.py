@@ -15,7 +15,7 @@ import torch
 from embeddistill.data import RetrievalDataset, write_trec_run
 from embeddistill.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json
-from embeddistill.students import QueryEncoder, count_parameters
+from embeddistill.students import QueryEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -66,33 +66,27 @@ def evaluate_embeddings(
 
 
 def measure_latency(
-    encoder: QueryEncoder, queries: list[str], batch_sizes: list[int], repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median wall-clock milliseconds to embed a batch of queries (tokenisation included), per batch size.
+    encoders: dict[str, QueryEncoder], queries: list[str], batch_sizes: list[int], repeats: int, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Median wall-clock milliseconds per encoder to embed a batch of queries (tokenisation included).
 
-    Every encoder is timed through the same path (tokenizer + modules on the CPU, no autograd), so the
-    ratio between teacher and student reflects the models, not the calling code.
+    Every encoder is timed through the same path (tokenizer + modules on the CPU, no autograd), and the encoders
+    take turns on the same batches, so a burst of load on a shared machine hits all of them alike and the ratio
+    reflects the models, not the moment.
     """
-    encoder = encoder.to("cpu").eval()
-    result = {}
+    encoders = {name: encoder.to("cpu").eval() for name, encoder in encoders.items()}
+    timings: dict[str, dict[str, list[float]]] = {name: {} for name in encoders}
     with torch.inference_mode():
         for batch_size in batch_sizes:
-            batches = [
-                [queries[(i * batch_size + j) % len(queries)] for j in range(batch_size)]
-                for i in range(repeats + warmup)
-            ]
-            timings = []
-            for i, batch in enumerate(batches):
-                start = time.perf_counter()
-                encoder(encoder.tokenize(batch))
-                if i >= warmup:
-                    timings.append((time.perf_counter() - start) * 1000)
-            result[f"batch{batch_size}_ms"] = statistics.median(timings)
-    return result
-
-
-def encoder_profile(encoder: QueryEncoder) -> dict[str, int]:
-    return {"parameters": count_parameters(encoder.modules_)}
+            key = f"batch{batch_size}_ms"
+            for i in range(repeats + warmup):
+                batch = [queries[(i * batch_size + j) % len(queries)] for j in range(batch_size)]
+                for name, encoder in encoders.items():
+                    start = time.perf_counter()
+                    encoder(encoder.tokenize(batch))
+                    if i >= warmup:
+                        timings[name].setdefault(key, []).append((time.perf_counter() - start) * 1000)
+    return {name: {key: statistics.median(values) for key, values in per.items()} for name, per in timings.items()}
 
 
 def evaluate_model(

@@ -308,9 +308,13 @@ def distill(config: DistillConfig) -> dict:
     )
     student_result = evaluate_student(prep, student)
     teacher_encoder, student_encoder = teacher_query_encoder(prep.teacher), QueryEncoder.of(student)
-    latency_args = (prep.eval_texts, evaluation.latency_batch_sizes, evaluation.latency_repeats)
-    teacher_latency = measure_latency(teacher_encoder, *latency_args)
-    student_latency = measure_latency(student_encoder, *latency_args)
+    latency = measure_latency(
+        {"teacher": teacher_encoder, "student": student_encoder},
+        prep.eval_texts,
+        evaluation.latency_batch_sizes,
+        evaluation.latency_repeats,
+    )
+    teacher_latency, student_latency = latency["teacher"], latency["student"]
     timings["evaluation_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - started
 

@@ -1,0 +1,174 @@
+"""End to end: the `distill` command on a small real SciFact slice, and the saved students."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from embeddistill.cli import main
+from embeddistill.students import (
+    QueryEncoder,
+    build_student,
+    is_asymmetric,
+    projection_of,
+    query_modules,
+    truncate_transformer,
+)
+from embeddistill.teachers import load_sentence_transformer
+
+FAST = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--crops-per-document",
+    "1",
+    "--perturbations-per-query",
+    "1",
+    "--latency-repeats",
+    "2",
+    "--checkpoint-every",
+    "0",
+    "--threads",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def asymmetric_run(tmp_path_factory, tiny_teacher_path, scifact_slice):
+    out = tmp_path_factory.mktemp("asym")
+    cache = tmp_path_factory.mktemp("cache")
+    argv = [
+        "distill",
+        "--teacher",
+        tiny_teacher_path,
+        "--student",
+        "teacher:2",
+        "--asymmetric",
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *FAST,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_distill_writes_every_output(asymmetric_run, scifact_slice):
+    for name in (
+        "student/modules.json",
+        "teacher.trec",
+        "student.trec",
+        "metrics.json",
+        "report.md",
+        "config.yaml",
+        "train_log.jsonl",
+        "distill.log",
+        "training_queries.jsonl",
+        "checkpoint/state.json",
+    ):
+        assert (asymmetric_run / name).exists(), name
+    metrics = json.loads((asymmetric_run / "metrics.json").read_text())
+    for metric in ("nDCG@10", "RR@10", "R@100"):
+        assert 0.0 <= metrics["student"][metric] <= 1.0
+        assert metrics["retention"][metric] == pytest.approx(metrics["student"][metric] / metrics["teacher"][metric])
+    assert set(metrics["speedup"]) == {"batch1", "batch32"}
+    assert metrics["training_queries"]["labelled"] > 0 and metrics["training_queries"]["generated"] > 0
+    # The student has 2 of the teacher's 4 layers.
+    assert metrics["student"]["query_encoder_parameters"] < metrics["teacher"]["query_encoder_parameters"]
+    test_queries = {line.split("\t")[0] for line in (scifact_slice / "qrels" / "test.tsv").read_text().splitlines()[1:]}
+    run_queries = {line.split()[0] for line in (asymmetric_run / "student.trec").read_text().splitlines()}
+    assert run_queries == test_queries
+    log = [json.loads(line) for line in (asymmetric_run / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "score", "query_em", "lr", "step"} <= set(log[-1])
+    assert "| student / teacher |" in (asymmetric_run / "report.md").read_text()
+
+
+def test_training_queries_exclude_test_queries(asymmetric_run, scifact_slice):
+    test_ids = {line.split("\t")[0] for line in (scifact_slice / "qrels" / "test.tsv").read_text().splitlines()[1:]}
+    trained = [json.loads(line) for line in (asymmetric_run / "training_queries.jsonl").read_text().splitlines()]
+    assert not test_ids & {row["_id"] for row in trained}
+
+
+def test_asymmetric_student_round_trip(asymmetric_run, tiny_teacher_path):
+    student = SentenceTransformer(str(asymmetric_run / "student"), device="cpu")
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    assert is_asymmetric(student)
+    texts = ["protein folding in yeast", "vitamin D and bone density"]
+    # Documents go through the teacher's tower, unchanged by training.
+    np.testing.assert_allclose(student.encode_document(texts), teacher.encode(texts), atol=1e-5)
+    # Queries go through the small tower: what the trainer evaluated is what a user gets after loading.
+    np.testing.assert_allclose(student.encode_query(texts), QueryEncoder.of(student).encode(texts), atol=1e-5)
+    layers = query_modules(student)[0].auto_model.config.num_hidden_layers
+    assert layers == 2
+
+
+def test_final_checkpoint_is_complete(asymmetric_run):
+    state = json.loads((asymmetric_run / "checkpoint" / "state.json").read_text())
+    assert state["step"] > 0 and len(state["sha256"]) == 3
+    assert all((asymmetric_run / "checkpoint" / name).exists() for name in state["sha256"])
+
+
+def test_symmetric_student_with_projection(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice):
+    """A student of another width gets a projection into the teacher's space and its own document index."""
+    out = tmp_path / "sym"
+    argv = [
+        "distill",
+        "--teacher",
+        tiny_teacher_path,
+        "--student",
+        tiny_student_path,
+        "--no-asymmetric",
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *FAST,
+    ]
+    assert main(argv) == 0
+    student = SentenceTransformer(str(out / "student"), device="cpu")
+    assert not is_asymmetric(student)
+    teacher_dim = SentenceTransformer(tiny_teacher_path).get_sentence_embedding_dimension()
+    assert student.get_sentence_embedding_dimension() == teacher_dim == 32
+    assert projection_of(student).linear.weight.shape == (32, 16)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert "document_em" in log[-1]
+
+
+def test_truncate_transformer_keeps_the_first_layers(tiny_teacher_path):
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    truncated = truncate_transformer(teacher[0], 2)
+    full, short = teacher[0].auto_model, truncated.auto_model
+    assert short.config.num_hidden_layers == 2 and len(short.encoder.layer) == 2
+    assert full.config.num_hidden_layers == 4  # the teacher itself is untouched
+    for a, b in zip(full.encoder.layer[:2].parameters(), short.encoder.layer.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="teacher has 4"):
+        truncate_transformer(teacher[0], 5)
+
+
+def test_lstsq_projection_starts_at_the_best_linear_map(tiny_teacher_path):
+    from embeddistill.students import fit_projection, make_projection
+
+    rng = np.random.default_rng(0)
+    student_embeddings = rng.normal(size=(64, 8))
+    true_map = rng.normal(size=(8, 5))
+    projection = make_projection(8, 5)
+    fit_projection(projection, student_embeddings, student_embeddings @ true_map)
+    np.testing.assert_allclose(projection.linear.weight.detach().numpy(), true_map.T, atol=1e-4)
+
+
+def test_asymmetric_build_freezes_the_teacher_tower(tiny_teacher_path):
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    student = build_student("teacher:1", teacher, asymmetric=True)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert any(p.requires_grad for p in query_modules(student).parameters())
