@@ -361,6 +361,7 @@ def build_summary(
             **teacher_result.metrics,
             "latency": teacher_latency,
             "query_encoder_parameters": count_parameters(teacher_encoder.modules_),
+            "query_encoder_compute_parameters": count_parameters(teacher_encoder.modules_, include_embeddings=False),
         },
         "student": {
             "model": config.model.student,
@@ -368,6 +369,7 @@ def build_summary(
             **student_result.metrics,
             "latency": student_latency,
             "query_encoder_parameters": count_parameters(student_encoder.modules_),
+            "query_encoder_compute_parameters": count_parameters(student_encoder.modules_, include_embeddings=False),
         },
         "retention": retention,
         "speedup": speedup,

@@ -162,8 +162,9 @@ def trainable_parameters(student: SentenceTransformer, freeze_word_embeddings: b
     return [p for p in modules.parameters() if p.requires_grad]
 
 
-def count_parameters(modules: nn.Module) -> int:
-    return sum(p.numel() for p in modules.parameters())
+def count_parameters(modules: nn.Module, include_embeddings: bool = True) -> int:
+    """Parameters of ``modules``; without the embedding tables (lookups, not compute) when asked."""
+    return sum(p.numel() for name, p in modules.named_parameters() if include_embeddings or "embeddings." not in name)
 
 
 class QueryEncoder(nn.Module):
