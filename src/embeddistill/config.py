@@ -87,7 +87,9 @@ class TrainingConfig:
     resume: bool = option(False, "resume training from the last checkpoint in the output folder")
     device: str = option("auto", "'auto', 'cpu' or 'cuda'")
     precision: str = option(
-        "auto", "autocast: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32' or 'bf16'", choices=["auto", "fp32", "bf16"]
+        "auto",
+        "autocast: 'auto' (bf16 where the hardware has it natively, else fp32), 'fp32' or 'bf16'",
+        choices=["auto", "fp32", "bf16"],
     )
     threads: int = option(0, "CPU threads for torch (0 = torch's default)")
 

@@ -186,7 +186,7 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         query_id, doc_id, score = (part.strip() for part in parts)
         try:
             relevance = int(float(score))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
             raise DataError(path, number, f"relevance score {score!r} is not a number") from None
         qrels.setdefault(query_id, {})[doc_id] = relevance
     return qrels

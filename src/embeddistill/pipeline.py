@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embeddistill import __version__
+from embeddistill import __version__, distributed
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset, load_queries, load_query_sources, write_queries_jsonl
 from embeddistill.evaluation import RunResult, evaluate_embeddings, measure_latency
 from embeddistill.indexing import FlatIndex
 from embeddistill.losses import EmbedDistillLoss, LossWeights
+from embeddistill.model_card import write_model_card
 from embeddistill.querygen import GeneratedQuery, generate_queries, make_cheap_generators
 from embeddistill.reporting import write_report
 from embeddistill.storage import atomic_write_json, atomic_write_text
@@ -177,7 +178,9 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
     rows = zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
-    write_queries_jsonl(out / "training_queries.jsonl", [{"_id": i, "text": t, "generated": g} for i, t, g in rows])
+    if distributed.is_main():
+        records = [{"_id": i, "text": t, "generated": g} for i, t, g in rows]
+        write_queries_jsonl(out / "training_queries.jsonl", records)
     logger.info("training queries: %s", query_set.counts)
 
     tick = time.perf_counter()
@@ -281,6 +284,12 @@ def teacher_query_encoder(teacher: DualEncoderTeacher) -> QueryEncoder:
 
 
 def distill(config: DistillConfig) -> dict:
+    """The whole run. Under torchrun (see :mod:`embeddistill.distributed`) every rank prepares the same data,
+    encodes its share of the teacher cache and trains its share of each batch; rank 0 alone writes the outputs
+    and evaluates, and the other ranks return ``{}`` after training.
+    """
+    distributed.init_from_env(config.training.device)  # a no-op in a single process
+    distributed.check_batch_size(config.training.batch_size)  # fail before hours of teacher encoding
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.training.threads:
@@ -288,10 +297,13 @@ def distill(config: DistillConfig) -> dict:
     random.seed(config.training.seed)
     torch.manual_seed(config.training.seed)
     started = time.perf_counter()
-    atomic_write_text(out / "config.yaml", config.to_yaml())
+    if distributed.is_main():
+        atomic_write_text(out / "config.yaml", config.to_yaml())
 
     prep = prepare(config, out)
     student, training = train_student(prep, out)
+    if not distributed.is_main():
+        return {}
     timings = {**prep.timings, "train_seconds": training["train_seconds"]}
     student.save(str(out / "student"))
 
@@ -334,6 +346,7 @@ def distill(config: DistillConfig) -> dict:
     )
     atomic_write_json(out / "metrics.json", summary)
     write_report(out / "report.md", summary)
+    write_model_card(out / "student", summary)
     return summary
 
 

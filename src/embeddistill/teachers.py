@@ -6,6 +6,7 @@ once and stored on disk: the :class:`EmbeddingCache` is keyed by the teacher's i
 weights plus pooling, normalisation and maximum length), and inside that by a fingerprint of each text, so a
 rerun encodes only texts it has not seen. Encoding is written in length-sorted shards, each atomically with
 its checksum: an interrupted run resumes from the last finished shard and a corrupt shard is re-encoded.
+Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,16 +24,32 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
+from embeddistill import distributed
 from embeddistill.storage import atomic_save_npy, atomic_write_json, fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "EMBEDDISTILL_CACHE"
+SHARD_SIZE_ENV = "EMBEDDISTILL_CACHE_SHARD_SIZE"
+DEFAULT_SHARD_SIZE = 2048
 QUERY, DOCUMENT = "query", "document"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "embeddistill"))
+
+
+def cache_shard_size() -> int:
+    """Texts per cache shard: ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` or 2048.
+
+    A kill loses at most the shard being encoded: smaller shards lose less to a kill but make more files.
+    """
+    value = os.environ.get(SHARD_SIZE_ENV, "").strip()
+    if not value:
+        return DEFAULT_SHARD_SIZE
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(f"${SHARD_SIZE_ENV} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def load_sentence_transformer(name_or_path: str, device: str = "cpu", trust_remote_code: bool = False):
@@ -98,8 +115,9 @@ def is_normalized(model: torch.nn.Module) -> bool:
 class EmbeddingCache:
     """On-disk teacher embeddings, keyed by teacher identity and text fingerprint.
 
-    Layout: ``ROOT/<teacher-slug>-<identity-key>/manifest.json`` and ``shards/NNNNN.{npy,json}``; each
-    shard's json lists the text keys of its rows and the sha256 of its ``.npy``.
+    Layout: ``ROOT/<teacher-slug>-<identity-key>/manifest.json`` and ``shards/NNNNN.{npy,json}``
+    (``NNNNN-rR`` when rank R of a torchrun job wrote it); each shard's json lists the text keys of its rows and
+    the sha256 of its ``.npy``.
     """
 
     def __init__(self, root: str | os.PathLike, identity: TeacherIdentity, shard_size: int = 2048):
@@ -110,17 +128,28 @@ class EmbeddingCache:
         self.dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "manifest.json"
         if manifest.exists():
-            stored = json.loads(manifest.read_text())
-            if {k: v for k, v in stored.get("teacher", {}).items() if k != "name"} != identity.embedding_settings():
-                raise ValueError(f"{manifest}: teacher identity does not match this cache folder; delete the folder")
+            try:
+                stored = {k: v for k, v in json.loads(manifest.read_text())["teacher"].items() if k != "name"}
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{manifest}: unreadable cache manifest ({error!r}); delete the folder") from None
+            settings = identity.embedding_settings()
+            if stored != settings:
+                differ = sorted(k for k in {**stored, **settings} if stored.get(k) != settings.get(k))
+                raise ValueError(
+                    f"{manifest}: teacher identity does not match this cache folder ({', '.join(differ)} differ); "
+                    "delete the folder"
+                )
         else:
             atomic_write_json(manifest, {"teacher": asdict(identity), "format": "embeddistill-embedding-cache/1"})
         self._rows: dict[str, tuple[int, int]] = {}
         self._shards: list[np.ndarray] = []
+        self._loaded: set[str] = set()  # shard names already in memory
         self._load_shards()
 
     def _load_shards(self) -> None:
         for meta_path in sorted(self.dir.joinpath("shards").glob("*.json")):
+            if meta_path.stem in self._loaded:
+                continue
             array_path = meta_path.with_suffix(".npy")
             try:
                 meta = json.loads(meta_path.read_text())
@@ -137,8 +166,9 @@ class EmbeddingCache:
                 continue
             index = len(self._shards)
             self._shards.append(array)
+            self._loaded.add(meta_path.stem)
             for row, key in enumerate(meta["keys"]):
-                self._rows[key] = (index, row)
+                self._rows.setdefault(key, (index, row))  # a key in two shards is kept once
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -160,6 +190,9 @@ class EmbeddingCache:
         todo = self.missing(texts, kind)
         if todo:
             logger.info("teacher: encoding %d new %s texts (%d cached)", len(todo), kind, len(texts) - len(todo))
+        if distributed.world_size() > 1:  # every rank calls embed with the same texts
+            self._encode_sharded(model, todo, kind, batch_size, desc or kind)
+        elif todo:
             self._encode(model, todo, kind, batch_size, desc or kind)
         out = np.empty((len(texts), self.identity.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
@@ -167,11 +200,25 @@ class EmbeddingCache:
             out[i] = self._shards[shard][row]
         return out
 
+    def _encode_sharded(
+        self, model: SentenceTransformer, todo: list[str], kind: str, batch_size: int, desc: str
+    ) -> None:
+        """torchrun: each rank encodes the texts whose key hashes to it into its own shards (named with its rank),
+        then, after a barrier, loads the shards the other ranks wrote. A killed run resumes like a single process:
+        finished shards of every rank are reused and the rest is shared out again (by any number of ranks).
+        """
+        mine = [t for t in todo if distributed.owner(text_key(f"{kind}\0{t}")) == distributed.rank()]
+        if mine:
+            self._encode(model, mine, kind, batch_size, desc)
+        distributed.barrier()
+        self._load_shards()
+
     def _encode(self, model: SentenceTransformer, texts: list[str], kind: str, batch_size: int, desc: str) -> None:
         # Longest first: batches of similar length waste no padding, and the ETA is pessimistic early on.
         texts = sorted(texts, key=len, reverse=True)
         encode = model.encode_query if kind == QUERY else model.encode_document
-        with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2) as bar:
+        show = distributed.is_main()  # under torchrun, rank 0's share stands for the progress of all
+        with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2, disable=not show) as bar:
             for start in range(0, len(texts), self.shard_size):
                 chunk = texts[start : start + self.shard_size]
                 array = np.zeros((0, self.identity.dimension), dtype=np.float32)
@@ -185,12 +232,15 @@ class EmbeddingCache:
 
     def _add_shard(self, keys: list[str], array: np.ndarray) -> None:
         shards = self.dir / "shards"
-        number = 1 + max((int(p.stem) for p in shards.glob("*.json")), default=0)
-        checksum = atomic_save_npy(shards / f"{number:05d}.npy", array)
+        number = 1 + max((int(p.stem.split("-")[0]) for p in shards.glob("*.json")), default=0)
+        # Under torchrun all ranks write into this folder at once: the rank in the name keeps their shards apart.
+        name = f"{number:05d}" if distributed.world_size() == 1 else f"{number:05d}-r{distributed.rank()}"
+        checksum = atomic_save_npy(shards / f"{name}.npy", array)
         # The json is written last: a shard without it is ignored, so a kill between the two loses nothing.
-        atomic_write_json(shards / f"{number:05d}.json", {"keys": keys, "sha256": checksum})
+        atomic_write_json(shards / f"{name}.json", {"keys": keys, "sha256": checksum})
         index = len(self._shards)
         self._shards.append(array)
+        self._loaded.add(name)
         for row, key in enumerate(keys):
             self._rows[key] = (index, row)
 
@@ -219,7 +269,7 @@ class DualEncoderTeacher:
         if max_seq_length:
             model.max_seq_length = max_seq_length
         identity = TeacherIdentity.of(name, model)
-        cache = EmbeddingCache(cache_dir or default_cache_dir(), identity)
+        cache = EmbeddingCache(cache_dir or default_cache_dir(), identity, shard_size=cache_shard_size())
         logger.info("teacher %s: dim %d, cache %s (%d texts)", name, identity.dimension, cache.dir, len(cache))
         return cls(name=name, model=model, cache=cache, batch_size=batch_size)
 

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
+from embeddistill import distributed
 from embeddistill.config import TrainingConfig
+from embeddistill.data import DataError
 from embeddistill.losses import EmbedDistillLoss
 from embeddistill.storage import atomic_write_bytes, atomic_write_json, sha256_file
 from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, trainable_parameters
@@ -58,8 +60,22 @@ class Documents:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())  # one GPU per process: torchrun's LOCAL_RANK
     return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` trains under bf16 autocast where the hardware computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs).
+
+    Weights and optimiser state stay fp32; only matrix products run in bf16, about 2.5x faster on such CPUs.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 class Batcher:
@@ -108,9 +124,12 @@ class DistillationTrainer:
     ):
         self.student, self.queries, self.documents = student, queries, documents
         self.criterion, self.config, self.out = criterion, config, Path(out)
+        distributed.check_batch_size(config.batch_size)
+        self.is_main = distributed.is_main()  # rank 0 alone logs, shows progress and writes checkpoints
         self.device = resolve_device(config.device)
         self.student.to(self.device)
         self.asymmetric = is_asymmetric(student)
+        self.precision = resolve_precision(config.precision, self.device)
         self.encoder = QueryEncoder.of(student)
         self.parameters = trainable_parameters(student, freeze_word_embeddings)
         if not dropout:
@@ -119,6 +138,9 @@ class DistillationTrainer:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Under torchrun the query tower runs wrapped in DDP (trainable parameters only); otherwise it is itself.
+        example = self.encoder.tokenize(["an example query"], self.device)
+        self.tower = distributed.data_parallel(query_modules(student), self.device, example)
         self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
         self.total_steps = self.batcher.steps_per_epoch * config.epochs
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
@@ -135,30 +157,43 @@ class DistillationTrainer:
         return self.config.learning_rate * max(0.0, (self.total_steps - step) / remaining)
 
     def _autocast(self):
-        precision = self.config.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _embed_documents(self, rows: np.ndarray) -> torch.Tensor:
-        texts = [self.documents.texts[r] for r in rows]
-        modules = query_modules(self.student)
-        features = self.encoder.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
-        )
-        return modules({k: v.to(self.device) for k, v in features.items()})["sentence_embedding"]
+        """The student's fp32 embeddings of documents ``rows`` (symmetric students).
+
+        Under torchrun each rank embeds its contiguous share of ``rows`` and the shares are all-gathered, the
+        gradient flowing back to the rank that embedded each document: the candidate set is the global batch's.
+        """
+        start, stop = distributed.shard_bounds(len(rows))
+        if stop > start:
+            texts = [self.documents.texts[r] for r in rows[start:stop]]
+            features = self.encoder.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
+            )
+            local = self.tower({k: v.to(self.device) for k, v in features.items()})["sentence_embedding"].float()
+        else:  # fewer candidates than ranks: this rank embeds none
+            local = torch.zeros(0, self.teacher_documents.shape[1], device=self.device)
+        sizes = [b - a for a, b in (distributed.shard_bounds(len(rows), r) for r in range(distributed.world_size()))]
+        return distributed.gather_with_grad(local, sizes)
 
     def step(self, step: int) -> dict[str, float]:
         batch = self.batcher.batch(step)
-        rows, documents = batch["rows"], torch.from_numpy(batch["documents"]).to(self.device)
+        # Under torchrun this rank's loss covers its contiguous share of the batch's query rows, scored against all
+        # of the batch's candidate documents, then is rescaled by _rank_share (see there for why that is exact).
+        start, stop = distributed.shard_bounds(len(batch["rows"]))
+        local = slice(start, stop) if stop > start else slice(0, 1)  # an empty share still runs, with weight 0
+        rows, documents = batch["rows"][local], torch.from_numpy(batch["documents"]).to(self.device)
         texts = [self.queries.texts[r] for r in rows]
         index = torch.from_numpy(rows).to(self.device)
-        anchor_columns = torch.from_numpy(batch["anchor_columns"]).to(self.device)
+        anchor_columns = torch.from_numpy(batch["anchor_columns"][local]).to(self.device)
         with self._autocast():
-            student_queries = self.encoder(self.encoder.tokenize(texts, self.device)).float()
+            student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
             teacher_queries = self.teacher_queries[index]
+            # Asymmetric: the candidates are the teacher's constant document embeddings, which every rank holds, so
+            # cross-device negatives cost no communication beyond DDP's gradient all-reduce.
             teacher_documents = self.teacher_documents[documents]
-            student_documents = None if self.asymmetric else self._embed_documents(batch["documents"]).float()
+            student_documents = None if self.asymmetric else self._embed_documents(batch["documents"])
             scored_documents = teacher_documents if self.asymmetric else student_documents
             parts = self.criterion(
                 student_scores=student_queries @ scored_documents.T,
@@ -167,11 +202,13 @@ class DistillationTrainer:
                 teacher_queries=teacher_queries,
                 anchor_index=anchor_columns,
                 positive_index=anchor_columns,
-                label_mask=torch.from_numpy(batch["label_mask"]).to(self.device),
+                label_mask=torch.from_numpy(batch["label_mask"][local]).to(self.device),
                 student_documents=student_documents,
                 teacher_documents=teacher_documents,
                 generated=self.generated[index],
             )
+        if distributed.world_size() > 1:
+            parts = self._rank_share(parts, batch["rows"], start, stop)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,22 +218,71 @@ class DistillationTrainer:
         self.optimizer.step()
         return {name: float(value.detach()) for name, value in parts.items()}
 
+    _WEIGHT_OF_PART = {
+        "score": "score",
+        "query_em": "query_embedding",
+        "document_em": "document_embedding",
+        "label": "label",
+        "margin_mse": "margin_mse",
+    }
+
+    def _rank_share(self, parts: dict, rows: np.ndarray, start: int, stop: int) -> dict:
+        """Rescale this rank's loss parts so that DDP's gradient average is the single-process gradient.
+
+        Single process, a global batch of B query rows and M candidates: ``L = sum_p w_p L_p``, where score, query
+        EM and Margin-MSE are means over the B rows (``L_p = (1/B) sum_i l_p(i)``; every row has M - 1 margins),
+        the label loss is a mean over the N labelled (non-generated) rows and document EM a mean over the M
+        candidates. Rank r of W holds rows ``[start, stop)`` (b_r of them, n_r labelled) and computes the same
+        parts on them, against all M candidates: ``L_{p,r} = (1/b_r) sum_{i in r} l_p(i)``. DDP averages
+        gradients, ``g = (1/W) sum_r grad L_r``, so with
+
+            ``L_r = sum_p w_p c_{p,r} L_{p,r}``,  ``c = W b_r / B`` (row means), ``W n_r / N`` (label), ``1`` (doc EM)
+
+        ``(1/W) sum_r c_{p,r} L_{p,r} = (1/B) sum_i l_p(i) = L_p`` for the row parts and the label part, and
+        ``(1/W) sum_r L_d = L_d`` because every rank computes document EM over the same gathered M documents.
+        Symmetric students' documents are gathered with ``all_gather``, whose backward *sums* all ranks'
+        gradients for document j onto the rank that embedded it; summed over ranks, the local parameter
+        gradients are therefore ``sum_r grad L_r`` with each ``L_r`` differentiated through all M documents, and
+        DDP's ``1/W`` makes that ``grad (1/W) sum_r L_r = grad L``. (No extra factor W on the gathered part: the
+        sum in all_gather's backward and DDP's mean cancel.) With B divisible by W, ``c = 1`` for row parts
+        except on an epoch's last, smaller batch; a rank with no rows runs one with ``c = 0``. The gradient is
+        then the global-batch gradient up to float summation order, and clipping its norm matches clipping in
+        one process. The returned parts are this rank's estimates; their mean over ranks is the global value.
+        """
+        world = distributed.world_size()
+        share = world * (stop - start) / len(rows)
+        labelled = ~self.queries.generated[rows]
+        total_labelled = int(labelled.sum())
+        label_share = world * int(labelled[start:stop].sum()) / total_labelled if total_labelled else 0.0
+        factor = {"score": share, "query_em": share, "margin_mse": share, "label": label_share, "document_em": 1.0}
+        scaled = {name: value * factor[name] for name, value in parts.items() if name != "loss"}
+        weights = self.criterion.weights
+        loss = sum(getattr(weights, self._WEIGHT_OF_PART[name]) * value for name, value in scaled.items())
+        return {"loss": loss, **scaled}
+
     def train(self) -> dict:
         torch.manual_seed(self.config.seed)
         start_step = self._resume() if self.config.resume else 0
-        if not self.config.resume:
+        distributed.agree(start_step, "the step to resume from")
+        if not self.config.resume and self.is_main:
             self.log_path.unlink(missing_ok=True)
         query_modules(self.student).train()
         started = time.perf_counter()
         running: dict[str, float] = {}
         bar = tqdm(
-            range(start_step, self.total_steps), desc="distill", unit="step", initial=start_step, total=self.total_steps
+            range(start_step, self.total_steps),
+            desc="distill",
+            unit="step",
+            initial=start_step,
+            total=self.total_steps,
+            disable=not self.is_main,
         )
         for step in bar:
             parts = self.step(step)
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
             if step % 10 == 0 or step == self.total_steps - 1:
+                parts = distributed.mean_over_ranks(parts, self.device)  # the global batch's values (all ranks join)
                 self._log(
                     {
                         "step": step,
@@ -206,14 +292,24 @@ class DistillationTrainer:
                     }
                 )
             done = step + 1
-            if self.config.checkpoint_every and done % self.config.checkpoint_every == 0 and done < self.total_steps:
+            every = self.config.checkpoint_every
+            if self.is_main and every and done % every == 0 and done < self.total_steps:
                 self.save_checkpoint(done)
         query_modules(self.student).eval()
         seconds = time.perf_counter() - started
-        self.save_checkpoint(self.total_steps)
-        return {"steps": self.total_steps, "resumed_from_step": start_step, "train_seconds": seconds}
+        if self.is_main:
+            self.save_checkpoint(self.total_steps)
+        return {
+            "steps": self.total_steps,
+            "resumed_from_step": start_step,
+            "train_seconds": seconds,
+            "precision": self.precision,
+            "world_size": distributed.world_size(),
+        }
 
     def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -224,10 +320,12 @@ class DistillationTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in query_modules(self.student).state_dict().items()}
         optimizer_tensors, optimizer_meta = _flatten_optimizer(self.optimizer)
+        # The files of each checkpoint are named by its step, so writing a new checkpoint never touches the files
+        # that the current state.json names: a kill at any moment leaves the previous checkpoint whole.
         files = {
-            "weights.safetensors": weights,
-            "optimizer.safetensors": optimizer_tensors,
-            "rng.safetensors": {"torch": torch.get_rng_state()},
+            f"weights-{step:08d}.safetensors": weights,
+            f"optimizer-{step:08d}.safetensors": optimizer_tensors,
+            f"rng-{step:08d}.safetensors": {"torch": torch.get_rng_state()},
         }
         checksums = {}
         for name, tensors in files.items():
@@ -236,8 +334,12 @@ class DistillationTrainer:
             atomic_write_bytes(folder / name, tmp.read_bytes())
             tmp.unlink()
             checksums[name] = sha256_file(folder / name)
-        # state.json is written last and names the checksums: a checkpoint is valid only when all match.
-        atomic_write_json(folder / "state.json", {"step": step, "optimizer": optimizer_meta, "sha256": checksums})
+        # state.json is written last and names the files and checksums: a checkpoint is valid only when all match.
+        state = {"step": step, "optimizer": optimizer_meta, "files": list(files), "sha256": checksums}
+        atomic_write_json(folder / "state.json", state)
+        for stale in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
+            if stale.name not in files:  # older checkpoints and leftovers of a killed save
+                stale.unlink(missing_ok=True)
         logger.info("checkpoint at step %d -> %s", step, folder)
 
     def _resume(self) -> int:
@@ -245,24 +347,29 @@ class DistillationTrainer:
         if not state_path.exists():
             logger.warning("--resume: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
             return 0
-        state = json.loads(state_path.read_text())
-        for name, checksum in state["sha256"].items():
-            if sha256_file(self.checkpoint_dir / name) != checksum:
-                raise RuntimeError(f"{self.checkpoint_dir / name}: checksum mismatch; the checkpoint is corrupt")
-        weights = load_file(str(self.checkpoint_dir / "weights.safetensors"), device=str(self.device))
+        try:
+            state = json.loads(state_path.read_text())
+            names = state.get("files") or ["weights.safetensors", "optimizer.safetensors", "rng.safetensors"]
+            weights_name, optimizer_name, rng_name = names
+            step, checksums = int(state["step"]), dict(state["sha256"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(state_path, None, f"unreadable checkpoint state ({error!r})") from None
+        for name in names:
+            path = self.checkpoint_dir / name
+            if not path.is_file() or sha256_file(path) != checksums.get(name):
+                problem = "checksum mismatch" if path.is_file() else "missing"
+                raise DataError(path, None, f"{problem}: the checkpoint is corrupt; rerun without --resume")
+        weights = load_file(str(self.checkpoint_dir / weights_name), device=str(self.device))
         query_modules(self.student).load_state_dict(weights)
-        _restore_optimizer(
-            self.optimizer, load_file(str(self.checkpoint_dir / "optimizer.safetensors")), state["optimizer"]
-        )
-        torch.set_rng_state(load_file(str(self.checkpoint_dir / "rng.safetensors"))["torch"])
-        step = int(state["step"])
+        _restore_optimizer(self.optimizer, load_file(str(self.checkpoint_dir / optimizer_name)), state["optimizer"])
+        torch.set_rng_state(load_file(str(self.checkpoint_dir / rng_name))["torch"])
         self._truncate_log(step)
         logger.info("resumed from step %d", step)
         return step
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records past the checkpoint: those steps are about to be run again."""
-        if not self.log_path.exists():
+        if not self.is_main or not self.log_path.exists():
             return
         kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _log_step(line) < step]
         atomic_write_bytes(self.log_path, ("\n".join(kept) + "\n" if kept else "").encode())
