@@ -84,24 +84,38 @@ class Batcher:
     def __init__(self, queries: TrainingQueries, batch_size: int, hard_negatives: int, seed: int):
         self.queries, self.batch_size, self.hard_negatives, self.seed = queries, batch_size, hard_negatives, seed
         self.steps_per_epoch = math.ceil(len(queries) / batch_size)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.queries)))
+        return self._order[1]
+
+    def _sample_negatives(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Up to ``hard_negatives`` distinct documents per row from its pool, uniformly, all rows at once."""
+        pools = self.queries.negative_pool[rows]
+        if not self.hard_negatives or pools.shape[1] == 0:
+            return np.zeros(0, dtype=np.int64)
+        # Random keys, padding last: the first k of each row's key order are a uniform sample without replacement.
+        keys = np.where(pools >= 0, rng.random(pools.shape), np.inf)
+        picked = np.argsort(keys, axis=1)[:, : self.hard_negatives]
+        chosen = np.take_along_axis(pools, picked, axis=1)
+        return chosen[chosen >= 0]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
-        rows = order[position * self.batch_size : (position + 1) * self.batch_size]
+        rows = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, epoch, position, 1])
-        candidates = list(self.queries.anchors[rows])
-        for row in rows:
-            pool = self.queries.negative_pool[row]
-            pool = pool[pool >= 0]
-            if len(pool) and self.hard_negatives:
-                candidates.extend(rng.choice(pool, size=min(self.hard_negatives, len(pool)), replace=False))
+        candidates = np.concatenate([self.queries.anchors[rows], self._sample_negatives(rows, rng)])
         # Duplicate columns would count a document twice in the softmax: keep each document once.
-        documents, inverse = np.unique(np.asarray(candidates, dtype=np.int64), return_inverse=True)
+        documents, inverse = np.unique(candidates.astype(np.int64), return_inverse=True)
         anchor_columns = inverse[: len(rows)]
         label_mask = np.ones((len(rows), len(documents)), dtype=bool)
-        column_of = {int(d): c for c, d in enumerate(documents)}
+        column_of: dict[int, int] | None = None
         for i, row in enumerate(rows):
+            if len(self.queries.positives[row]) < 2:
+                continue  # the anchor is the only positive: nothing to mask
+            column_of = column_of or {int(d): c for c, d in enumerate(documents)}
             for positive in self.queries.positives[row]:
                 column = column_of.get(positive)
                 if column is not None and column != anchor_columns[i]:
