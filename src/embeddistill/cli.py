@@ -87,6 +87,12 @@ def cmd_generate_queries(args: argparse.Namespace) -> int:
         args.generator, args.n, lm_model=args.lm_model, cache_path=Path(args.out).with_suffix(".cache.jsonl")
     )
     made = generate_queries(generators, dataset.corpus, train, args.seed)
+    if "lm" in args.generator:
+        from embeddistill.querygen.lm import filter_generated
+
+        # Only LM outputs can echo the prompt or copy their document; crops are copies by design.
+        lm_made = filter_generated([q for q in made if q.generator == "lm"], dataset.corpus)
+        made = [q for q in made if q.generator != "lm"] + lm_made
     write_queries_jsonl(args.out, [q.to_json() for q in made])
     print(f"{len(made)} queries written to {args.out}")
     return 0
