@@ -105,22 +105,23 @@ def main() -> int:
     )
     print(f"flat: build {flat.info['build_seconds']:.2f}s, {ms:.3f} ms/query", flush=True)
 
+    def result_row(index: SearchIndex, search_params: dict, rows: np.ndarray, ms: float) -> dict:
+        return {
+            "type": index.info["type"],
+            "params": {**index.info["params"], **search_params},
+            "build_seconds": index.info["build_seconds"],
+            "search_ms_per_query": ms,
+            f"recall@{k}": recall(rows, exact, k),
+            "nDCG@10": ndcg(rows),
+        }
+
     hnsw = SearchIndex.build(
         documents, doc_ids, "hnsw", m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search[0]
     )
     for ef in args.ef_search:
         hnsw.index.hnsw.efSearch = ef
         rows, ms = timed_search(hnsw, queries, k)
-        results.append(
-            {
-                "type": "hnsw",
-                "params": {**hnsw.info["params"], "ef_search": ef},
-                "build_seconds": hnsw.info["build_seconds"],
-                "search_ms_per_query": ms,
-                f"recall@{k}": recall(rows, exact, k),
-                "nDCG@10": ndcg(rows),
-            }
-        )
+        results.append(result_row(hnsw, {"ef_search": ef}, rows, ms))
         print(f"hnsw ef_search={ef}: recall@{k} {results[-1][f'recall@{k}']:.4f}, {ms:.3f} ms/query", flush=True)
 
     for pq_m in args.pq_m:
@@ -135,12 +136,7 @@ def main() -> int:
             rows, ms = timed_search(ivfpq, queries, k)
             results.append(
                 {
-                    "type": "ivfpq",
-                    "params": {**ivfpq.info["params"], "nprobe": nprobe},
-                    "build_seconds": ivfpq.info["build_seconds"],
-                    "search_ms_per_query": ms,
-                    f"recall@{k}": recall(rows, exact, k),
-                    "nDCG@10": ndcg(rows),
+                    **result_row(ivfpq, {"nprobe": nprobe}, rows, ms),
                     "bytes_per_vector": pq_m * ivfpq.info["params"]["pq_nbits"] / 8,
                 }
             )

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embeddistill.storage import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 DATA_ENV = "EMBEDDISTILL_DATA"
@@ -263,15 +265,11 @@ def resolve_dataset(name: str) -> Path:
 
 
 def write_queries_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    from embeddistill.storage import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_trec_run(path: str | os.PathLike, run: dict[str, dict[str, float]], tag: str) -> None:
     """Write a TREC run file (``qid Q0 docid rank score tag``), ranked by score."""
-    from embeddistill.storage import atomic_write_text
-
     lines = []
     for query_id, scores in run.items():
         ranked = sorted(scores.items(), key=lambda item: -item[1])

@@ -85,13 +85,11 @@ def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, e
     )
     if data.max_generated and len(made) > data.max_generated:
         made = random.Random(config.training.seed).sample(made, data.max_generated)
-    source_positives = {q: [d for d in positives[i]] for i, q in enumerate(ids)}
+    first_positive = {query_id: relevant[0] for query_id, relevant in zip(ids, positives, strict=True) if relevant}
     for query in made:
-        add(
-            query.query_id, query.text, [], query.source_id if query.generator != "perturb" else None, True, "generated"
-        )
-        if query.generator == "perturb" and source_positives.get(query.source_id):
-            sources[-1] = source_positives[query.source_id][0]
+        # A perturbed query is anchored on its original's first positive; any other on the document it came from.
+        source = first_positive.get(query.source_id) if query.generator == "perturb" else query.source_id
+        add(query.query_id, query.text, [], source, True, "generated")
     return QuerySet(ids, texts, positives, sources, generated, counts)
 
 
