@@ -20,18 +20,15 @@ import logging
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from _common import paired_permutation_test, train_peer
 
 from embeddistill.config import DistillConfig
 from embeddistill.evaluation import score_run
-from embeddistill.pipeline import Prepared, evaluate_student, prepare, train_student
+from embeddistill.pipeline import Prepared, evaluate_student, initialised_student, prepare, train_student
 from embeddistill.storage import atomic_write_json
-from embeddistill.students import build_student
-from embeddistill.training import resolve_device
 
 VARIANTS = {
     "embeddistill (score + EM + generated queries)": {},
@@ -57,33 +54,11 @@ def run_ours(base: dict, options: dict, out: Path) -> dict:
 
 def run_peer(base: dict, learning_rate: float, out: Path) -> dict:
     """sentence-transformers' EmbedDistillLoss with its own trainer, on the very same queries and student."""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
-
     config = DistillConfig.from_dict({**base, "out": str(out)})
     prep = prepare(config, out)
-    device = str(resolve_device(config.training.device))
     # The query tower alone, as a plain sentence-transformers model: what the peer can train.
-    student = build_student(config.model.student, prep.teacher.model, asymmetric=False, device=device)
-    train = Dataset.from_dict({"query": prep.query_set.texts, "label": prep.teacher_train.tolist()})
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "peer"),
-        num_train_epochs=config.training.epochs,
-        per_device_train_batch_size=config.training.batch_size,
-        learning_rate=learning_rate,
-        warmup_ratio=config.training.warmup_ratio,
-        seed=config.training.seed,
-        bf16=device == "cuda",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=50,
-    )
-    started = time.perf_counter()
-    SentenceTransformerTrainer(
-        model=student, args=args, train_dataset=train, loss=EmbedDistillLoss(student, distance_metric="l2")
-    ).train()
-    seconds = time.perf_counter() - started
+    student = initialised_student(prep, asymmetric=False)
+    seconds = train_peer(student, prep.query_set.texts, prep.teacher_train, config.training, learning_rate, out)
     result = evaluate_student(prep, student.to("cpu"), name="peer", own_index=False)
     return {
         "metrics": result.metrics,
@@ -97,14 +72,6 @@ def run_peer(base: dict, learning_rate: float, out: Path) -> dict:
 def _teacher_metrics(prep: Prepared) -> dict:
     run = prep.teacher_index.retrieve(prep.eval_ids, prep.teacher_eval, prep.config.evaluation.top_k)
     return score_run(run, prep.eval_qrels, prep.config.evaluation.metrics)[0]
-
-
-def paired_permutation_test(a: dict[str, float], b: dict[str, float], rounds: int = 10000, seed: int = 0) -> float:
-    """Two-sided p-value of the mean per-query difference under random sign flips (paired, same queries)."""
-    differences = np.array([a[q] - b[q] for q in a])
-    observed = abs(differences.mean())
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(rounds, len(differences)))
-    return float(((np.abs((signs * differences).mean(axis=1)) >= observed).sum() + 1) / (rounds + 1))
 
 
 def main() -> None:

@@ -12,18 +12,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GET_MODELS = REPO.parent / "shared" / "models" / "get-models"
-
-
-def local_model(name: str, hub_name: str) -> str:
-    """The local folder of a model assembled by ``get-models``, or its hub name where that script is absent."""
-    if not GET_MODELS.exists():
-        return hub_name
-    line = subprocess.run([str(GET_MODELS), name], check=True, capture_output=True, text=True).stdout.strip()
-    return line.split("\t")[1]
+from _common import REPO, local_model
 
 
 def main() -> int:

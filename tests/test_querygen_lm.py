@@ -152,6 +152,19 @@ def test_interrupted_run_resumes_to_the_same_queries(causal_model, tmp_path):
     assert len(cache.read_text().splitlines()) == len(uninterrupted)
 
 
+def test_time_budget_stops_between_batches_and_a_rerun_completes(causal_model, tmp_path, monkeypatch):
+    uninterrupted = {q.query_id: q for q in _generator(causal_model).generate(DOCUMENTS, {}, seed=1)}
+    clock = iter(range(0, 1000, 10))  # every reading of the clock is 10 s later than the last
+    monkeypatch.setattr("embeddistill.querygen.lm.time.monotonic", lambda: next(clock))
+
+    cache = tmp_path / "lm.jsonl"
+    budgeted = list(_generator(causal_model, cache_path=cache, max_seconds=15).generate(DOCUMENTS, {}, seed=1))
+    assert len(budgeted) == 3  # start at 0 s; the first batch starts at 10 s, the second would at 20 s > 15 s
+    monkeypatch.undo()
+    resumed = list(_generator(causal_model, cache_path=cache).generate(DOCUMENTS, {}, seed=1))
+    assert {q.query_id: q for q in resumed} == uninterrupted
+
+
 def test_truncated_last_cache_line_is_dropped_and_regenerated(causal_model, tmp_path, caplog):
     cache = tmp_path / "lm.jsonl"
     first = {q.query_id: q for q in _generator(causal_model, cache_path=cache).generate(DOCUMENTS, {}, seed=0)}

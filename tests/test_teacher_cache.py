@@ -28,20 +28,35 @@ def _forbid(monkeypatch, teacher: DualEncoderTeacher) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("the teacher encoded a text that should have come from the cache")
 
-    monkeypatch.setattr(teacher.model, "encode_document", boom)
-    monkeypatch.setattr(teacher.model, "encode_query", boom)
+    # The cache's fast path checks its tokens against ``preprocess``; the fallback calls ``encode_<kind>``.
+    for method in ("encode_document", "encode_query", "preprocess"):
+        monkeypatch.setattr(teacher.model, method, boom)
 
 
 def _count_calls(monkeypatch, model, method: str) -> list[int]:
-    """Record how many texts each call of ``model.<method>`` encodes."""
-    original = getattr(model, method)
+    """Record how many texts each ``model.<method>`` (``encode_query`` / ``encode_document``) call encodes.
+
+    The fast path never calls ``encode_<kind>``: it tokenises each chunk once with ``tokenize_chunk(model, texts,
+    kind)`` (the Rust tokenizer, checked on a sample against ``preprocess``, or ``preprocess`` itself), so the texts
+    it tokenises for that kind are counted too.
+    """
+    from embeddistill import encoding
+
+    kind = method.removeprefix("encode_")
     calls: list[int] = []
+    original_encode, original_tokenize = getattr(model, method), encoding.tokenize_chunk
 
-    def counting(texts, *args, **kwargs):
+    def counting_encode(texts, *args, **kwargs):
         calls.append(len(texts))
-        return original(texts, *args, **kwargs)
+        return original_encode(texts, *args, **kwargs)
 
-    monkeypatch.setattr(model, method, counting)
+    def counting_tokenize(tokenized_model, texts, tokenized_kind, *args, **kwargs):
+        if tokenized_model is model and tokenized_kind == kind:
+            calls.append(len(texts))
+        return original_tokenize(tokenized_model, texts, tokenized_kind, *args, **kwargs)
+
+    monkeypatch.setattr(model, method, counting_encode)
+    monkeypatch.setattr(encoding, "tokenize_chunk", counting_tokenize)
     return calls
 
 

@@ -1,9 +1,10 @@
-"""The ``embeddistill`` command line: ``distill``, ``evaluate``, ``generate-queries``."""
+"""The ``embeddistill`` command line: ``distill``, ``evaluate``, ``generate-queries``, ``train-teacher``, ..."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     missing = [
         name
         for name, value in (
-            ("--teacher", config.model.teacher),
+            ("--teacher (or --cross-encoder)", config.model.teacher or config.model.cross_encoder),
             ("--dataset", config.data.dataset),
             ("--out", config.out),
         )
@@ -52,6 +53,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     distributed.shutdown()
     if not main_rank:
         return 0
+    if config.model.cross_encoder:
+        from embeddistill.ce_pipeline import report_table as ce_report_table
+
+        print(ce_report_table(summary))
+        runs = "first_stage.trec, cross_encoder.trec, student.trec"
+        print(f"\nwritten to {config.out}/ (student/, metrics.json, {runs})")
+        return 0
     print(report_table(summary))
     print(f"\nwritten to {config.out}/ (student/, report.md, metrics.json, teacher.trec, student.trec)")
     return 0
@@ -70,10 +78,89 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.metrics,
         k=args.top_k,
         trust_remote_code=args.trust_remote_code,
+        reranker=args.reranker,
+        rerank_depth=args.rerank_depth,
+        cache_dir=args.cache_dir,
     )
     for name, value in summary["metrics"].items():
         print(f"{name}\t{value:.4f}")
+    if args.reranker:
+        print(f"reranked by {args.reranker} (top {args.rerank_depth}):")
+        for name, value in summary["reranker"]["metrics"].items():
+            print(f"{name}\t{value:.4f}")
     return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from embeddistill.cross_encoders import TeacherTrainingConfig, train_dual_pooling
+
+    config = TeacherTrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherTrainingConfig)})
+    _setup_logging(Path(config.out).parent / f"{Path(config.out).name}.log")
+    _, info = train_dual_pooling(config)
+    print(f"dual-pooling cross-encoder written to {config.out}/ ({info['steps']} steps, {info['train_seconds']:.0f} s)")
+    return 0
+
+
+def _add_train_teacher_command(commands) -> None:
+    from embeddistill.cross_encoders import TeacherTrainingConfig
+
+    default = TeacherTrainingConfig()
+    train = commands.add_parser(
+        "train-teacher", help="fine-tune a dual-pooling cross-encoder teacher on labelled data (qrels + hard negatives)"
+    )
+    train.add_argument("--base", required=True, help="pretrained encoder or cross-encoder checkpoint (name or path)")
+    train.add_argument("--dataset", dest="datasets", nargs="+", required=True, help="one or more BEIR datasets")
+    train.add_argument("--split", default=default.split, help="qrels split with the labelled training queries")
+    train.add_argument("--out", required=True, help="output folder (safetensors weights, tokenizer, JSON config)")
+    train.add_argument(
+        "--negatives-from",
+        default="",
+        help="dual encoder whose top documents are hard negatives (default: random documents)",
+    )
+    train.add_argument(
+        "--positives-in-pool",
+        action=argparse.BooleanOptionalAction,
+        default=default.positives_in_pool,
+        help="positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)",
+    )
+    train.add_argument("--distill-from", default="", help="a standard cross-encoder whose scores are also distilled")
+    train.add_argument("--distill-weight", type=float, default=default.distill_weight)
+    train.add_argument("--label-weight", type=float, default=default.label_weight)
+    train.add_argument(
+        "--group-size",
+        type=int,
+        default=default.group_size,
+        help="documents per query: 1 positive and group-size - 1 hard negatives",
+    )
+    train.add_argument("--hard-negative-depth", type=int, default=default.hard_negative_depth)
+    train.add_argument("--epochs", type=int, default=default.epochs)
+    train.add_argument("--batch-size", type=int, default=default.batch_size, help="queries per step")
+    train.add_argument("--learning-rate", type=float, default=default.learning_rate)
+    train.add_argument("--weight-decay", type=float, default=default.weight_decay)
+    train.add_argument("--warmup-ratio", type=float, default=default.warmup_ratio)
+    train.add_argument("--max-grad-norm", type=float, default=default.max_grad_norm)
+    train.add_argument(
+        "--temperature",
+        type=float,
+        default=default.temperature,
+        help="softmax temperature of the normalised (cosine) scores",
+    )
+    train.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=default.normalize,
+        help="L2-normalise the pooled segment embeddings",
+    )
+    train.add_argument("--max-length", type=int, default=default.max_length, help="tokens per (query, document) pair")
+    train.add_argument("--seed", type=int, default=default.seed)
+    train.add_argument("--device", default=default.device)
+    train.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every)
+    train.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint/")
+    train.add_argument("--cache-dir", default="", help="embedding cache of --negatives-from")
+    train.add_argument("--trust-remote-code", action="store_true")
+    train.set_defaults(handler=cmd_train_teacher)
 
 
 def cmd_generate_queries(args: argparse.Namespace) -> int:
@@ -83,10 +170,20 @@ def cmd_generate_queries(args: argparse.Namespace) -> int:
 
     dataset = RetrievalDataset.load(args.dataset)
     train = dataset.split_queries(args.split) if args.split else {}
-    generators = make_generators(
-        args.generator, args.n, lm_model=args.lm_model, cache_path=Path(args.out).with_suffix(".cache.jsonl")
-    )
-    made = generate_queries(generators, dataset.corpus, train, args.seed)
+    documents = dataset.corpus
+    if 0 < args.max_documents < len(documents):  # a seeded sample: LM generation costs about a second a query
+        chosen = set(random.Random(args.seed).sample(sorted(documents), args.max_documents))
+        documents = {doc_id: text for doc_id, text in documents.items() if doc_id in chosen}
+    lm_options = {
+        "batch_size": args.lm_batch_size,
+        "dtype": args.lm_dtype or None,
+        "temperature": args.lm_temperature,
+        "max_document_words": args.lm_max_document_words,
+        "max_seconds": args.lm_max_seconds,
+    }
+    cache_path = Path(args.out).with_suffix(".cache.jsonl")
+    generators = make_generators(args.generator, args.n, args.lm_model, cache_path, lm_options)
+    made = generate_queries(generators, documents, train, args.seed)
     if "lm" in args.generator:
         from embeddistill.querygen.lm import filter_generated
 
@@ -309,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", nargs="*", default=["nDCG@10", "RR@10", "R@100"])
     evaluate.add_argument("--top-k", type=int, default=100)
     evaluate.add_argument("--trust-remote-code", action="store_true")
+    evaluate.add_argument("--reranker", default="", help="cross-encoder that reranks the model's top documents")
+    evaluate.add_argument("--rerank-depth", type=int, default=100, help="documents per query the reranker rescores")
+    evaluate.add_argument("--cache-dir", default="", help="cross-encoder score cache (default ~/.cache/embeddistill)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     generate = commands.add_parser("generate-queries", help="write unlabeled training queries generated from a corpus")
@@ -317,10 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=int, default=1, help="queries per document (crop, lm) or per query (perturb)")
     generate.add_argument("--split", default="train", help="real queries to perturb ('' for none)")
     generate.add_argument("--lm-model", default="", help="causal LM / doc2query model name, path or .gguf file (lm)")
+    generate.add_argument("--max-documents", type=int, default=0, help="generate from a seeded sample of N documents")
+    generate.add_argument("--lm-batch-size", type=int, default=8, help="documents per LM generation batch")
+    generate.add_argument("--lm-dtype", default="", help="LM weights dtype, e.g. bfloat16 (default: fp32 on CPU)")
+    generate.add_argument("--lm-temperature", type=float, default=0.7, help="LM sampling temperature")
+    generate.add_argument("--lm-max-document-words", type=int, default=200, help="document words in the LM prompt")
+    generate.add_argument(
+        "--lm-max-seconds", type=float, default=0, help="stop LM generation after this long (0 = no limit; resumable)"
+    )
     generate.add_argument("--seed", type=int, default=42)
     generate.add_argument("--out", required=True, help="output .jsonl")
     generate.set_defaults(handler=cmd_generate_queries)
     _add_serving_commands(commands)
+    _add_train_teacher_command(commands)
     return parser
 
 

@@ -38,12 +38,21 @@ class DataConfig:
     crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document")
     perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real training query")
     max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)")
+    generated_per_real: float = option(
+        0.0, "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)"
+    )
+    roundtrip_top_k: int = option(
+        0, "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k"
+    )
 
 
 @dataclass
 class ModelConfig:
     teacher: str = option("", "teacher: a sentence-transformers model name or local path")
     student: str = option("teacher:2", "query encoder: 'teacher:N' (teacher's first N layers) or a model name/path")
+    student_layers: int = option(
+        0, "keep only the first N transformer layers of the student model (0 = all; for 'teacher:N' say N there)"
+    )
     asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
     projection_init: str = option(
         "lstsq", "init of the student->teacher projection: 'lstsq' or 'random'", choices=["lstsq", "random"]
@@ -56,6 +65,16 @@ class ModelConfig:
     max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)")
     cache_dir: str = option("", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)")
     trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")
+    cross_encoder: str = option(
+        "",
+        "cross-encoder teacher (a dual-pooling CE folder from `train-teacher`, or any HF sequence-classification / "
+        "sentence-transformers CrossEncoder); the student is then symmetric and --teacher is not needed",
+    )
+    first_stage: str = option(
+        "", "cross-encoder teachers: the dual encoder whose top documents are the candidates (default: --teacher)"
+    )
+    cross_encoder_batch_size: int = option(64, "pairs per batch when the cross-encoder scores candidates")
+    cross_encoder_max_length: int = option(0, "cross-encoder maximum tokens per pair (0 = the model's own setting)")
 
 
 @dataclass
@@ -71,6 +90,21 @@ class LossConfig:
     hard_negatives: int = option(8, "hard negatives per query, sampled from the teacher's top documents")
     hard_negative_depth: int = option(
         50, "sample hard negatives from the teacher's top-k (labelled positives excluded)"
+    )
+    ce_query_target: str = option(
+        "anchor",
+        "cross-encoder EM target of a query: its segment embedding paired with its anchor document, or the mean "
+        "over all its candidates",
+        choices=["anchor", "mean"],
+    )
+    ce_document_target: str = option(
+        "mean",
+        "cross-encoder EM target of a document: the mean of its segment embeddings over every pairing, or the one "
+        "paired with a query it is the anchor of (mean where it is none's)",
+        choices=["mean", "anchor"],
+    )
+    ce_random_negatives: int = option(
+        4, "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)"
     )
 
 
@@ -100,6 +134,7 @@ class EvaluationConfig:
     metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names")
     latency_repeats: int = option(50, "timed repeats per batch size for CPU query latency (median reported)")
     latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency")
+    rerank_depth: int = option(100, "cross-encoder teachers: rerank this many first-stage documents per query")
 
 
 @dataclass

@@ -98,8 +98,15 @@ def evaluate_model(
     k: int = 100,
     batch_size: int = 32,
     trust_remote_code: bool = False,
+    reranker: str = "",
+    rerank_depth: int = 100,
+    cache_dir: str = "",
 ) -> dict:
-    """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run."""
+    """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run.
+
+    With ``reranker`` (a cross-encoder), its rescoring of the model's top ``rerank_depth`` documents is evaluated
+    too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
+    """
     from embeddistill.teachers import load_sentence_transformer
 
     model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
@@ -117,5 +124,38 @@ def evaluate_model(
     out.mkdir(parents=True, exist_ok=True)
     result.save(out)
     summary = {"model": model_path, "dataset": str(dataset.path), "split": split, "metrics": result.metrics}
+    if reranker:
+        summary["reranker"] = evaluate_reranker(
+            reranker, result.run, dataset, queries, qrels, metrics, rerank_depth, out, cache_dir, trust_remote_code
+        )
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def evaluate_reranker(
+    reranker: str,
+    run: dict[str, dict[str, float]],
+    dataset: RetrievalDataset,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    metrics: list[str],
+    depth: int,
+    out: Path,
+    cache_dir: str = "",
+    trust_remote_code: bool = False,
+) -> dict:
+    """Rerank ``run``'s top ``depth`` with a cross-encoder (scores cached), write ``reranker.trec``, score it."""
+    from embeddistill.cross_encoders import CrossEncoderScoreCache, load_cross_encoder, rerank
+    from embeddistill.teachers import default_cache_dir
+    from embeddistill.training import resolve_device
+
+    model = load_cross_encoder(reranker, str(resolve_device("auto")), trust_remote_code=trust_remote_code)
+    cache = CrossEncoderScoreCache.for_model(cache_dir or default_cache_dir(), model)
+    started = time.perf_counter()
+    reranked = rerank(model, run, queries, dataset.corpus, depth, cache=cache)
+    seconds = time.perf_counter() - started
+    aggregate, per_query = score_run(reranked, qrels, metrics)
+    result = RunResult("reranker", reranked, aggregate, per_query)
+    result.save(out)
+    logger.info("reranker %s: %s", reranker, ", ".join(f"{m} {v:.4f}" for m, v in aggregate.items()))
+    return {"model": reranker, "depth": depth, "metrics": aggregate, "seconds": seconds}

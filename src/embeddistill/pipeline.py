@@ -48,8 +48,16 @@ class QuerySet:
     generated: list[bool]
     counts: dict[str, int]
 
+    def subset(self, keep: np.ndarray) -> QuerySet:
+        rows = np.flatnonzero(keep)
+        pick = [self.ids, self.texts, self.positives, self.sources, self.generated]
+        return QuerySet(*([column[r] for r in rows] for column in pick), counts=dict(self.counts))
+
 
 def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, eval_ids: set[str]) -> QuerySet:
+    """Labelled queries, extra real queries and generated ones (from query files with a ``source_id`` column,
+    or made here by the cheap generators), generated ones capped by ``max_generated`` / ``generated_per_real``.
+    """
     data = config.data
     ids, texts, positives, sources, generated = [], [], [], [], []
     counts = {"labelled": 0, "extra": 0, "generated": 0}
@@ -74,23 +82,47 @@ def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, e
             labelled[query_id] = dataset.queries[query_id]
             add(query_id, dataset.queries[query_id], relevant, None, False, "labelled")
     eval_texts = {dataset.queries[q].strip().lower() for q in eval_ids}
+    from_files: list[GeneratedQuery] = []
     for path in data.extra_queries:
         file_sources = load_query_sources(path)
         for query_id, text in load_queries(path).items():
-            if text.strip().lower() not in eval_texts:  # never train on a test query's text
-                add(f"extra:{query_id}", text, [], file_sources.get(query_id), bool(file_sources), "extra")
+            if text.strip().lower() in eval_texts:  # never train on a test query's text
+                continue
+            if file_sources:  # a generated query file (it names the document each query came from)
+                from_files.append(GeneratedQuery(f"extra:{query_id}", text, file_sources.get(query_id, ""), "file"))
+            else:
+                add(f"extra:{query_id}", text, [], None, False, "extra")
     generators = make_cheap_generators(data.crops_per_document, data.perturbations_per_query)
-    made: list[GeneratedQuery] = generate_queries(
-        generators, dataset.corpus, labelled, config.training.seed, exclude=eval_texts
+    made = from_files + generate_queries(generators, dataset.corpus, labelled, config.training.seed, eval_texts)
+    cap = min(
+        data.max_generated or len(made),
+        round(data.generated_per_real * len(ids)) if data.generated_per_real else len(made),
     )
-    if data.max_generated and len(made) > data.max_generated:
-        made = random.Random(config.training.seed).sample(made, data.max_generated)
+    if len(made) > cap:
+        made = random.Random(config.training.seed).sample(made, cap)
     first_positive = {query_id: relevant[0] for query_id, relevant in zip(ids, positives, strict=True) if relevant}
     for query in made:
         # A perturbed query is anchored on its original's first positive; any other on the document it came from.
         source = first_positive.get(query.source_id) if query.generator == "perturb" else query.source_id
         add(query.query_id, query.text, [], source, True, "generated")
     return QuerySet(ids, texts, positives, sources, generated, counts)
+
+
+def roundtrip_keep(query_set: QuerySet, teacher_queries: np.ndarray, index: FlatIndex, top_k: int) -> np.ndarray:
+    """Round-trip filter: a generated query is kept only when the teacher ranks its source document in its top
+    ``top_k`` (a query its own document does not answer, in the teacher's eyes, teaches a wrong neighbourhood).
+    Real queries, and generated ones without a known source, are always kept.
+    """
+    keep = np.ones(len(query_set.ids), dtype=bool)
+    pairs = enumerate(zip(query_set.generated, query_set.sources, strict=True))
+    checked = [i for i, (is_generated, source) in pairs if is_generated and source]
+    if not checked:
+        return keep
+    _, top = index.search(teacher_queries[checked], top_k)
+    row_of = {doc_id: row for row, doc_id in enumerate(index.ids)}
+    for i, ranked in zip(checked, top, strict=True):
+        keep[i] = row_of[query_set.sources[i]] in set(ranked.tolist())
+    return keep
 
 
 def evaluation_qrels(config: DistillConfig, dataset: RetrievalDataset) -> dict[str, dict[str, int]]:
@@ -131,10 +163,14 @@ def initialise_projection(
     modules = list(query_modules(student))
     before = torch.nn.Sequential(*modules[: modules.index(projection)])
     encoder = QueryEncoder.of(student)
+    device = next(before.parameters()).device  # the student may already sit on a GPU
     rows = np.random.default_rng(seed).permutation(len(texts))[:sample]
     with torch.inference_mode():
         features = [
-            before(encoder.tokenize([texts[r] for r in rows[i : i + 128]]))["sentence_embedding"].float().numpy()
+            before(encoder.tokenize([texts[r] for r in rows[i : i + 128]], device))["sentence_embedding"]
+            .float()
+            .cpu()
+            .numpy()
             for i in range(0, len(rows), 128)
         ]
     fit_projection(projection, np.concatenate(features), teacher_embeddings[rows])
@@ -175,11 +211,6 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     eval_qrels = evaluation_qrels(config, dataset)
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
-    rows = zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
-    if distributed.is_main():
-        records = [{"_id": i, "text": t, "generated": g} for i, t, g in rows]
-        write_queries_jsonl(out / "training_queries.jsonl", records)
-    logger.info("training queries: %s", query_set.counts)
 
     tick = time.perf_counter()
     teacher = DualEncoderTeacher.load(
@@ -195,6 +226,17 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     teacher_docs = teacher.embed_documents(doc_texts, desc="corpus")
     teacher_train = teacher.embed_queries(query_set.texts, desc="training queries")
     teacher_eval = teacher.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
+    teacher_index = FlatIndex(teacher_docs, doc_ids)
+    if config.data.roundtrip_top_k:
+        keep = roundtrip_keep(query_set, teacher_train, teacher_index, config.data.roundtrip_top_k)
+        query_set, teacher_train = query_set.subset(keep), teacher_train[keep]
+        query_set.counts["generated"] -= int((~keep).sum())
+        query_set.counts["roundtrip_dropped"] = int((~keep).sum())
+    logger.info("training queries: %s", query_set.counts)
+    if distributed.is_main():
+        rows = zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
+        records = [{"_id": i, "text": t, "generated": g} for i, t, g in rows]
+        write_queries_jsonl(out / "training_queries.jsonl", records)
     return Prepared(
         config,
         dataset,
@@ -207,7 +249,7 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
         teacher_docs,
         teacher_train,
         teacher_eval,
-        FlatIndex(teacher_docs, doc_ids),
+        teacher_index,
         {"teacher_cache_seconds": time.perf_counter() - tick},
     )
 
@@ -225,15 +267,29 @@ def make_criterion(config: DistillConfig, teacher_normalized: bool) -> EmbedDist
     )
 
 
-def train_student(prep: Prepared, out: Path):
-    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
+def initialised_student(prep: Prepared, asymmetric: bool | None = None):
+    """The student before distillation: built from the config, its projection (if any) fitted by least squares.
+
+    ``asymmetric`` overrides the config (a peer trainer that knows no Router trains the query tower alone).
+    """
     config = prep.config
-    device = str(resolve_device(config.training.device))
     student = build_student(
-        config.model.student, prep.teacher.model, config.model.asymmetric, device, config.model.trust_remote_code
+        config.model.student,
+        prep.teacher.model,
+        config.model.asymmetric if asymmetric is None else asymmetric,
+        str(resolve_device(config.training.device)),
+        config.model.trust_remote_code,
+        layers=config.model.student_layers,
     )
     if config.model.projection_init == "lstsq":
         initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed)
+    return student
+
+
+def train_student(prep: Prepared, out: Path):
+    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
+    config = prep.config
+    student = initialised_student(prep)
     anchors, positives, pools = mine_from_teacher(
         prep.query_set, prep.teacher_train, prep.teacher_index, config.loss.hard_negative_depth
     )
@@ -286,6 +342,10 @@ def distill(config: DistillConfig) -> dict:
     encodes its share of the teacher cache and trains its share of each batch; rank 0 alone writes the outputs
     and evaluates, and the other ranks return ``{}`` after training.
     """
+    if config.model.cross_encoder:  # a cross-encoder teacher: its own pipeline (one process, symmetric student)
+        from embeddistill.ce_pipeline import distill_from_cross_encoder
+
+        return distill_from_cross_encoder(config)
     distributed.init_from_env(config.training.device)  # a no-op in a single process
     distributed.check_batch_size(config.training.batch_size)  # fail before hours of teacher encoding
     out = Path(config.out)

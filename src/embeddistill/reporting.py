@@ -47,6 +47,8 @@ def report_table(summary: dict) -> str:
 def write_report(path: Path, summary: dict) -> None:
     timings = summary["timings"]
     counts = summary["training_queries"]
+    dropped = counts.get("roundtrip_dropped")
+    roundtrip = f" ({dropped} more dropped by the round-trip filter)" if dropped else ""
     kind = "asymmetric (teacher document tower, frozen)" if summary["student"]["asymmetric"] else "symmetric"
     text = f"""# Distillation report
 
@@ -58,7 +60,8 @@ Evaluated on `{summary["dataset"]}` split `{summary["eval_split"]}` ({summary["e
 CPU latency: median milliseconds to embed a batch of queries (tokenisation included),
 {summary["environment"]["threads"]} threads.
 
-Training queries: {counts["labelled"]} labelled, {counts["extra"]} extra unlabeled, {counts["generated"]} generated.
+Training queries: {counts["labelled"]} labelled, {counts["extra"]} extra unlabeled,
+{counts["generated"]} generated{roundtrip}.
 Training: {summary["training"]["steps"]} steps in {timings["train_seconds"]:.0f} s;
 teacher caching {timings["teacher_cache_seconds"]:.0f} s;
 evaluation {timings["evaluation_seconds"]:.0f} s; total {timings["total_seconds"]:.0f} s.

@@ -45,13 +45,13 @@ def _transformer_layers(model: nn.Module) -> tuple[nn.Module, str]:
     raise ValueError(f"cannot find the {n_layers} transformer layers of {type(model).__name__}")
 
 
-def truncate_transformer(transformer: Transformer, n_layers: int) -> Transformer:
+def truncate_transformer(transformer: Transformer, n_layers: int, owner: str = "the teacher") -> Transformer:
     """A copy of a sentence-transformers ``Transformer`` module keeping its embeddings and first layers."""
     truncated = copy.deepcopy(transformer)
     hf_model = truncated.auto_model
     total = hf_model.config.num_hidden_layers
     if not 1 <= n_layers <= total:
-        raise ValueError(f"teacher:{n_layers} asks for {n_layers} layers; the teacher has {total}")
+        raise ValueError(f"asked for the first {n_layers} layers; {owner} has {total}")
     parent, attribute = _transformer_layers(hf_model)
     setattr(parent, attribute, getattr(parent, attribute)[:n_layers])
     hf_model.config.num_hidden_layers = n_layers
@@ -63,19 +63,30 @@ def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
 
 
 def query_tower_modules(
-    spec: str, teacher: SentenceTransformer, device: str, trust_remote_code: bool
+    spec: str, teacher: SentenceTransformer, device: str, trust_remote_code: bool, layers: int = 0
 ) -> list[nn.Module]:
-    """Transformer + pooling modules of the student's encoder (no projection or normalisation yet)."""
+    """Transformer + pooling modules of the student's encoder (no projection or normalisation yet).
+
+    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them).
+    """
+    if layers < 0:
+        raise ValueError(f"student_layers must be 0 (all layers) or positive, got {layers}")
     teacher_modules = _modules_of(teacher)
     match = _TEACHER_PREFIX.match(spec)
     if match:
+        if layers:  # two layer counts for one tower would be ambiguous; teacher:N already says it
+            raise ValueError(f"student_layers={layers} with student {spec!r}: give the layer count in 'teacher:N' only")
         transformer = next(m for m in teacher_modules if isinstance(m, Transformer))
         pooling = next(m for m in teacher_modules if isinstance(m, Pooling))
         return [truncate_transformer(transformer, int(match.group(1))), copy.deepcopy(pooling)]
     student = load_sentence_transformer(spec, device=device, trust_remote_code=trust_remote_code)
     # Drop the student's own normalisation and projections: projection and normalisation into the
     # teacher's space are added after it.
-    return [m for m in _modules_of(student) if not isinstance(m, Normalize | Dense)]
+    modules = [m for m in _modules_of(student) if not isinstance(m, Normalize | Dense)]
+    if layers:
+        modules = [truncate_transformer(m, layers, owner=spec) if isinstance(m, Transformer) else m for m in modules]
+        logger.info("student: keeping the first %d transformer layers of %s", layers, spec)
+    return modules
 
 
 def _output_dimension(modules: list[nn.Module]) -> int:
@@ -105,9 +116,13 @@ def build_student(
     asymmetric: bool,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    layers: int = 0,
 ) -> SentenceTransformer:
-    """Build a student sentence-transformers model whose (query) embeddings live in the teacher's space."""
-    tower = query_tower_modules(spec, teacher, device, trust_remote_code)
+    """Build a student sentence-transformers model whose (query) embeddings live in the teacher's space.
+
+    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them).
+    """
+    tower = query_tower_modules(spec, teacher, device, trust_remote_code, layers)
     student_dim, teacher_dim = _output_dimension(tower), teacher.get_sentence_embedding_dimension()
     if student_dim != teacher_dim:
         logger.info("student: adding a %d -> %d projection into the teacher's space", student_dim, teacher_dim)
@@ -115,7 +130,9 @@ def build_student(
     if is_normalized(teacher):
         tower.append(Normalize())
     # Trainable weights stay in fp32 even when the teacher was loaded in half precision (autocast handles speed).
-    nn.Sequential(*tower).float()
+    # A ``teacher:N`` tower is a copy of the teacher, whose parameters an asymmetric student built earlier from the
+    # same teacher object froze: the new tower starts trainable whatever the teacher's state.
+    nn.Sequential(*tower).float().requires_grad_(True)
     if asymmetric:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)

@@ -6,7 +6,8 @@ once and stored on disk: the :class:`EmbeddingCache` is keyed by the teacher's i
 weights plus pooling, normalisation and maximum length), and inside that by a fingerprint of each text, so a
 rerun encodes only texts it has not seen. Encoding is written in length-sorted shards, each atomically with
 its checksum: an interrupted run resumes from the last finished shard and a corrupt shard is re-encoded.
-Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise.
+Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise. Texts are encoded by
+:func:`embeddistill.encoding.encode_chunks` (the same embeddings as ``SentenceTransformer.encode``, faster).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from embeddistill import distributed
+from embeddistill.encoding import DOCUMENT, QUERY, encode_chunks
 from embeddistill.storage import atomic_save_npy, atomic_write_json, fingerprint, text_key
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "EMBEDDISTILL_CACHE"
 SHARD_SIZE_ENV = "EMBEDDISTILL_CACHE_SHARD_SIZE"
 DEFAULT_SHARD_SIZE = 2048
-QUERY, DOCUMENT = "query", "document"
 
 
 def default_cache_dir() -> Path:
@@ -214,20 +215,14 @@ class EmbeddingCache:
         self._load_shards()
 
     def _encode(self, model: SentenceTransformer, texts: list[str], kind: str, batch_size: int, desc: str) -> None:
-        # Longest first: batches of similar length waste no padding, and the ETA is pessimistic early on.
+        # Longest first: shards of similar length waste no padding, and the ETA is pessimistic early on.
         texts = sorted(texts, key=len, reverse=True)
-        encode = model.encode_query if kind == QUERY else model.encode_document
+        chunks = [texts[start : start + self.shard_size] for start in range(0, len(texts), self.shard_size)]
         show = distributed.is_main()  # under torchrun, rank 0's share stands for the progress of all
         with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2, disable=not show) as bar:
-            for start in range(0, len(texts), self.shard_size):
-                chunk = texts[start : start + self.shard_size]
-                array = np.zeros((0, self.identity.dimension), dtype=np.float32)
-                parts = []
-                for b in range(0, len(chunk), batch_size):
-                    batch = chunk[b : b + batch_size]
-                    parts.append(encode(batch, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
-                    bar.update(len(batch))
-                array = np.concatenate(parts).astype(np.float32) if parts else array
+            # The fast path tokenises the next shard while this one is encoded; every shard is written as it ends.
+            arrays = encode_chunks(model, chunks, kind, batch_size, on_batch=bar.update)
+            for chunk, array in zip(chunks, arrays, strict=True):
                 self._add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
 
     def _add_shard(self, keys: list[str], array: np.ndarray) -> None:

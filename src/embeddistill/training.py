@@ -417,3 +417,128 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     for param_id, values in meta.get("scalars", {}).items():
         state.setdefault(int(param_id), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# -- cross-encoder teachers ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CandidateScores:
+    """A cross-encoder's scores over every training query's fixed candidate list (computed once, cached).
+
+    ``candidates[i]`` holds document rows: column 0 is query ``i``'s anchor, columns ``1..pool_size`` its
+    first-stage pool (hard negatives, labelled positives excluded), the rest random documents (the easy negatives
+    that in-batch documents would be). ``scores[i, c]`` is the CE score of ``(query i, candidates[i, c])``.
+    """
+
+    candidates: np.ndarray
+    scores: np.ndarray
+    pool_size: int
+
+    def __post_init__(self):
+        if self.candidates.shape != self.scores.shape:
+            raise ValueError(f"candidates {self.candidates.shape} and scores {self.scores.shape} differ in shape")
+        if (self.candidates < 0).any():
+            raise ValueError("every candidate list must be full (no -1 padding)")
+
+
+class CandidateBatcher(Batcher):
+    """Batches for CE distillation: each query is scored against its own candidates, whose CE scores are known.
+
+    Epoch order and seeding as :class:`Batcher`. Each step, a query's list is its anchor, ``hard_negatives``
+    candidates drawn uniformly from its first-stage pool, and all its random candidates, so every row has the same
+    number ``K`` of columns and no candidate appears twice in a row.
+    """
+
+    def __init__(
+        self, queries: TrainingQueries, targets: CandidateScores, batch_size: int, hard_negatives: int, seed: int
+    ):
+        super().__init__(queries, batch_size, hard_negatives, seed)
+        self.targets = targets
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        rows = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, epoch, position, 2])
+        pool = self.targets.pool_size
+        width = self.targets.candidates.shape[1]
+        take = min(self.hard_negatives, pool)
+        picked = 1 + np.argsort(rng.random((len(rows), pool)), axis=1)[:, :take]
+        fixed = np.broadcast_to(np.arange(1 + pool, width), (len(rows), width - 1 - pool))
+        columns = np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), picked, fixed], axis=1)
+        candidates = np.take_along_axis(self.targets.candidates[rows], columns, axis=1)
+        documents, inverse = np.unique(candidates, return_inverse=True)
+        return {
+            "rows": rows,
+            "columns": columns,
+            "documents": documents,
+            "document_columns": inverse.reshape(candidates.shape),
+        }
+
+
+class CrossEncoderDistillationTrainer(DistillationTrainer):
+    """Distils a cross-encoder into a symmetric dual-encoder student (METHOD.md 4).
+
+    Per step, ``B`` queries and the ``M`` distinct documents of their candidate lists are embedded by the student;
+    row ``i``'s scores are ``s_ik = <E_s(q_i), E_s(d_ik)>`` over its own ``K`` candidates and the teacher's
+    ``t_ik`` are the cached CE scores. :class:`~embeddistill.losses.EmbedDistillLoss` then applies unchanged:
+    score distillation (softmax over each query's candidates), Margin-MSE against the anchor (column 0), query EM
+    against ``queries.teacher_embeddings`` and document EM against ``documents.teacher_embeddings`` (the
+    dual-pooled CE embeddings chosen as targets, see :mod:`embeddistill.ce_pipeline`), and the label loss on the
+    anchor of labelled queries. Checkpoints and ``--resume`` work as for :class:`DistillationTrainer`. One process
+    only (no torchrun).
+    """
+
+    def __init__(
+        self,
+        student: SentenceTransformer,
+        queries: TrainingQueries,
+        documents: Documents,
+        targets: CandidateScores,
+        criterion: EmbedDistillLoss,
+        config: TrainingConfig,
+        hard_negatives: int,
+        out: Path,
+        freeze_word_embeddings: bool = True,
+        dropout: bool = False,
+    ):
+        if distributed.world_size() > 1:
+            raise ValueError("distillation from a cross-encoder runs in one process (not under torchrun)")
+        if is_asymmetric(student):
+            raise ValueError("a cross-encoder has no document tower to keep: the student must be symmetric")
+        super().__init__(
+            student, queries, documents, criterion, config, hard_negatives, out, freeze_word_embeddings, dropout
+        )
+        self.batcher = CandidateBatcher(queries, targets, config.batch_size, hard_negatives, config.seed)
+        self.teacher_scores = torch.from_numpy(targets.scores.astype(np.float32)).to(self.device)
+
+    def step(self, step: int) -> dict[str, float]:
+        batch = self.batcher.batch(step)
+        rows = batch["rows"]
+        index = torch.from_numpy(rows).to(self.device)
+        columns = torch.from_numpy(batch["columns"]).to(self.device)
+        document_columns = torch.from_numpy(batch["document_columns"]).to(self.device)
+        zeros = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        with self._autocast():
+            texts = [self.queries.texts[r] for r in rows]
+            student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
+            student_documents = self._embed_documents(batch["documents"])
+            parts = self.criterion(
+                student_scores=(student_queries @ student_documents.T).gather(1, document_columns),
+                teacher_scores=self.teacher_scores[index].gather(1, columns),
+                student_queries=student_queries,
+                teacher_queries=self.teacher_queries[index],
+                anchor_index=zeros,
+                positive_index=zeros,
+                student_documents=student_documents,
+                teacher_documents=self.teacher_documents[torch.from_numpy(batch["documents"]).to(self.device)],
+                generated=self.generated[index],
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        return {name: float(value.detach()) for name, value in parts.items()}

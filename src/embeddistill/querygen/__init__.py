@@ -44,8 +44,14 @@ def make_cheap_generators(crops_per_document: int, perturbations_per_query: int)
     return generators
 
 
-def make_generators(names: list[str], n: int, lm_model: str = "", cache_path=None) -> list[QueryGenerator]:
-    """Generators by name (``crop``, ``perturb``, ``lm``), each making ``n`` queries per source text."""
+def make_generators(
+    names: list[str], n: int, lm_model: str = "", cache_path=None, lm_options: dict | None = None
+) -> list[QueryGenerator]:
+    """Generators by name (``crop``, ``perturb``, ``lm``), each making ``n`` queries per source text.
+
+    ``lm_options`` are further :class:`~embeddistill.querygen.lm.LMQueryGenerator` fields (``batch_size``,
+    ``dtype``, ``temperature``, ...).
+    """
     from embeddistill.querygen.cheap import CropGenerator, PerturbationGenerator
 
     generators: list[QueryGenerator] = []
@@ -59,7 +65,8 @@ def make_generators(names: list[str], n: int, lm_model: str = "", cache_path=Non
                 raise ValueError("the 'lm' generator needs --lm-model (a causal LM, doc2query model or .gguf file)")
             from embeddistill.querygen.lm import LMQueryGenerator
 
-            generators.append(LMQueryGenerator(model=lm_model, per_document=n, cache_path=cache_path))
+            options = lm_options or {}
+            generators.append(LMQueryGenerator(model=lm_model, per_document=n, cache_path=cache_path, **options))
         else:
             raise ValueError(f"unknown generator {name!r}: use crop, perturb or lm")
     return generators

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -240,6 +241,9 @@ class LMQueryGenerator:
     cache_path: str | os.PathLike | None = None
     trust_remote_code: bool = False
     device: str | None = None  # None: CUDA when available, else CPU
+    # Stop starting new batches after this many seconds (0 = no limit): the cache keeps what was made, and a
+    # rerun continues from there. Lets a slow machine produce a usable query file in a known time.
+    max_seconds: float = 0.0
     # None: float32 on CPU, bfloat16 on CUDA. "bfloat16" on a CPU with AVX512-BF16 or AMX is about twice as fast
     # (measured with Gemma-3-270M), but much slower on one without: hence not the CPU default.
     dtype: str | None = None
@@ -294,12 +298,21 @@ class LMQueryGenerator:
         if not left:
             return
 
+        started = time.monotonic()
         self._load()
         progress = tqdm(total=len(texts), initial=len(texts) - len(left), desc="lm queries", unit="doc", mininterval=2)
         with progress:
             for index, batch in enumerate(batches):
                 if all(self._query_id(doc_id, copy) in cached for doc_id, copy in batch):
                     continue
+                if self.max_seconds and time.monotonic() - started > self.max_seconds:
+                    logger.warning(
+                        "time budget of %.0f s reached: %d of %d documents have queries; rerun to continue",
+                        self.max_seconds,
+                        len(texts) - len(+left),
+                        len(texts),
+                    )
+                    return
                 outputs = self._generate_batch([texts[doc_id] for doc_id, _ in batch], seed, index)
                 fresh = [
                     GeneratedQuery(self._query_id(doc_id, copy), text, doc_id, self.name)

@@ -1,0 +1,574 @@
+"""Quality table (issue #5): students x methods on one dataset, against the teacher and BM25, with significance.
+
+One command per table (per dataset); each writes ``benchmarks/results/quality_DATASET.json``:
+
+    python benchmarks/quality.py --dataset scifact      # SciFact test; trained on its labelled train queries
+    python benchmarks/quality.py --dataset nfcorpus     # NFCorpus test; trained on its labelled train queries
+    python benchmarks/quality.py --dataset msmarco-dl   # TREC DL19 + DL20 on the msmarco-dl-pool corpus
+    python benchmarks/quality.py --dataset squad        # SQuAD-dev, split by article (half train, half test)
+
+Teacher: all-mpnet-base-v2 (``--teacher``). Students (``--students``), each in the teacher's space:
+
+* ``mpnet-2L-asym``: ``teacher:2`` (the teacher's embeddings and first 2 layers), asymmetric;
+* ``minilm-asym``: all-MiniLM-L6-v2 + a 384->768 projection, asymmetric;
+* ``minilm-2L-asym``: all-MiniLM-L6-v2's first 2 layers (``student_layers: 2``) + projection, asymmetric;
+* ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index).
+
+Methods (``--methods``): ``embeddistill`` (the library defaults: score + embedding matching + generated queries);
+``score-only`` (query and document EM weights 0); ``peer`` (sentence-transformers' ``EmbedDistillLoss``, L2,
+trained by its own trainer on the same initialised student, queries and epochs; a symmetric student's peer also
+gets the corpus documents with the teacher's document embeddings as labels, as our document EM sees documents);
+``untrained`` (the student as built, its projection fitted by least squares on the training queries, no
+training); ``teacher`` and ``bm25`` (the dataset folder's ``runs/SPLIT.BM25.*.trec``, where present) are rows of
+the table too. Every row is scored by ir_measures on the dataset's official qrels; EmbedDistill is compared with
+every other row of its table by a paired permutation test on the same queries.
+
+Resumable by row: each finished row is written into the JSON at once (atomically), and a rerun skips rows that are
+already there (and, inside a row, resumes training from its checkpoint under ``--work-dir``). A rerun must use the
+same settings (teacher, epochs, seed, overrides); pick another ``--out`` to change them. To fit short sessions, run
+a few rows per command (``--students X --methods Y``): the teacher cache makes every command after the first cheap.
+
+Output (schema ``embeddistill-quality/1``, read by ``benchmarks/report.py``): ``settings`` (what a rerun must
+match), ``invocations`` (command, date, device, versions, machine, training-query counts, prepare seconds of each
+run), ``students`` / ``methods`` (labels, table order), ``query_ids`` (per split), ``rows`` keyed ``teacher``,
+``bm25`` and ``STUDENT/METHOD``, each with ``evaluations[split].metrics`` and ``.retention`` (over the teacher),
+``per_query[split][metric]`` (values aligned with ``query_ids``, space-separated), ``training``, ``timings``,
+``device``, ``finished``;
+``significance[split][student][row]`` (p of that student's EmbedDistill row against the row, per metric);
+``query_encoders[student]`` (parameters; CPU latency at batch 1 and 32, taking turns with the teacher's);
+``unavailable`` and ``errors`` (rows that could not run, and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from _common import REPO, environment, local_model, paired_permutation_test, train_peer
+
+from embeddistill.config import DistillConfig
+from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
+from embeddistill.evaluation import measure_latency, score_run
+from embeddistill.pipeline import (
+    Prepared,
+    evaluate_student,
+    initialised_student,
+    prepare,
+    teacher_query_encoder,
+    train_student,
+)
+from embeddistill.splits import write_group_split, write_merged_split
+from embeddistill.storage import atomic_write_json
+from embeddistill.students import QueryEncoder, count_parameters
+from embeddistill.training import resolve_device
+
+logger = logging.getLogger("quality")
+
+SCHEMA = "embeddistill-quality/1"
+METRICS = ("nDCG@10", "RR@10", "R@100")
+# TREC DL judges on a 0-3 scale where 1 is "related": binary measures count grades >= 2, as the track does.
+DL_METRICS = ("nDCG@10", "RR(rel=2)@10", "R(rel=2)@100")
+EMBEDDISTILL = "embeddistill"
+DATASET_ROWS = ("teacher", "bm25")
+
+
+@dataclass
+class DatasetSpec:
+    source: str
+    description: str
+    eval_splits: tuple[str, ...] = ("test",)
+    metrics: tuple[str, ...] = METRICS
+    options: dict = field(default_factory=dict)
+    extra_query_files: tuple[str, ...] = ()  # relative to the source folder
+    derive: str = ""  # "": use the folder as it is; "merged": one split = union of eval_splits; "by-article"
+
+
+DATASETS = {
+    "scifact": DatasetSpec("scifact", "SciFact test (300 queries); trained on the 809 labelled train queries"),
+    "nfcorpus": DatasetSpec("nfcorpus", "NFCorpus test (323 queries); trained on the 2,590 labelled train queries"),
+    "msmarco-dl": DatasetSpec(
+        "msmarco-dl-pool",
+        "TREC DL19 (43 topics) and DL20 (54 topics) on the 30,005-passage pool; trained without labels on the "
+        "real MS MARCO dev-small and eval-small queries; official NIST qrels",
+        eval_splits=("dl19", "dl20"),
+        metrics=DL_METRICS,
+        options={"train_split": ""},
+        # Not dl20.all200.queries.tsv: it holds the DL20 topics themselves.
+        extra_query_files=(
+            "extra_queries/msmarco-passage.dev-small.queries.tsv",
+            "extra_queries/msmarco-passage.eval-small.queries.tsv",
+        ),
+        derive="merged",
+    ),
+    "squad": DatasetSpec(
+        "squad-dev",
+        "SQuAD v1.1 dev as passage retrieval, split by article (seeded): trained on one half of the articles' "
+        "questions, tested on the other half's; the corpus is all 2,067 paragraphs",
+        derive="by-article",
+    ),
+}
+
+STUDENTS = {
+    "mpnet-2L-asym": ("teacher:2 (the teacher's first 2 layers), asymmetric", {"student": "teacher:2"}),
+    "minilm-asym": ("all-MiniLM-L6-v2 + projection, asymmetric", {"student": "{minilm}"}),
+    "minilm-2L-asym": (
+        "all-MiniLM-L6-v2's first 2 layers + projection, asymmetric",
+        {"student": "{minilm}", "student_layers": 2},
+    ),
+    "minilm-sym": ("all-MiniLM-L6-v2 + projection, symmetric", {"student": "{minilm}", "asymmetric": False}),
+}
+
+METHODS = {
+    EMBEDDISTILL: ("EmbedDistill (score + embedding matching + generated queries)", {}),
+    "score-only": ("score distillation only", {"query_em_weight": 0.0, "document_em_weight": 0.0}),
+    "peer": ("peer: sentence-transformers EmbedDistillLoss (L2) with its trainer", {}),
+    "untrained": ("student before distillation (projection fitted by least squares)", {}),
+}
+DATASET_ROW_LABELS = {"teacher": "teacher", "bm25": "BM25 (the dataset folder's official run)"}
+
+
+# -- the dataset -----------------------------------------------------------------------------------------------
+
+
+def dataset_folder(spec: DatasetSpec, source: Path, work_dir: Path, seed: int) -> tuple[Path, str, dict]:
+    """The BEIR folder the pipeline reads, the split it evaluates on, and how it was derived."""
+    if spec.derive == "merged":
+        merged = "_".join(spec.eval_splits)
+        return work_dir / "data", merged, write_merged_split(source, work_dir / "data", list(spec.eval_splits), merged)
+    if spec.derive == "by-article":
+        summary = write_group_split(source, work_dir / "data", split="test", train_fraction=0.5, seed=seed)
+        return work_dir / "data", "test", summary
+    return source, spec.eval_splits[0], {}
+
+
+def scoring_qrels(folder: Path, splits: tuple[str, ...], known_queries: set[str]) -> dict[str, dict]:
+    """The official judgements of every split, judged documents outside the corpus included (they still count in
+    the ideal DCG, as in the official evaluation), for the queries the dataset knows."""
+    qrels = {}
+    for split in splits:
+        raw = load_qrels(folder / "qrels" / f"{split}.tsv")
+        qrels[split] = {query_id: judged for query_id, judged in raw.items() if query_id in known_queries}
+    return qrels
+
+
+def bm25_runs(source: Path, splits: tuple[str, ...]) -> dict[str, Path] | str:
+    """``{split: run file}`` from the folder's ``runs/SPLIT.BM25.*.trec``, or why there is no BM25 row."""
+    found = {}
+    for split in splits:
+        candidates = sorted((source / "runs").glob(f"{split}.BM25.*.trec"))
+        if not candidates:
+            return f"no runs/{split}.BM25.*.trec in {source}"
+        found[split] = candidates[0]
+    return found
+
+
+# -- scoring ---------------------------------------------------------------------------------------------------
+
+
+def score_splits(run: dict[str, dict[str, float]], qrels: dict[str, dict], metrics: list[str]) -> dict[str, dict]:
+    """``{split: {"metrics": {...}, "per_query": {metric: {query: value}}}}`` of one run."""
+    scored = {}
+    for split, split_qrels in qrels.items():
+        split_run = {query_id: run[query_id] for query_id in split_qrels if query_id in run}
+        aggregate, per_query = score_run(split_run, split_qrels, metrics)
+        scored[split] = {"metrics": aggregate, "per_query": per_query}
+    return scored
+
+
+def encode_values(values: list[float]) -> str:
+    """Per-query values as one space-separated string, 4 decimals: thousands of queries stay one line of JSON."""
+    return " ".join(f"{round(value, 4):g}" for value in values)
+
+
+def decode_values(text: str) -> list[float]:
+    return [float(value) for value in text.split()]
+
+
+def row_from_scores(scored: dict[str, dict], query_ids: dict[str, list[str]]) -> dict:
+    """Aggregates per split, and per-query values aligned with ``query_ids`` (enough to recompute any paired test
+    later, whichever rows finish first)."""
+    return {
+        "evaluations": {split: {"metrics": s["metrics"]} for split, s in scored.items()},
+        "per_query": {
+            split: {m: encode_values([values[q] for q in query_ids[split]]) for m, values in s["per_query"].items()}
+            for split, s in scored.items()
+        },
+    }
+
+
+def add_retention(row: dict, teacher_row: dict) -> None:
+    for split, evaluation in row["evaluations"].items():
+        teacher = teacher_row["evaluations"][split]["metrics"]
+        evaluation["retention"] = {m: v / teacher[m] if teacher[m] else None for m, v in evaluation["metrics"].items()}
+
+
+def update_significance(record: dict, rounds: int) -> None:
+    """Paired permutation p-values of each student's EmbedDistill row against every other row of the table, for
+    every metric and split; pairs already tested are kept (the per-query values of a finished row never change)."""
+    rows, significance = record["rows"], record.setdefault("significance", {})
+    for split, query_ids in record["query_ids"].items():
+        for student in record["students"]:
+            ours = rows.get(f"{student}/{EMBEDDISTILL}")
+            if ours is None:
+                continue
+            others = [f"{student}/{m}" for m in record["methods"] if m != EMBEDDISTILL] + list(DATASET_ROWS)
+            tested = significance.setdefault(split, {}).setdefault(student, {})
+            for other in others:
+                if other in rows and other not in tested:
+                    tested[other] = {
+                        metric: paired_permutation_test(
+                            dict(zip(query_ids, decode_values(ours["per_query"][split][metric]), strict=True)),
+                            dict(zip(query_ids, decode_values(rows[other]["per_query"][split][metric]), strict=True)),
+                            rounds=rounds,
+                        )
+                        for metric in record["metrics"]
+                    }
+
+
+# -- rows ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every row of one table shares: the prepared data and teacher, the qrels, the options."""
+
+    args: argparse.Namespace
+    base: dict
+    prep: Prepared
+    qrels: dict[str, dict]
+    query_ids: dict[str, list[str]]
+    work_dir: Path
+    device: torch.device
+
+
+def student_options(student: str, minilm: str) -> dict:
+    """The student's distill options, with the MiniLM folder of this machine filled in."""
+    options = dict(STUDENTS[student][1])
+    if options["student"] == "{minilm}":
+        options["student"] = minilm
+    return options
+
+
+def row_config(context: Context, student: str, method: str, out: Path) -> DistillConfig:
+    options = {**context.base, **student_options(student, context.args.minilm), **METHODS[method][1]}
+    config = DistillConfig.from_dict({**options, "out": str(out), "resume": True})
+    if config.data != context.prep.config.data:  # the shared training queries must be this row's too
+        raise AssertionError(f"{student}/{method} changes data options; it cannot share the prepared queries")
+    return config
+
+
+def evaluate(context: Context, prep: Prepared, student, name: str, own_index: bool | None = None) -> dict:
+    student.to(context.device)
+    result = evaluate_student(prep, student, name=name, own_index=own_index)
+    student.to("cpu")
+    return row_from_scores(score_splits(result.run, context.qrels, prep.config.evaluation.metrics), context.query_ids)
+
+
+def run_method(context: Context, student: str, method: str):
+    """Train (or not) one student with one method and score it. Returns the row's record and the student."""
+    out = context.work_dir / "rows" / student / method
+    out.mkdir(parents=True, exist_ok=True)
+    prep = dataclasses.replace(context.prep, config=row_config(context, student, method, out))
+    random.seed(prep.config.training.seed)  # each row starts from the same state, whichever rows ran before it
+    torch.manual_seed(prep.config.training.seed)
+    started = time.perf_counter()
+    training: dict = {}
+    if method == "untrained":
+        model = initialised_student(prep)
+        own_index = None
+    elif method == "peer":
+        symmetric = not prep.config.model.asymmetric
+        model = initialised_student(prep, asymmetric=False)  # the peer's trainer knows no Router: the tower alone
+        texts, targets = list(prep.query_set.texts), prep.teacher_train
+        if symmetric:  # it embeds documents too, so it learns them as our document EM does
+            texts, targets = texts + prep.doc_texts, np.concatenate([targets, prep.teacher_docs])
+        training["train_seconds"] = train_peer(
+            model, texts, targets, prep.config.training, context.args.peer_learning_rate, out
+        )
+        training["learning_rate"] = context.args.peer_learning_rate
+        training["texts"] = len(texts)
+        own_index = symmetric
+    else:
+        model, training = train_student(prep, out)
+        own_index = None
+    trained = time.perf_counter()
+    row = evaluate(context, prep, model, name=method, own_index=own_index)
+    row.update(
+        student=student,
+        method=method,
+        label=METHODS[method][0],
+        options={**student_options(student, context.args.minilm), **METHODS[method][1]},
+        asymmetric=prep.config.model.asymmetric,
+        training=training,
+        timings={"train_seconds": trained - started, "evaluation_seconds": time.perf_counter() - trained},
+    )
+    return row, model
+
+
+def describe_query_encoder(context: Context, student) -> dict:
+    """Parameters of the student's query encoder and its CPU latency next to the teacher's (taking turns)."""
+    encoder = QueryEncoder.of(student)
+    described = {
+        "parameters": count_parameters(encoder.modules_),
+        "compute_parameters": count_parameters(encoder.modules_, include_embeddings=False),
+    }
+    if context.args.latency_repeats:
+        teacher = teacher_query_encoder(context.prep.teacher)
+        latency = measure_latency(
+            {"teacher": teacher, "student": encoder}, context.prep.eval_texts, [1, 32], context.args.latency_repeats
+        )
+        context.prep.teacher.model.to(context.device)  # measure_latency moved it to the CPU
+        described["latency_cpu_ms"] = latency
+    return described
+
+
+def teacher_row(context: Context) -> dict:
+    prep = context.prep
+    run = prep.teacher_index.retrieve(prep.eval_ids, prep.teacher_eval, prep.config.evaluation.top_k)
+    row = row_from_scores(score_splits(run, context.qrels, prep.config.evaluation.metrics), context.query_ids)
+    encoder = teacher_query_encoder(prep.teacher)
+    row.update(
+        method="teacher",
+        label=DATASET_ROW_LABELS["teacher"],
+        model=prep.config.model.teacher,
+        query_encoder={
+            "parameters": count_parameters(encoder.modules_),
+            "compute_parameters": count_parameters(encoder.modules_, include_embeddings=False),
+        },
+    )
+    return row
+
+
+def bm25_row(context: Context, runs: dict[str, Path]) -> dict:
+    merged: dict[str, dict[str, float]] = {}
+    for path in runs.values():
+        merged.update(read_trec_run(path))
+    row = row_from_scores(
+        score_splits(merged, context.qrels, context.prep.config.evaluation.metrics), context.query_ids
+    )
+    row.update(method="bm25", label=DATASET_ROW_LABELS["bm25"], runs={s: p.name for s, p in runs.items()})
+    return row
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+
+def planned_rows(students: list[str], methods: list[str]) -> list[str]:
+    """Row keys in the order they run: the dataset rows, then per student EmbedDistill first (so its paired tests
+    can be filled in as soon as any other row of that student is done), then the other methods."""
+    rows = [name for name in DATASET_ROWS if name in methods or name == "teacher"]
+    student_methods = [m for m in METHODS if m in methods]
+    ordered = sorted(student_methods, key=lambda m: m != EMBEDDISTILL)
+    return rows + [f"{student}/{method}" for student in students for method in ordered]
+
+
+def pending_rows(record: dict, planned: list[str]) -> list[str]:
+    return [key for key in planned if key not in record["rows"]]
+
+
+def settings_of(args: argparse.Namespace, spec: DatasetSpec) -> dict:
+    """What must not change between the runs that fill one table (model folders by name: paths differ by
+    machine)."""
+    return {
+        "dataset": args.dataset,
+        "teacher": Path(args.teacher).name,
+        "minilm": Path(args.minilm).name,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "peer_learning_rate": args.peer_learning_rate,
+        "overrides": args.overrides,
+        "metrics": list(spec.metrics),
+        "eval_splits": list(spec.eval_splits),
+    }
+
+
+def load_or_start_record(path: Path, settings: dict, spec: DatasetSpec) -> dict:
+    if path.exists():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("schema") != SCHEMA:
+            raise SystemExit(f"{path}: not a quality table ({record.get('schema')!r}); choose another --out")
+        if record["settings"] != settings:
+            raise SystemExit(
+                f"{path} was made with other settings:\n  {record['settings']}\nnow:\n  {settings}\n"
+                "rerun with those settings to resume it, or choose another --out"
+            )
+        return record
+    return {
+        "schema": SCHEMA,
+        "dataset": settings["dataset"],
+        "description": spec.description,
+        "settings": settings,
+        "metrics": list(spec.metrics),
+        "eval_splits": list(spec.eval_splits),
+        "students": {},
+        "methods": {},
+        "query_encoders": {},
+        "rows": {},
+        "invocations": [],
+    }
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return overrides
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--dataset-path", default="", help="the source BEIR folder (default: found by name)")
+    parser.add_argument("--teacher", default="", help="default: all-mpnet-base-v2 from ../shared/models/get-models")
+    parser.add_argument("--minilm", default="", help="all-MiniLM-L6-v2 folder for the MiniLM students")
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--methods", nargs="+", default=[*DATASET_ROWS, *METHODS], choices=[*DATASET_ROWS, *METHODS])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=42, help="training seed, and the seed of the SQuAD article split")
+    parser.add_argument(
+        "--peer-learning-rate",
+        type=float,
+        default=1e-3,
+        help="the peer's learning rate (ours; the ablation found it better for the peer than 2e-4)",
+    )
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (training and teacher encoding)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any distill option for every row, e.g. --set max_generated=20000 (recorded)",
+    )
+    parser.add_argument("--latency-repeats", type=int, default=20, help="CPU latency repeats per batch size (0: skip)")
+    parser.add_argument("--permutation-rounds", type=int, default=10000)
+    parser.add_argument("--cache-dir", default="", help="teacher embedding cache (default: the library's)")
+    parser.add_argument("--out", default="", help="default: benchmarks/results/quality_DATASET.json")
+    parser.add_argument("--work-dir", default="", help="checkpoints and derived data (default: runs/quality/DATASET)")
+    args = parser.parse_args(argv)
+    args.overrides = parse_overrides(args.overrides)
+    args.teacher = args.teacher or local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
+    args.minilm = args.minilm or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
+    args.out = Path(args.out or REPO / "benchmarks" / "results" / f"quality_{args.dataset}.json")
+    args.work_dir = Path(args.work_dir or REPO / "runs" / "quality" / args.dataset)
+    return args
+
+
+def base_options(args: argparse.Namespace, spec: DatasetSpec, source: Path, folder: Path, eval_split: str) -> dict:
+    return {
+        "teacher": args.teacher,
+        "dataset": str(folder),
+        "eval_split": eval_split,
+        "extra_queries": [str(source / name) for name in spec.extra_query_files],
+        "metrics": list(spec.metrics),
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+        **spec.options,
+        **args.overrides,
+    }
+
+
+def start(args: argparse.Namespace, spec: DatasetSpec) -> tuple[Context, dict]:
+    """Derive the data folder, prepare the training queries and the teacher's embeddings (cached), load qrels."""
+    source = Path(args.dataset_path) if args.dataset_path else resolve_dataset(spec.source)
+    folder, eval_split, derivation = dataset_folder(spec, source, args.work_dir, args.seed)
+    base = base_options(args, spec, source, folder, eval_split)
+    tick = time.perf_counter()
+    prep = prepare(DistillConfig.from_dict({**base, "out": str(args.work_dir / "prepare")}), args.work_dir / "prepare")
+    qrels = scoring_qrels(folder, spec.eval_splits, set(prep.eval_ids))
+    query_ids = {split: sorted(split_qrels) for split, split_qrels in qrels.items()}
+    device = resolve_device(args.device)
+    context = Context(args, base, prep, qrels, query_ids, args.work_dir, device)
+    facts = {
+        "source": str(source),
+        "derivation": derivation,
+        "training_queries": prep.query_set.counts,
+        "eval_queries": {split: len(ids) for split, ids in query_ids.items()},
+        "documents": len(prep.doc_ids),
+        "prepare_seconds": time.perf_counter() - tick,
+    }
+    return context, facts
+
+
+def run_row(context: Context, key: str, bm25: dict | str, record: dict) -> dict:
+    """Run one row; the first row of a student also describes its query encoder (size, CPU latency)."""
+    if key == "teacher":
+        return teacher_row(context)
+    if key == "bm25":
+        return bm25_row(context, bm25)
+    student, method = key.split("/")
+    row, model = run_method(context, student, method)
+    if student not in record["query_encoders"]:
+        record["query_encoders"][student] = describe_query_encoder(context, model)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    spec = DATASETS[args.dataset]
+    record = load_or_start_record(args.out, settings_of(args, spec), spec)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    record.setdefault("command", command)
+    record["students"].update({s: STUDENTS[s][0] for s in args.students})
+    record["methods"].update({m: METHODS[m][0] for m in METHODS if m in args.methods})
+    planned = planned_rows(args.students, args.methods)
+    todo = pending_rows(record, planned)
+    logger.info("%d of %d rows already in %s; to run: %s", len(planned) - len(todo), len(planned), args.out, todo)
+    if not todo:
+        return 0
+    context, facts = start(args, spec)
+    source = Path(facts["source"])
+    bm25 = bm25_runs(source, spec.eval_splits)
+    invocation = {"command": command, "started": _now(), "device": str(context.device), **environment(), **facts}
+    record["invocations"].append(invocation)
+    record.update(training_queries=facts["training_queries"], eval_queries=facts["eval_queries"])
+    record["query_ids"] = context.query_ids
+    if isinstance(bm25, str):
+        record.setdefault("unavailable", {})["bm25"] = bm25
+        todo = [key for key in todo if key != "bm25"]
+    errors = record.setdefault("errors", {})
+    for key in todo:
+        logger.info("row %s", key)
+        started = time.perf_counter()
+        try:
+            row = run_row(context, key, bm25, record)
+        except Exception as error:  # one failing row (say, the peer's missing dependency) must not cost the others
+            logger.exception("row %s failed; the other rows go on, and a rerun tries it again", key)
+            errors[key] = repr(error)
+            atomic_write_json(args.out, record)
+            continue
+        errors.pop(key, None)
+        row.update(finished=_now(), device=str(context.device), wall_seconds=time.perf_counter() - started)
+        record["rows"][key] = row
+        for finished in record["rows"].values():
+            add_retention(finished, record["rows"]["teacher"])
+        update_significance(record, args.permutation_rounds)
+        record["date"] = _now()
+        atomic_write_json(args.out, record)
+        logger.info("%s: %s", key, {s: e["metrics"] for s, e in row["evaluations"].items()})
+    return 1 if errors else 0
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

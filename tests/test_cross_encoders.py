@@ -1,0 +1,351 @@
+"""Cross-encoder teachers: dual pooling by hand, save/load, the score cache, reranking, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from embeddistill.cli import main
+from embeddistill.cross_encoders import (
+    DUAL_POOLING_CONFIG,
+    CrossEncoderScoreCache,
+    CrossEncoderTeacher,
+    DualPoolingCrossEncoder,
+    PairScores,
+    load_cross_encoder,
+    rerank,
+    segment_masks,
+)
+from embeddistill.data import read_trec_run
+
+QUERIES = ["what lowers blood pressure", "vitamin d"]
+DOCUMENTS = ["beta blockers reduce blood pressure in adults", "sunlight makes vitamin d in the skin of most people"]
+
+
+@pytest.fixture(scope="module")
+def dual_pooling(tiny_teacher_path) -> DualPoolingCrossEncoder:
+    torch.manual_seed(0)
+    return DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64).eval()
+
+
+@pytest.fixture(scope="module")
+def standard_ce_path(tmp_path_factory, tiny_teacher_path) -> str:
+    """A tiny random BERT sequence-classification model (one logit), as a sentence-transformers CrossEncoder saves."""
+    folder = tmp_path_factory.mktemp("standard-ce")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_teacher_path)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    torch.manual_seed(3)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_segment_masks_bert_and_roberta_layouts():
+    # [CLS] q q [SEP] d d d [SEP] [PAD] [PAD]
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    special = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 1, 1, 1]])
+    query, document = segment_masks(attention, special)
+    assert query.long().tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
+    assert document.long().tolist() == [[0, 0, 0, 0, 1, 1, 1, 0, 0, 0]]
+    # RoBERTa: <s> q </s> </s> d d </s>
+    query, document = segment_masks(torch.ones(1, 7, dtype=torch.long), torch.tensor([[1, 0, 1, 1, 0, 0, 1]]))
+    assert query.long().tolist() == [[0, 1, 0, 0, 0, 0, 0]]
+    assert document.long().tolist() == [[0, 0, 0, 0, 1, 1, 0]]
+
+
+def test_dual_pooling_score_by_hand(dual_pooling):
+    tokenizer = dual_pooling.tokenizer
+    with torch.no_grad():
+        features = dual_pooling.tokenize(QUERIES, DOCUMENTS, "cpu")  # two pairs of different lengths: padding
+        scores, query, document = dual_pooling(features)
+        for i, (q, d) in enumerate(zip(QUERIES, DOCUMENTS, strict=True)):
+            q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
+            d_ids = tokenizer(d, add_special_tokens=False)["input_ids"]
+            ids = [tokenizer.cls_token_id, *q_ids, tokenizer.sep_token_id, *d_ids, tokenizer.sep_token_id]
+            types = [0] * (len(q_ids) + 2) + [1] * (len(d_ids) + 1)
+            states = dual_pooling.encoder(
+                input_ids=torch.tensor([ids]),
+                token_type_ids=torch.tensor([types]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            ).last_hidden_state[0]
+            expected_q = states[1 : 1 + len(q_ids)].mean(0)
+            expected_d = states[2 + len(q_ids) : 2 + len(q_ids) + len(d_ids)].mean(0)
+            expected_q, expected_d = expected_q / expected_q.norm(), expected_d / expected_d.norm()
+            torch.testing.assert_close(query[i], expected_q, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(document[i], expected_d, atol=1e-5, rtol=1e-4)
+            assert scores[i].item() == pytest.approx(float(expected_q @ expected_d), abs=1e-5)
+    predicted = dual_pooling.predict(QUERIES, DOCUMENTS, batch_size=1)
+    np.testing.assert_allclose(predicted.scores, scores.numpy(), atol=1e-5)
+    np.testing.assert_allclose(predicted.query_embeddings, query.numpy(), atol=1e-5)
+
+
+def test_save_load_round_trip_without_pickle(dual_pooling, tmp_path):
+    folder = dual_pooling.save(tmp_path / "ce")
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", DUAL_POOLING_CONFIG, "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth"))]
+    loaded = load_cross_encoder(str(folder))
+    assert isinstance(loaded, DualPoolingCrossEncoder)
+    assert loaded.config.max_length == 64 and loaded.config.normalize
+    np.testing.assert_allclose(
+        loaded.predict(QUERIES, DOCUMENTS).scores, dual_pooling.predict(QUERIES, DOCUMENTS).scores, atol=1e-6
+    )
+    assert loaded.identity()["weights"] == dual_pooling.identity()["weights"]
+    (folder / DUAL_POOLING_CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match=DUAL_POOLING_CONFIG):
+        DualPoolingCrossEncoder.load(folder)
+
+
+def test_standard_cross_encoder_scores_are_the_logits(standard_ce_path):
+    teacher = load_cross_encoder(standard_ce_path, max_length=64)
+    assert isinstance(teacher, CrossEncoderTeacher) and not teacher.has_embeddings
+    features = teacher.tokenizer(QUERIES, DOCUMENTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = teacher.model(**features).logits[:, 0].numpy()
+    np.testing.assert_allclose(teacher.predict(QUERIES, DOCUMENTS).scores, logits, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_cross_encoder("./no/such/cross-encoder")
+
+
+class _Counting:
+    """Wraps a scorer and counts the pairs it is asked to score."""
+
+    def __init__(self, model):
+        self.model, self.pairs = model, 0
+        self.name, self.has_embeddings, self.dimension = model.name, model.has_embeddings, model.dimension
+
+    def identity(self):
+        return self.model.identity()
+
+    def predict(self, queries, documents, batch_size=64, show_progress=False):
+        self.pairs += len(queries)
+        return self.model.predict(queries, documents, batch_size)
+
+
+def test_score_cache_round_trip_and_corruption(dual_pooling, tmp_path, caplog):
+    queries, documents = QUERIES * 3, DOCUMENTS + DOCUMENTS[::-1] + DOCUMENTS  # repeated pairs are scored once
+    counting = _Counting(dual_pooling)
+    cache = CrossEncoderScoreCache(tmp_path, "tiny", dual_pooling.identity(), shard_size=2)
+    first = cache.get(counting, queries, documents)
+    assert counting.pairs == 4
+    direct = dual_pooling.predict(queries, documents)
+    np.testing.assert_allclose(first.scores, direct.scores, atol=1e-6)
+    np.testing.assert_allclose(first.document_embeddings, direct.document_embeddings, atol=2e-3)  # stored in fp16
+
+    again = CrossEncoderScoreCache(tmp_path, "tiny", dual_pooling.identity())
+    second = again.get(counting, queries, documents)
+    assert counting.pairs == 4  # all from disk
+    np.testing.assert_array_equal(second.scores, first.scores)
+    np.testing.assert_array_equal(second.query_embeddings, first.query_embeddings)
+
+    shard = sorted((cache.dir / "shards").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    with caplog.at_level("WARNING"):
+        third = CrossEncoderScoreCache(tmp_path, "tiny", dual_pooling.identity()).get(counting, queries, documents)
+    assert "corrupt" in caplog.text and counting.pairs == 6  # the two pairs of the bad shard, rescored
+    np.testing.assert_allclose(third.scores, first.scores, atol=1e-6)
+
+    other = CrossEncoderScoreCache(tmp_path, "tiny", {**dual_pooling.identity(), "max_length": 32})
+    assert other.dir != cache.dir and len(other) == 0  # another setting never reuses these scores
+    manifest = json.loads((cache.dir / "manifest.json").read_text())
+    manifest["cross_encoder"]["weights"] = "0" * 32
+    (cache.dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="identity differs"):
+        CrossEncoderScoreCache(tmp_path, "tiny", dual_pooling.identity())
+
+
+class _ByLength:
+    """A stub CE: the score is the document's length (longer = more relevant)."""
+
+    name, has_embeddings, dimension = "by-length", False, 0
+
+    def predict(self, queries, documents, batch_size=64, show_progress=False):
+        return PairScores(np.array([len(d) for d in documents], dtype=np.float32))
+
+
+def test_rerank_reorders_and_cuts_at_depth():
+    corpus = {"a": "x", "b": "xxx", "c": "xx", "d": "xxxxxxxx"}
+    run = {"q1": {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.1}, "q2": {"c": 0.5, "a": 0.4}}
+    reranked = rerank(_ByLength(), run, {"q1": "one", "q2": "two"}, corpus, depth=3)
+    assert list(sorted(reranked["q1"], key=lambda d: -reranked["q1"][d])) == ["b", "c", "a"]  # d was below depth 3
+    assert sorted(reranked["q2"], key=lambda d: -reranked["q2"][d]) == ["c", "a"]
+
+
+FAST_TEACHER = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--group-size",
+    "4",
+    "--hard-negative-depth",
+    "10",
+    "--max-length",
+    "64",
+    "--device",
+    "cpu",
+    "--checkpoint-every",
+    "3",
+]
+FAST_DISTILL = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--crops-per-document",
+    "1",
+    "--perturbations-per-query",
+    "0",
+    "--hard-negative-depth",
+    "6",
+    "--hard-negatives",
+    "3",
+    "--ce-random-negatives",
+    "2",
+    "--checkpoint-every",
+    "0",
+    "--threads",
+    "2",
+    "--device",
+    "cpu",
+    "--cross-encoder-max-length",
+    "64",
+    "--max-generated",
+    "40",
+    "--rerank-depth",
+    "20",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, tiny_teacher_path, scifact_slice):
+    folder = tmp_path_factory.mktemp("train-teacher")
+    cache = folder / "cache"
+    argv = [
+        "train-teacher",
+        "--base",
+        tiny_teacher_path,
+        "--dataset",
+        str(scifact_slice),
+        "--negatives-from",
+        tiny_teacher_path,
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(folder / "ce"),
+        *FAST_TEACHER,
+    ]
+    assert main(argv) == 0
+    return folder
+
+
+def test_train_teacher_writes_a_loadable_dual_pooling_ce(trained_teacher, tiny_teacher_path):
+    ce = load_cross_encoder(str(trained_teacher / "ce"))
+    assert isinstance(ce, DualPoolingCrossEncoder)
+    assert ce.config.training["steps"] >= 1 and ce.config.base_model == tiny_teacher_path
+    base = DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64)
+    assert ce.identity()["weights"] != base.identity()["weights"]  # it was trained
+    log = [json.loads(line) for line in (trained_teacher / "ce.train_log.jsonl").read_text().splitlines()]
+    assert log and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_distill_from_cross_encoder_and_rerank_cli(trained_teacher, tiny_teacher_path, scifact_slice, tmp_path):
+    out, cache = tmp_path / "run", trained_teacher / "cache"
+    argv = [
+        "distill",
+        "--cross-encoder",
+        str(trained_teacher / "ce"),
+        "--first-stage",
+        tiny_teacher_path,
+        "--student",
+        "teacher:2",
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *FAST_DISTILL,
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for system in ("first_stage", "cross_encoder", "student"):
+        assert 0.0 <= metrics[system]["nDCG@10"] <= 1.0
+    assert metrics["student"]["asymmetric"] is False
+    assert metrics["candidates_per_query"] == 1 + 6 + 2
+    assert 0.0 < metrics["pairing"]["query_vs_own_mean_cosine"] <= 1.0 + 1e-6
+    ratio = metrics["student"]["nDCG@10"] / metrics["cross_encoder"]["nDCG@10"]
+    assert metrics["retention_vs_cross_encoder"]["nDCG@10"] == pytest.approx(ratio)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"score", "query_em", "document_em"} <= set(log[-1])
+    reranked = read_trec_run(out / "cross_encoder.trec")
+    first = read_trec_run(out / "first_stage.trec")
+    query_id = next(iter(reranked))
+    top = sorted(first[query_id], key=lambda d: -first[query_id][d])[:20]
+    assert set(reranked[query_id]) == set(top)  # the first stage's top 20, rescored
+    assert [reranked[query_id][d] for d in top] != [first[query_id][d] for d in top]
+
+    student = out / "student"
+    assert (student / "modules.json").exists()
+    evaluated = tmp_path / "eval"
+    argv = [
+        "evaluate",
+        str(student),
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(evaluated),
+        "--reranker",
+        str(trained_teacher / "ce"),
+        "--rerank-depth",
+        "20",
+        "--cache-dir",
+        str(cache),
+    ]
+    assert main(argv) == 0
+    summary = json.loads((evaluated / "metrics.json").read_text())
+    assert summary["reranker"]["depth"] == 20 and 0.0 <= summary["reranker"]["metrics"]["nDCG@10"] <= 1.0
+    assert all(len(hits) <= 20 for hits in read_trec_run(evaluated / "reranker.trec").values())
+
+
+def test_distill_from_a_standard_cross_encoder_turns_embedding_matching_off(
+    standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
+):
+    out = tmp_path / "run"
+    argv = [
+        "distill",
+        "--cross-encoder",
+        standard_ce_path,
+        "--first-stage",
+        tiny_teacher_path,
+        "--student",
+        "teacher:2",
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--margin-mse-weight",
+        "1",
+        *FAST_DISTILL,
+    ]
+    assert main(argv) == 0
+    assert "embedding matching is off" in (out / "distill.log").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["loss_weights"]["query_embedding"] == 0.0
+    assert metrics["training"]["temperatures"] == [1.0, 0.05]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"score", "margin_mse"} <= set(log[-1]) and "query_em" not in log[-1]

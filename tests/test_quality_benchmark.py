@@ -1,0 +1,144 @@
+"""``benchmarks/quality.py``: rows, resume by row, settings guard, paired tests; on a tiny model and data slice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import _common  # noqa: E402
+import quality  # noqa: E402
+
+DL_POOL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "msmarco-dl-pool"
+FAST = [
+    "--epochs", "1", "--latency-repeats", "1", "--permutation-rounds", "200",
+    "--set", "crops_per_document=1", "--set", "perturbations_per_query=1", "--set", "batch_size=16",
+    "--set", "checkpoint_every=0", "--set", "threads=2", "--set", "hard_negatives=2",
+]  # fmt: skip
+
+
+def test_planned_rows_put_embeddistill_first_and_skip_finished_ones():
+    planned = quality.planned_rows(["a", "b"], ["untrained", "bm25", "embeddistill"])
+    assert planned == ["teacher", "bm25", "a/embeddistill", "a/untrained", "b/embeddistill", "b/untrained"]
+    record = {"rows": {"teacher": {}, "a/embeddistill": {}}}
+    assert quality.pending_rows(record, planned) == ["bm25", "a/untrained", "b/embeddistill", "b/untrained"]
+
+
+def test_paired_permutation_test_separates_real_differences_from_noise():
+    queries = [f"q{i}" for i in range(200)]
+    same = {q: 0.5 for q in queries}
+    better = {q: 0.6 for q in queries}
+    assert _common.paired_permutation_test(better, same, rounds=500) < 0.01
+    assert _common.paired_permutation_test(same, dict(same), rounds=500) == 1.0
+    with pytest.raises(ValueError, match="same queries"):
+        _common.paired_permutation_test(same, {"other": 1.0})
+
+
+def test_significance_is_filled_for_each_pair_once():
+    record = {
+        "query_ids": {"test": ["q1", "q2", "q3"]},
+        "students": {"s": ""},
+        "methods": {"embeddistill": "", "untrained": ""},
+        "metrics": ["nDCG@10"],
+        "rows": {
+            "teacher": {"per_query": {"test": {"nDCG@10": "1 1 1"}}},
+            "s/embeddistill": {"per_query": {"test": {"nDCG@10": "0.9 0.8 1"}}},
+        },
+    }
+    quality.update_significance(record, rounds=100)
+    assert set(record["significance"]["test"]["s"]) == {"teacher"}
+    record["rows"]["s/untrained"] = {"per_query": {"test": {"nDCG@10": quality.encode_values([0.1, 0.2, 0.0])}}}
+    quality.update_significance(record, rounds=100)
+    assert set(record["significance"]["test"]["s"]) == {"teacher", "s/untrained"}
+
+
+@pytest.mark.skipif(not DL_POOL.exists(), reason="needs ../shared/datasets/msmarco-dl-pool")
+def test_bm25_runs_are_the_plain_bm25_files():
+    runs = quality.bm25_runs(DL_POOL, ("dl19", "dl20"))
+    assert {split: path.name.split(".")[1] for split, path in runs.items()} == {"dl19": "BM25", "dl20": "BM25"}
+    assert "no runs/test.BM25" in quality.bm25_runs(DL_POOL, ("test",))
+
+
+def test_dl_training_queries_exclude_the_dl20_topic_file():
+    spec = quality.DATASETS["msmarco-dl"]
+    assert spec.options["train_split"] == "" and not any("dl20" in name for name in spec.extra_query_files)
+
+
+def _arguments(tmp_path, teacher: str, student: str, dataset: Path, students: str) -> list[str]:
+    return [
+        "--dataset", "scifact", "--dataset-path", str(dataset), "--teacher", teacher, "--minilm", student,
+        "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
+        "--out", str(tmp_path / "quality.json"), "--students", students, *FAST,
+    ]  # fmt: skip
+
+
+def _spy_on_rows(monkeypatch) -> list[str]:
+    ran: list[str] = []
+    original = quality.run_method
+
+    def spy(context, student, method):
+        ran.append(f"{student}/{method}")
+        return original(context, student, method)
+
+    monkeypatch.setattr(quality, "run_method", spy)
+    return ran
+
+
+def test_quality_rows_resume_and_guard_their_settings(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, monkeypatch
+):
+    out = tmp_path / "quality.json"
+    common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "minilm-2L-asym")
+    assert quality.main([*common, "--methods", "teacher", "embeddistill", "untrained"]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"teacher", "minilm-2L-asym/embeddistill", "minilm-2L-asym/untrained"}
+    assert record["unavailable"]["bm25"].startswith("no runs/test.BM25")
+    ours = record["rows"]["minilm-2L-asym/embeddistill"]
+    test_ids = record["query_ids"]["test"]
+    for metric in ("nDCG@10", "RR@10", "R@100"):
+        assert 0.0 <= ours["evaluations"]["test"]["metrics"][metric] <= 1.0
+        per_query = quality.decode_values(ours["per_query"]["test"][metric])
+        assert len(per_query) == len(test_ids)
+        assert abs(sum(per_query) / len(per_query) - ours["evaluations"]["test"]["metrics"][metric]) < 1e-3
+        assert metric in ours["evaluations"]["test"]["retention"]
+    assert ours["options"]["student_layers"] == 2
+    assert set(record["significance"]["test"]["minilm-2L-asym"]) == {"teacher", "minilm-2L-asym/untrained"}
+    assert record["query_encoders"]["minilm-2L-asym"]["latency_cpu_ms"]["student"]["batch1_ms"] > 0
+    assert record["training_queries"]["labelled"] > 0 and record["invocations"][0]["versions"]["torch"]
+
+    # A rerun with more methods and a second student runs only the new rows.
+    ran = _spy_on_rows(monkeypatch)
+    assert quality.main([*common, "--methods", "teacher", "embeddistill", "untrained", "score-only"]) == 0
+    assert ran == ["minilm-2L-asym/score-only"]
+    symmetric = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "minilm-sym")
+    assert quality.main([*symmetric, "--methods", "untrained"]) == 0
+    assert ran == ["minilm-2L-asym/score-only", "minilm-sym/untrained"]
+    record = json.loads(out.read_text())
+    assert record["rows"]["minilm-2L-asym/score-only"]["options"]["query_em_weight"] == 0.0
+    assert record["rows"]["minilm-sym/untrained"]["asymmetric"] is False
+    assert len(record["invocations"]) == 3
+    assert quality.main([*common, "--methods", "embeddistill"]) == 0  # nothing left to do
+    assert len(ran) == 2
+
+    # Other settings cannot be mixed into the same table.
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main([*common, "--epochs", "2"])
+
+
+def test_peer_row_trains_with_sentence_transformers(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, monkeypatch
+):
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "mpnet-2L-asym")
+    assert quality.main([*common, "--methods", "embeddistill", "peer"]) == 0
+    record = json.loads((tmp_path / "quality.json").read_text())
+    peer = record["rows"]["mpnet-2L-asym/peer"]
+    assert peer["training"]["learning_rate"] == 1e-3 and peer["training"]["texts"] > 0
+    assert 0.0 <= peer["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0
+    assert "mpnet-2L-asym/peer" in record["significance"]["test"]["mpnet-2L-asym"]

@@ -1,0 +1,106 @@
+"""``benchmarks/report.py``: BENCHMARKS.md from whatever result files exist, numbers only from them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import quality  # noqa: E402
+import report  # noqa: E402
+
+
+def _quality_record() -> dict:
+    """A small quality_*.json as quality.py writes it (two methods of one student, the teacher and BM25)."""
+    query_ids = {"test": ["q1", "q2", "q3", "q4"]}
+    values = {"teacher": 0.8123, "bm25": 0.5011, "s/embeddistill": 0.7777, "s/untrained": 0.4321}
+    rows = {}
+    for key, value in values.items():
+        scored = {
+            "test": {"metrics": {"nDCG@10": value}, "per_query": {"nDCG@10": dict.fromkeys(query_ids["test"], value)}}
+        }
+        rows[key] = quality.row_from_scores(scored, query_ids)
+        student, _, method = key.rpartition("/")
+        rows[key].update(method=method, label=quality.DATASET_ROW_LABELS.get(key, method))
+        if student:
+            rows[key].update(student=student, training={"steps": 1}, timings={"train_seconds": 12.5}, device="cpu")
+    for row in rows.values():
+        quality.add_retention(row, rows["teacher"])
+    record = {
+        "schema": quality.SCHEMA,
+        "dataset": "scifact",
+        "description": "a synthetic table",
+        "settings": {"teacher": "all-mpnet-base-v2", "epochs": 6, "seed": 42, "overrides": {}},
+        "metrics": ["nDCG@10"],
+        "eval_splits": ["test"],
+        "students": {"s": "student s"},
+        "methods": {"embeddistill": "EmbedDistill", "untrained": "before"},
+        "query_ids": query_ids,
+        "rows": rows,
+        "query_encoders": {
+            "s": {"parameters": 1000, "latency_cpu_ms": {"teacher": {"batch1_ms": 9.0}, "student": {"batch1_ms": 3.0}}}
+        },
+        "invocations": [{"command": "python benchmarks/quality.py --dataset scifact", "machine": {"cpu": "x86_64"}}],
+    }
+    quality.update_significance(record, rounds=50)
+    return record
+
+
+def test_querygen_section_shows_every_row_and_the_sparse_recovery():
+    data = json.loads((BENCHMARKS / "results" / "querygen.json").read_text())
+    text = "\n".join(report.render_querygen(data))
+    for row in data["scifact"]["rows"].values():
+        assert f"| {report.fmt(row['metrics']['nDCG@10'])} | {report.percent(row['retention']['nDCG@10'])} |" in text
+    assert report.percent(data["scifact"]["sparse"]["gap_recovered"]) in text
+    assert report.fmt(data["throughput"]["generators"]["lm"]["queries_per_second"]) in text
+
+
+def test_report_renders_known_generic_and_missing_files(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(
+        BENCHMARKS / "results", results, ignore=shutil.ignore_patterns("*.png", "quality_*.json", "querygen.json")
+    )
+    (results / "quality_scifact.json").write_text(json.dumps(_quality_record()))
+    (results / "speed_cpu.json").write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/speed_cpu.py",
+                "rows": [{"model": "teacher", "ms": 2.3456}, {"model": "student", "ms": 4.5678}],
+            }
+        )
+    )  # a layout report.py does not know
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+
+    assert "0.7777" in text and "95.7%" in text  # the quality row and its retention over the teacher (0.7777/0.8123)
+    assert "python benchmarks/quality.py --dataset scifact" in text
+    assert "Not yet measured (`python benchmarks/quality.py --dataset nfcorpus`)" in text
+    assert "2.3456" in text and "python benchmarks/speed_cpu.py" in text  # the generic table
+    assert "`benchmarks/results/querygen.json` does not exist yet" in text
+    cross_encoder = json.loads((results / "cross_encoder.json").read_text())["datasets"]["scifact"]
+    assert report.fmt(cross_encoder["cross_encoder_reranker"]["metrics"]["nDCG@10"]) in text
+    ablation = json.loads((results / "ablation_scifact.json").read_text())
+    assert report.fmt(ablation["rows"]["score distillation only"]["metrics"]["nDCG@10"]) in text
+    if pytest.importorskip("matplotlib"):
+        assert (results / report.RETENTION_CHART).stat().st_size > 0
+        assert (results / report.SPEED_CHART).stat().st_size > 0
+        assert f"benchmarks/results/{report.RETENTION_CHART}" in text
+
+
+def test_report_without_any_results_says_so(tmp_path):
+    (tmp_path / "results").mkdir()
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "B.md")]) == 0
+    assert (tmp_path / "B.md").read_text().count("Not yet measured") == 4 + 4
+
+
+def test_generic_rendering_tolerates_any_layout():
+    lines = report.render_generic({"a": 1, "b": [1, 2], "c": {"d": {"e": 0.5}}, "f": [{"g": 1}, {"h": "x|y"}]})
+    text = "\n".join(lines)
+    assert "0.5000" in text and "x\\|y" in text
