@@ -434,6 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--dataset-path", default="", help="the source BEIR folder (default: found by name)")
     parser.add_argument("--teacher", default="", help="default: all-mpnet-base-v2 from ../shared/models/get-models")
+    parser.add_argument(
+        "--max-seq-length", type=int, default=256, help="teacher tokens per text (256: half of mpnet's cost at 384)"
+    )
     parser.add_argument("--minilm", default="", help="all-MiniLM-L6-v2 folder for the MiniLM students")
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--methods", nargs="+", default=[*DATASET_ROWS, *METHODS], choices=[*DATASET_ROWS, *METHODS])
@@ -471,6 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def base_options(args: argparse.Namespace, spec: DatasetSpec, source: Path, folder: Path, eval_split: str) -> dict:
     return {
         "teacher": args.teacher,
+        "max_seq_length": args.max_seq_length,
         "dataset": str(folder),
         "eval_split": eval_split,
         "extra_queries": [str(source / name) for name in spec.extra_query_files],

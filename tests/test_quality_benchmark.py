@@ -73,7 +73,7 @@ def _arguments(tmp_path, teacher: str, student: str, dataset: Path, students: st
     return [
         "--dataset", "scifact", "--dataset-path", str(dataset), "--teacher", teacher, "--minilm", student,
         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
-        "--out", str(tmp_path / "quality.json"), "--students", students, *FAST,
+        "--out", str(tmp_path / "quality.json"), "--students", students, "--max-seq-length", "64", *FAST,
     ]  # fmt: skip
 
 
