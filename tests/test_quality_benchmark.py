@@ -133,8 +133,6 @@ def test_quality_rows_resume_and_guard_their_settings(
 def test_peer_row_trains_with_sentence_transformers(
     tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, monkeypatch
 ):
-    pytest.importorskip("datasets")
-    pytest.importorskip("accelerate")
     common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "mpnet-2L-asym")
     assert quality.main([*common, "--methods", "embeddistill", "peer"]) == 0
     record = json.loads((tmp_path / "quality.json").read_text())
