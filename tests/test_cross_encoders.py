@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
 
 from embeddistill.cli import main
 from embeddistill.cross_encoders import (
@@ -15,7 +19,10 @@ from embeddistill.cross_encoders import (
     CrossEncoderScoreCache,
     CrossEncoderTeacher,
     DualPoolingCrossEncoder,
+    DualPoolingTrainer,
     PairScores,
+    TeacherExample,
+    TeacherTrainingConfig,
     load_cross_encoder,
     rerank,
     segment_masks,
@@ -117,6 +124,19 @@ def test_standard_cross_encoder_scores_are_the_logits(standard_ce_path):
     np.testing.assert_allclose(teacher.predict(QUERIES, DOCUMENTS).scores, logits, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_cross_encoder("./no/such/cross-encoder")
+
+
+def test_an_encoder_without_a_classification_head_is_no_standard_cross_encoder(
+    tiny_teacher_path, dual_pooling, tmp_path
+):
+    # transformers would load both with a random classifier (a warning only): train-teacher --distill-from and
+    # distill --cross-encoder would then learn from noise.
+    with pytest.raises(ValueError, match="no trained classification head"):
+        CrossEncoderTeacher.load(tiny_teacher_path)
+    folder = dual_pooling.save(tmp_path / "dual-pooling")
+    with pytest.raises(ValueError, match="no trained classification head"):
+        CrossEncoderTeacher.load(str(folder))
+    assert isinstance(load_cross_encoder(str(folder)), DualPoolingCrossEncoder)  # its own loader still takes it
 
 
 class _Counting:
@@ -349,3 +369,176 @@ def test_distill_from_a_standard_cross_encoder_turns_embedding_matching_off(
     assert metrics["training"]["temperatures"] == [1.0, 0.05]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"score", "margin_mse"} <= set(log[-1]) and "query_em" not in log[-1]
+
+
+# -- train-teacher --distill-from: the standard CE's scores are really part of the loss --------------------------------
+
+
+def test_dual_pooling_trainer_loss_is_label_plus_weighted_score_distillation(
+    tiny_teacher_path, standard_ce_path, tmp_path
+):
+    tau, label_weight, distill_weight, group = 0.05, 0.5, 2.0, 3
+    examples = [
+        TeacherExample(QUERIES[0], [DOCUMENTS[0]], [DOCUMENTS[1], "sodium intake raises blood pressure"]),
+        TeacherExample(QUERIES[1], [DOCUMENTS[1]], [DOCUMENTS[0], "fish oil is rich in vitamin d and omega 3"]),
+    ]
+    config = TeacherTrainingConfig(
+        base=tiny_teacher_path,
+        out=str(tmp_path / "ce"),
+        group_size=group,
+        batch_size=2,
+        temperature=tau,
+        max_length=64,
+        label_weight=label_weight,
+        distill_weight=distill_weight,
+        device="cpu",
+        seed=0,
+    )
+    teacher = load_cross_encoder(standard_ce_path, max_length=64)
+    torch.manual_seed(0)
+    model = DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64).eval()  # eval: no dropout
+    trainer = DualPoolingTrainer(model, examples, config, teacher)
+    queries, documents, size = trainer.batch(0)
+    assert size == group and len(queries) == len(documents) == 2 * group
+    with torch.no_grad():
+        student = model(model.tokenize(queries, documents, "cpu"))[0].view(-1, group)
+        pairs = teacher.tokenizer(queries, documents, padding=True, return_tensors="pt")
+        logits = teacher.model(**pairs).logits[:, 0].view(-1, group)  # the teacher by hand, in batch order
+    assert logits.std() > 0  # a random CE still ranks the candidates differently
+    label = torch.nn.functional.cross_entropy(student / tau, torch.zeros(2, dtype=torch.long))
+    distill = -(logits.softmax(-1) * (student / tau).log_softmax(-1)).sum(-1).mean()  # teacher at temperature 1
+
+    parts = trainer.step(0)
+    assert parts["label"] == pytest.approx(float(label), rel=1e-4)
+    assert parts["distill"] == pytest.approx(float(distill), rel=1e-4)
+    assert parts["distill"] > 0
+    assert parts["loss"] == pytest.approx(label_weight * float(label) + distill_weight * float(distill), rel=1e-4)
+
+    # The weighted term drives the gradient: the same step without it moves the weights elsewhere.
+    torch.manual_seed(0)
+    twin = DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64).eval()
+    without = dataclasses.replace(config, distill_weight=0.0)
+    DualPoolingTrainer(twin, examples, without, teacher).step(0)
+    moved = [
+        not torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True) if a.requires_grad
+    ]
+    assert any(moved)
+
+
+def _train_teacher_with(tmp_path, tiny_teacher_path, scifact_slice, cache, *extra: str) -> Path:
+    out = tmp_path / "ce"
+    argv = [
+        "train-teacher",
+        "--base",
+        tiny_teacher_path,
+        "--dataset",
+        str(scifact_slice),
+        "--negatives-from",
+        tiny_teacher_path,
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        *FAST_TEACHER,
+        *extra,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_train_teacher_distills_a_standard_cross_encoder(
+    trained_teacher, standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
+):
+    cache = trained_teacher / "cache"
+    distilled = _train_teacher_with(
+        tmp_path / "w1",
+        tiny_teacher_path,
+        scifact_slice,
+        cache,
+        "--distill-from",
+        standard_ce_path,
+        "--distill-weight",
+        "1",
+    )
+    log = [json.loads(line) for line in (distilled.parent / "ce.train_log.jsonl").read_text().splitlines()]
+    assert log and all({"loss", "label", "distill"} <= set(r) for r in log)
+    assert all(np.isfinite(r["distill"]) and r["distill"] > 0 for r in log)
+    for r in log:  # label weight 1, distill weight 1
+        assert r["loss"] == pytest.approx(r["label"] + r["distill"], rel=1e-5)
+    ce = load_cross_encoder(str(distilled))
+    assert isinstance(ce, DualPoolingCrossEncoder)
+    assert ce.config.training["distill_from"] == standard_ce_path and ce.config.training["distill_weight"] == 1.0
+
+    # Same seed and data: with weight 0 the run is the plain (label-only) one; with weight 1 it is not.
+    plain = _weights(trained_teacher / "ce")
+    zero = _train_teacher_with(
+        tmp_path / "w0",
+        tiny_teacher_path,
+        scifact_slice,
+        cache,
+        "--distill-from",
+        standard_ce_path,
+        "--distill-weight",
+        "0",
+    )
+    for name, tensor in _weights(zero).items():
+        torch.testing.assert_close(tensor, plain[name], atol=1e-6, rtol=1e-5, msg=f"{name} differs at weight 0")
+    changed = [name for name, tensor in _weights(distilled).items() if not torch.allclose(tensor, plain[name])]
+    assert any("encoder.layer" in name for name in changed)
+
+
+# -- distill --cross-encoder with Margin-MSE alone ---------------------------------------------------------------------
+
+
+def test_distill_from_a_cross_encoder_with_margin_mse_only(
+    standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
+):
+    out = tmp_path / "run"
+    argv = [
+        "distill",
+        "--cross-encoder",
+        standard_ce_path,
+        "--first-stage",
+        tiny_teacher_path,
+        "--student",
+        "teacher:2",
+        "--dataset",
+        str(scifact_slice),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--margin-mse-weight",
+        "1",
+        "--score-weight",
+        "0",
+        "--weight-decay",
+        "0",  # every change of the weights then comes from a gradient, i.e. from Margin-MSE
+        *FAST_DISTILL,
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    weights = metrics["training"]["loss_weights"]
+    assert weights["margin_mse"] == 1.0
+    assert weights["score"] == weights["query_embedding"] == weights["document_embedding"] == weights["label"] == 0.0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log
+    for r in log:
+        assert set(r) == {"step", "epoch", "lr", "loss", "margin_mse"}
+        assert np.isfinite(r["margin_mse"]) and r["margin_mse"] > 0
+        assert r["loss"] == pytest.approx(r["margin_mse"])
+
+    # teacher:2 starts as the CE encoder's first two layers; the trained student's layers have moved.
+    student = SentenceTransformer(str(out / "student"), device="cpu")
+    trained = student[0].auto_model.state_dict()
+    initial = transformers.AutoModel.from_pretrained(standard_ce_path).state_dict()
+    compared = [name for name in trained if name.startswith("encoder.layer.") and name in initial]
+    assert compared and {name.split(".")[2] for name in compared} == {"0", "1"}
+    assert any(not torch.allclose(trained[name], initial[name]) for name in compared)
+    torch.testing.assert_close(  # frozen by default
+        trained["embeddings.word_embeddings.weight"], initial["embeddings.word_embeddings.weight"]
+    )

@@ -231,14 +231,24 @@ class CrossEncoderTeacher(_PairScorer):
 
         _check_local(name_or_path)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, trust_remote_code=trust_remote_code
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True
             )
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except OSError as error:
             raise FileNotFoundError(
                 f"could not load cross-encoder {name_or_path!r}: {str(error).splitlines()[0]}"
             ) from None
+        # An encoder checkpoint (a dual encoder, a dual-pooling CE) loads too, with a freshly *random* classification
+        # head that transformers only warns about: its "scores" would be noise. Refuse it.
+        prefix = f"{model.base_model_prefix}."
+        head = sorted(k for k in loading.get("missing_keys", ()) if not k.startswith(prefix))
+        if head:
+            raise ValueError(
+                f"{name_or_path}: not a sequence-classification cross-encoder, its checkpoint has no trained "
+                f"classification head (missing {', '.join(head)}); a dual-pooling cross-encoder folder holds "
+                f"{DUAL_POOLING_CONFIG}"
+            )
         limit = max_length or min(512, int(getattr(tokenizer, "model_max_length", 512) or 512))
         return cls(name_or_path, model.to(device).eval(), tokenizer, limit)
 
