@@ -223,6 +223,10 @@ class DistillationTrainer:
             )
         if distributed.world_size() > 1:
             parts = self._rank_share(parts, batch["rows"], start, stop)
+        return self._optimise(parts, step)
+
+    def _optimise(self, parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """One optimiser step on ``parts["loss"]`` at this step's learning rate; the parts as floats, to log."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -534,11 +538,4 @@ class CrossEncoderDistillationTrainer(DistillationTrainer):
                 teacher_documents=self.teacher_documents[torch.from_numpy(batch["documents"]).to(self.device)],
                 generated=self.generated[index],
             )
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-        self.optimizer.step()
-        return {name: float(value.detach()) for name, value in parts.items()}
+        return self._optimise(parts, step)
