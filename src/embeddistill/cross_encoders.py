@@ -796,32 +796,11 @@ class DualPoolingTrainer:
         }
 
     def save_checkpoint(self, step: int) -> None:
-        from safetensors.torch import save_file
+        from embeddistill.training import write_checkpoint
 
-        from embeddistill.training import _flatten_optimizer
-
-        folder = self.checkpoint_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors, meta = _flatten_optimizer(self.optimizer)
-        files = {
-            f"weights-{step:08d}.safetensors": {
-                k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-            },
-            f"optimizer-{step:08d}.safetensors": tensors,
-            f"rng-{step:08d}.safetensors": {"torch": torch.get_rng_state()},
-        }
-        for name, content in files.items():
-            tmp = folder / f".{name}.tmp"
-            save_file(content, str(tmp))
-            os.replace(tmp, folder / name)
-        checksums = {name: sha256_file(folder / name) for name in files}
-        atomic_write_json(
-            folder / "state.json", {"step": step, "optimizer": meta, "files": list(files), "sha256": checksums}
-        )
-        for stale in folder.glob("*.safetensors"):
-            if stale.name not in files:
-                stale.unlink(missing_ok=True)
-        logger.info("train-teacher: checkpoint at step %d -> %s", step, folder)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        write_checkpoint(self.checkpoint_dir, step, weights, self.optimizer)
+        logger.info("train-teacher: checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
         from safetensors.torch import load_file

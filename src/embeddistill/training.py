@@ -334,31 +334,9 @@ class DistillationTrainer:
     # -- checkpoints: safetensors + JSON, never pickle ---------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> None:
-        folder = self.checkpoint_dir
-        folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in query_modules(self.student).state_dict().items()}
-        optimizer_tensors, optimizer_meta = _flatten_optimizer(self.optimizer)
-        # The files of each checkpoint are named by its step, so writing a new checkpoint never touches the files
-        # that the current state.json names: a kill at any moment leaves the previous checkpoint whole.
-        files = {
-            f"weights-{step:08d}.safetensors": weights,
-            f"optimizer-{step:08d}.safetensors": optimizer_tensors,
-            f"rng-{step:08d}.safetensors": {"torch": torch.get_rng_state()},
-        }
-        checksums = {}
-        for name, tensors in files.items():
-            tmp = folder / f".{name}.tmp"
-            save_file(tensors, str(tmp))
-            atomic_write_bytes(folder / name, tmp.read_bytes())
-            tmp.unlink()
-            checksums[name] = sha256_file(folder / name)
-        # state.json is written last and names the files and checksums: a checkpoint is valid only when all match.
-        state = {"step": step, "optimizer": optimizer_meta, "files": list(files), "sha256": checksums}
-        atomic_write_json(folder / "state.json", state)
-        for stale in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
-            if stale.name not in files:  # older checkpoints and leftovers of a killed save
-                stale.unlink(missing_ok=True)
-        logger.info("checkpoint at step %d -> %s", step, folder)
+        write_checkpoint(self.checkpoint_dir, step, weights, self.optimizer)
+        logger.info("checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
         state_path = self.checkpoint_dir / "state.json"
@@ -398,6 +376,34 @@ def _log_step(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError):
         return 1 << 62  # a torn last line from a kill is dropped
+
+
+def write_checkpoint(
+    folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+) -> None:
+    """Write a resumable checkpoint (safetensors + JSON, never pickle): weights, optimizer and RNG state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+    # The files of each checkpoint are named by its step, so writing a new checkpoint never touches the files
+    # that the current state.json names: a kill at any moment leaves the previous checkpoint whole.
+    files = {
+        f"weights-{step:08d}.safetensors": weights,
+        f"optimizer-{step:08d}.safetensors": optimizer_tensors,
+        f"rng-{step:08d}.safetensors": {"torch": torch.get_rng_state()},
+    }
+    checksums = {}
+    for name, tensors in files.items():
+        tmp = folder / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        atomic_write_bytes(folder / name, tmp.read_bytes())
+        tmp.unlink()
+        checksums[name] = sha256_file(folder / name)
+    # state.json is written last and names the files and checksums: a checkpoint is valid only when all match.
+    state = {"step": step, "optimizer": optimizer_meta, "files": list(files), "sha256": checksums}
+    atomic_write_json(folder / "state.json", state)
+    for stale in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
+        if stale.name not in files:  # older checkpoints and leftovers of a killed save
+            stale.unlink(missing_ok=True)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
