@@ -88,11 +88,11 @@ def paired_permutation_test(
 
 def environment() -> dict:
     """Versions and machine, recorded with every result."""
-    import faiss
     import sentence_transformers
     import transformers
 
     from embeddistill import __version__
+    from embeddistill.indexing import faiss  # None where it is not installed (exact search then uses torch)
 
     return {
         "versions": {
@@ -100,7 +100,7 @@ def environment() -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "sentence-transformers": sentence_transformers.__version__,
-            "faiss": faiss.__version__,
+            "faiss": faiss.__version__ if faiss is not None else None,
             "numpy": np.__version__,
             "python": platform.python_version(),
         },

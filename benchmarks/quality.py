@@ -15,18 +15,24 @@ Teacher: all-mpnet-base-v2 (``--teacher``). Students (``--students``), each in t
 * ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index).
 
 Methods (``--methods``): ``embeddistill`` (the library defaults: score + embedding matching + generated queries);
-``score-only`` (query and document EM weights 0); ``peer`` (sentence-transformers' ``EmbedDistillLoss``, L2,
-trained by its own trainer on the same initialised student, queries and epochs; a symmetric student's peer also
-gets the corpus documents with the teacher's document embeddings as labels, as our document EM sees documents);
-``untrained`` (the student as built, its projection fitted by least squares on the training queries, no
-training); ``teacher`` and ``bm25`` (the dataset folder's ``runs/SPLIT.BM25.*.trec``, where present) are rows of
-the table too. Every row is scored by ir_measures on the dataset's official qrels; EmbedDistill is compared with
-every other row of its table by a paired permutation test on the same queries.
+``score-only`` (query and document EM weights 0); ``peer`` (sentence-transformers' ``EmbedDistillLoss``, L2, trained
+by its own trainer on the same initialised student, queries and epochs; a symmetric student's peer also gets the
+corpus documents with the teacher's document embeddings as labels, as our document EM sees documents); ``untrained``
+(the student as built, its projection fitted by least squares on the training queries, no training);
+``embeddistill-dev`` (only when asked, with ``--dev-choice JSON``: EmbedDistill with options chosen on held-out
+training queries by ``benchmarks/choose_defaults.py``, recorded in the row); ``teacher`` and ``bm25`` (the dataset
+folder's ``runs/SPLIT.BM25.*.trec``, where present) are rows of the table too. Every row is scored by ir_measures on
+the dataset's official qrels; EmbedDistill is compared with every other row of its table by a paired permutation
+test on the same queries.
 
 Resumable by row: each finished row is written into the JSON at once (atomically), and a rerun skips rows that are
 already there (and, inside a row, resumes training from its checkpoint under ``--work-dir``). A rerun must use the
 same settings (teacher, epochs, seed, overrides); pick another ``--out`` to change them. To fit short sessions, run
 a few rows per command (``--students X --methods Y``): the teacher cache makes every command after the first cheap.
+Several processes may fill one table at once (each row is added under a lock on the JSON):
+``bash benchmarks/quality_parallel.sh DATASET [options]`` runs one process per student, which keeps a GPU far busier
+than one process does (the students are small). On a GPU pass ``--latency-repeats 0``: the CPU latency of every
+student is measured by ``benchmarks/speed_cpu.py`` on the CPU that serves it.
 
 Output (schema ``embeddistill-quality/1``, read by ``benchmarks/report.py``): ``settings`` (what a rerun must
 match), ``invocations`` (command, date, device, versions, machine, training-query counts, prepare seconds of each
@@ -42,8 +48,10 @@ run), ``students`` / ``methods`` (labels, table order), ``query_ids`` (per split
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import random
@@ -80,6 +88,7 @@ METRICS = ("nDCG@10", "RR@10", "R@100")
 # TREC DL judges on a 0-3 scale where 1 is "related": binary measures count grades >= 2, as the track does.
 DL_METRICS = ("nDCG@10", "RR(rel=2)@10", "R(rel=2)@100")
 EMBEDDISTILL = "embeddistill"
+DEV_CHOSEN = "embeddistill-dev"
 DATASET_ROWS = ("teacher", "bm25")
 
 
@@ -134,6 +143,8 @@ METHODS = {
     "score-only": ("score distillation only", {"query_em_weight": 0.0, "document_em_weight": 0.0}),
     "peer": ("peer: sentence-transformers EmbedDistillLoss (L2) with its trainer", {}),
     "untrained": ("student before distillation (projection fitted by least squares)", {}),
+    # Its options come from --dev-choice: settings chosen on held-out training queries, never on this table's split.
+    DEV_CHOSEN: ("EmbedDistill, training settings chosen on dev queries for this student", {}),
 }
 DATASET_ROW_LABELS = {"teacher": "teacher", "bm25": "BM25 (the dataset folder's official run)"}
 
@@ -260,8 +271,12 @@ def student_options(student: str, minilm: str) -> dict:
     return options
 
 
+def method_options(args: argparse.Namespace, method: str) -> dict:
+    return {**METHODS[method][1], **(args.dev_choice if method == DEV_CHOSEN else {})}
+
+
 def row_config(context: Context, student: str, method: str, out: Path) -> DistillConfig:
-    options = {**context.base, **student_options(student, context.args.minilm), **METHODS[method][1]}
+    options = {**context.base, **student_options(student, context.args.minilm), **method_options(context.args, method)}
     config = DistillConfig.from_dict({**options, "out": str(out), "resume": True})
     if config.data != context.prep.config.data:  # the shared training queries must be this row's too
         raise AssertionError(f"{student}/{method} changes data options; it cannot share the prepared queries")
@@ -308,7 +323,7 @@ def run_method(context: Context, student: str, method: str):
         student=student,
         method=method,
         label=METHODS[method][0],
-        options={**student_options(student, context.args.minilm), **METHODS[method][1]},
+        options={**student_options(student, context.args.minilm), **method_options(context.args, method)},
         asymmetric=prep.config.model.asymmetric,
         training=training,
         timings={"train_seconds": trained - started, "evaluation_seconds": time.perf_counter() - trained},
@@ -393,17 +408,7 @@ def settings_of(args: argparse.Namespace, spec: DatasetSpec) -> dict:
     }
 
 
-def load_or_start_record(path: Path, settings: dict, spec: DatasetSpec) -> dict:
-    if path.exists():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("schema") != SCHEMA:
-            raise SystemExit(f"{path}: not a quality table ({record.get('schema')!r}); choose another --out")
-        if record["settings"] != settings:
-            raise SystemExit(
-                f"{path} was made with other settings:\n  {record['settings']}\nnow:\n  {settings}\n"
-                "rerun with those settings to resume it, or choose another --out"
-            )
-        return record
+def new_record(settings: dict, spec: DatasetSpec) -> dict:
     return {
         "schema": SCHEMA,
         "dataset": settings["dataset"],
@@ -417,6 +422,50 @@ def load_or_start_record(path: Path, settings: dict, spec: DatasetSpec) -> dict:
         "rows": {},
         "invocations": [],
     }
+
+
+def load_or_start_record(path: Path, settings: dict, spec: DatasetSpec) -> dict:
+    if not path.exists():
+        return new_record(settings, spec)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("schema") != SCHEMA:
+        raise SystemExit(f"{path}: not a quality table ({record.get('schema')!r}); choose another --out")
+    if record["settings"] != settings:
+        raise SystemExit(
+            f"{path} was made with other settings:\n  {record['settings']}\nnow:\n  {settings}\n"
+            "rerun with those settings to resume it, or choose another --out"
+        )
+    return record
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock beside ``path``: several processes (one per student, say) can fill one table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def commit(args: argparse.Namespace, spec: DatasetSpec, update) -> dict:
+    """Read the table as it is on disk now (other processes may have added rows), apply ``update`` to it, recompute
+    the derived fields and write it atomically, all under the table's lock. Returns the table written."""
+    with locked(args.out):
+        record = load_or_start_record(args.out, settings_of(args, spec), spec)
+        update(record)
+        for field_name, order in (("students", STUDENTS), ("methods", METHODS)):  # table order, whoever came first
+            record[field_name] = {key: record[field_name][key] for key in order if key in record[field_name]}
+        if "teacher" in record["rows"]:
+            for finished in record["rows"].values():
+                add_retention(finished, record["rows"]["teacher"])
+        if "query_ids" in record:
+            update_significance(record, args.permutation_rounds)
+        record["date"] = _now()
+        atomic_write_json(args.out, record)
+    return record
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -439,7 +488,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--minilm", default="", help="all-MiniLM-L6-v2 folder for the MiniLM students")
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
-    parser.add_argument("--methods", nargs="+", default=[*DATASET_ROWS, *METHODS], choices=[*DATASET_ROWS, *METHODS])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[*DATASET_ROWS, *(m for m in METHODS if m != DEV_CHOSEN)],
+        choices=[*DATASET_ROWS, *METHODS],
+    )
+    parser.add_argument(
+        "--dev-choice",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help=f"distill options of the '{DEV_CHOSEN}' method, chosen on dev queries (benchmarks/choose_defaults.py)",
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=42, help="training seed, and the seed of the SQuAD article split")
     parser.add_argument(
@@ -464,6 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="", help="checkpoints and derived data (default: runs/quality/DATASET)")
     args = parser.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)
+    if DEV_CHOSEN in args.methods and not args.dev_choice:
+        parser.error(f"the {DEV_CHOSEN} method needs --dev-choice (its options, chosen on dev queries)")
     args.teacher = args.teacher or local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
     args.minilm = args.minilm or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     args.out = Path(args.out or REPO / "benchmarks" / "results" / f"quality_{args.dataset}.json")
@@ -510,64 +573,74 @@ def start(args: argparse.Namespace, spec: DatasetSpec) -> tuple[Context, dict]:
     return context, facts
 
 
-def run_row(context: Context, key: str, bm25: dict | str, record: dict) -> dict:
-    """Run one row; the first row of a student also describes its query encoder (size, CPU latency)."""
+def run_row(context: Context, key: str, bm25: dict | str, described: set[str]) -> tuple[dict, dict | None]:
+    """Run one row. The first row of a student not yet ``described`` also describes its query encoder (size, CPU
+    latency), returned second."""
     if key == "teacher":
-        return teacher_row(context)
+        return teacher_row(context), None
     if key == "bm25":
-        return bm25_row(context, bm25)
+        return bm25_row(context, bm25), None
     student, method = key.split("/")
     row, model = run_method(context, student, method)
-    if student not in record["query_encoders"]:
-        record["query_encoders"][student] = describe_query_encoder(context, model)
-    return row
+    return row, None if student in described else describe_query_encoder(context, model)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     spec = DATASETS[args.dataset]
-    record = load_or_start_record(args.out, settings_of(args, spec), spec)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    record.setdefault("command", command)
-    record["students"].update({s: STUDENTS[s][0] for s in args.students})
-    record["methods"].update({m: METHODS[m][0] for m in METHODS if m in args.methods})
+    students = {s: STUDENTS[s][0] for s in args.students}
+    methods = {m: METHODS[m][0] for m in METHODS if m in args.methods}
+
+    def register(record: dict) -> None:
+        record.setdefault("command", command)
+        record["students"].update(students)
+        record["methods"].update(methods)
+
+    record = commit(args, spec, register)
     planned = planned_rows(args.students, args.methods)
     todo = pending_rows(record, planned)
     logger.info("%d of %d rows already in %s; to run: %s", len(planned) - len(todo), len(planned), args.out, todo)
     if not todo:
         return 0
     context, facts = start(args, spec)
-    source = Path(facts["source"])
-    bm25 = bm25_runs(source, spec.eval_splits)
+    bm25 = bm25_runs(Path(facts["source"]), spec.eval_splits)
     invocation = {"command": command, "started": _now(), "device": str(context.device), **environment(), **facts}
-    record["invocations"].append(invocation)
-    record.update(training_queries=facts["training_queries"], eval_queries=facts["eval_queries"])
-    record["query_ids"] = context.query_ids
-    if isinstance(bm25, str):
-        record.setdefault("unavailable", {})["bm25"] = bm25
-        todo = [key for key in todo if key != "bm25"]
-    errors = record.setdefault("errors", {})
+
+    def begin(record: dict) -> None:
+        record["invocations"].append(invocation)
+        record.update(training_queries=facts["training_queries"], eval_queries=facts["eval_queries"])
+        record["query_ids"] = context.query_ids
+        if isinstance(bm25, str):
+            record.setdefault("unavailable", {})["bm25"] = bm25
+
+    record = commit(args, spec, begin)
+    failed = False
     for key in todo:
+        if key in record["rows"] or (key == "bm25" and isinstance(bm25, str)):
+            continue  # another process sharing the table did it meanwhile, or there is no BM25 run
         logger.info("row %s", key)
         started = time.perf_counter()
         try:
-            row = run_row(context, key, bm25, record)
+            row, described = run_row(context, key, bm25, set(record["query_encoders"]))
         except Exception as error:  # one failing row (say, the peer's missing dependency) must not cost the others
             logger.exception("row %s failed; the other rows go on, and a rerun tries it again", key)
-            errors[key] = repr(error)
-            atomic_write_json(args.out, record)
+            failed = True
+            message = {key: repr(error)}
+            record = commit(args, spec, lambda r, message=message: r.setdefault("errors", {}).update(message))
             continue
-        errors.pop(key, None)
         row.update(finished=_now(), device=str(context.device), wall_seconds=time.perf_counter() - started)
-        record["rows"][key] = row
-        for finished in record["rows"].values():
-            add_retention(finished, record["rows"]["teacher"])
-        update_significance(record, args.permutation_rounds)
-        record["date"] = _now()
-        atomic_write_json(args.out, record)
+
+        def add_row(record: dict, key=key, row=row, described=described) -> None:
+            record["rows"][key] = row
+            record.setdefault("errors", {}).pop(key, None)
+            if described is not None:
+                record["query_encoders"][row["student"]] = described
+
+        record = commit(args, spec, add_row)
         logger.info("%s: %s", key, {s: e["metrics"] for s, e in row["evaluations"].items()})
-    return 1 if errors else 0
+    return 1 if failed else 0
 
 
 def _now() -> str:

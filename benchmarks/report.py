@@ -31,6 +31,23 @@ QUALITY_DATASETS = {
     "msmarco-dl": "TREC DL19 / DL20 (MS MARCO pool)",
     "squad": "SQuAD-dev (split by article)",
 }
+# The five evaluation sets of the headline: (table, split).
+HEADLINE_SETS = (
+    ("scifact", "test"),
+    ("nfcorpus", "test"),
+    ("squad", "test"),
+    ("msmarco-dl", "dl19"),
+    ("msmarco-dl", "dl20"),
+)
+HEADLINE_METHODS = ("embeddistill", "embeddistill-dev", "score-only", "peer", "untrained")
+SMALLEST_STUDENT = "minilm-2L-asym"
+# benchmarks/speed_cpu.py's name of each quality-table student's query encoder.
+SPEED_CPU_ENCODERS = {
+    "mpnet-2L-asym": "teacher:2 (asymmetric)",
+    "minilm-asym": "all-MiniLM-L6-v2 + projection (asymmetric)",
+    "minilm-2L-asym": "2-layer MiniLM + projection (asymmetric)",
+    "minilm-sym": "all-MiniLM-L6-v2 + projection (symmetric)",
+}
 RETENTION_CHART = "chart_retention.png"
 SPEED_CHART = "chart_quality_vs_speed.png"
 
@@ -276,6 +293,18 @@ def render_quality(name: str, record: dict) -> list[str]:
     lines += render_query_encoders(record)
     if record.get("unavailable"):
         lines += [f"Not available: {fmt(record['unavailable'])}.", ""]
+    if record.get("notes"):
+        lines += [f"Note: {note}." for note in record["notes"]] + [""]
+    missing = [
+        label
+        for student, label in record["students"].items()
+        if not any(key.startswith(f"{student}/") for key in record["rows"])
+    ]
+    if missing:
+        lines += [f"Students with no row in this table yet: {', '.join(missing)}.", ""]
+    if record.get("invalidated"):
+        invalid = record["invalidated"]
+        lines += [f"Rows left out: {invalid['reason']}. Their nDCG@10 was {fmt(invalid['rows_nDCG@10'])}.", ""]
     if record.get("errors"):
         lines += [f"Rows that failed in the last run (rerun to retry): {fmt(record['errors'])}.", ""]
     return lines
@@ -565,6 +594,12 @@ def retention_series(quality: dict[str, dict], ablation: dict | None) -> dict[st
     return panels
 
 
+def bar_rank(bar: str) -> int:
+    """The table's method order in every panel of the chart; other bars (the ablation's rows) keep theirs."""
+    order = [*HEADLINE_METHODS, "bm25"]
+    return order.index(bar) if bar in order else len(order)
+
+
 def chart_retention(panels: dict, path: Path) -> bool:
     plt = _pyplot()
     if plt is None or not panels:
@@ -573,7 +608,7 @@ def chart_retention(panels: dict, path: Path) -> bool:
     every_bar = list(dict.fromkeys(bar for groups in panels.values() for group in groups.values() for bar in group))
     colour = {bar: f"C{i % 10}" for i, bar in enumerate(every_bar)}  # one colour per method in every panel
     for axis, (panel, groups) in zip(axes[:, 0], panels.items(), strict=True):
-        bars = list(dict.fromkeys(bar for group in groups.values() for bar in group))
+        bars = sorted(dict.fromkeys(bar for group in groups.values() for bar in group), key=bar_rank)
         width = 0.8 / max(1, len(bars))
         for i, bar in enumerate(bars):
             xs = [g + i * width for g, group in enumerate(groups) if bar in groups[group]]
@@ -591,18 +626,29 @@ def chart_retention(panels: dict, path: Path) -> bool:
     return True
 
 
-def speed_points(quality: dict[str, dict], quickstart: dict | None) -> list[tuple[str, float, float]]:
+def cpu_speedup(student: str, described: dict, speed_cpu: dict | None) -> float | None:
+    """The student's query-encoder speed-up over the teacher at batch 1 on the CPU: measured with its table where
+    it was (``--latency-repeats``), else from ``speed_cpu.json`` (tables trained on a GPU measure no CPU latency)."""
+    latency = described.get("latency_cpu_ms", {})
+    if latency:
+        return latency["teacher"]["batch1_ms"] / latency["student"]["batch1_ms"]
+    encoder = (speed_cpu or {}).get("encoders", {}).get(SPEED_CPU_ENCODERS.get(student, ""))
+    return encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
+
+
+def speed_points(
+    quality: dict[str, dict], quickstart: dict | None, speed_cpu: dict | None = None
+) -> list[tuple[str, float, float]]:
     """``(label, speed-up of the query encoder over its teacher at batch 1 on CPU, retention)`` of every distilled
     student that has both numbers."""
     points = []
     for record in quality.values():
         first = record["metrics"][0]
-        for student, described in record.get("query_encoders", {}).items():
-            latency = described.get("latency_cpu_ms", {})
+        for student in record.get("students", {}):
+            speedup = cpu_speedup(student, record.get("query_encoders", {}).get(student, {}), speed_cpu)
             row = record["rows"].get(f"{student}/embeddistill")
-            if not row or not latency:
+            if not row or speedup is None:
                 continue
-            speedup = latency["teacher"]["batch1_ms"] / latency["student"]["batch1_ms"]
             for split, evaluation in row["evaluations"].items():
                 value = evaluation.get("retention", {}).get(first)
                 if value is not None:
@@ -655,6 +701,58 @@ def section(title: str, name: str, data, render: Callable) -> list[str]:
         return lines + render_generic(data)
 
 
+def headline_value(quality: dict[str, dict], row: str, dataset: str, split: str) -> float | None:
+    record = quality.get(f"quality_{dataset}.json")
+    evaluation = record["rows"].get(row, {}).get("evaluations", {}).get(split) if record else None
+    return evaluation["metrics"][record["metrics"][0]] if evaluation else None
+
+
+def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
+    """Every student and method measured on all five sets: nDCG@10 per set, its mean, and the mean's share of the
+    teacher's mean; then the goal (the smallest student: >= 97% of the teacher's mean nDCG@10, a >= 10x cheaper
+    query encoder on the CPU, above the peer and score-only), stated as met or not from these numbers."""
+    sets = [f"{d}/{s}" if d == "msmarco-dl" else d for d, s in HEADLINE_SETS]
+    teacher = [headline_value(quality, "teacher", d, s) for d, s in HEADLINE_SETS]
+    if None in teacher:
+        return []
+    teacher_mean = sum(teacher) / len(teacher)
+    body = [["teacher", "", *map(fmt, teacher), fmt(teacher_mean), "100.0%"]]
+    means: dict[tuple[str, str], list[float]] = {}
+    students = list(dict.fromkeys(s for record in quality.values() for s in record.get("students", {})))
+    for student in students:
+        for method in HEADLINE_METHODS:
+            values = [headline_value(quality, f"{student}/{method}", d, s) for d, s in HEADLINE_SETS]
+            if None in values:
+                continue
+            means[student, method] = values
+            mean = sum(values) / len(values)
+            body.append([student, method, *map(fmt, values), fmt(mean), percent(mean / teacher_mean)])
+    lines = ["### Headline: mean nDCG@10 over the five evaluation sets", ""]
+    lines += table(["student", "method", *sets, "mean", "% of teacher mean"], body)
+    ours = means.get((SMALLEST_STUDENT, "embeddistill"))
+    if ours is None:
+        return lines
+    retention = sum(ours) / len(ours) / teacher_mean
+    goal = [
+        f"Goal, smallest student `{SMALLEST_STUDENT}` with EmbedDistill: {percent(retention)} of the teacher's "
+        f"mean nDCG@10 ({'met' if retention >= 0.97 else 'not met'}: the goal is >= 97%)"
+    ]
+    encoder = (speed_cpu or {}).get("encoders", {}).get(SPEED_CPU_ENCODERS[SMALLEST_STUDENT])
+    if encoder:
+        speedup = encoder["speedup_vs_teacher"]
+        goal.append(
+            f"its query encoder is {times(speedup['batch1_ms'])} faster at batch 1 and {times(speedup['batch32_ms'])} "
+            f"at batch 32 on the CPU (`speed_cpu.json`; goal >= 10x: "
+            f"{'met' if min(speedup.values()) >= 10 else 'not met'})"
+        )
+    for other in ("peer", "score-only"):
+        theirs = means.get((SMALLEST_STUDENT, other))
+        if theirs:
+            wins = sum(a > b for a, b in zip(ours, theirs, strict=True))
+            goal.append(f"above {other} on {wins} of {len(ours)} sets (mean {fmt(sum(theirs) / len(theirs))})")
+    return lines + ["; ".join(goal) + ".", ""]
+
+
 def quality_section(results: dict[str, dict], charts: dict[str, bool]) -> list[str]:
     lines = ["## Quality: students and methods per dataset", ""]
     lines += [
@@ -663,6 +761,9 @@ def quality_section(results: dict[str, dict], charts: dict[str, bool]) -> list[s
         "queries) of the student's EmbedDistill row against that row. `train s` is wall time of training only.",
         "",
     ]
+    lines += headline(
+        {name: data for name, data in results.items() if name.startswith("quality_")}, results.get("speed_cpu.json")
+    )
     if charts.get(RETENTION_CHART):
         lines += [f"![retention per dataset and method](benchmarks/results/{RETENTION_CHART})", ""]
     if charts.get(SPEED_CHART):
@@ -721,7 +822,9 @@ def main(argv: list[str] | None = None) -> int:
         RETENTION_CHART: chart_retention(
             retention_series(quality, results.get("ablation_scifact.json")), folder / RETENTION_CHART
         ),
-        SPEED_CHART: chart_speed(speed_points(quality, results.get("quickstart.json")), folder / SPEED_CHART),
+        SPEED_CHART: chart_speed(
+            speed_points(quality, results.get("quickstart.json"), results.get("speed_cpu.json")), folder / SPEED_CHART
+        ),
     }
     atomic_write_text(args.out, build_document(results, charts))
     logger.info("wrote %s from %d result files; charts: %s", args.out, len(results), charts)

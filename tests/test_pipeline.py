@@ -167,6 +167,25 @@ def test_lstsq_projection_starts_at_the_best_linear_map(tiny_teacher_path):
     np.testing.assert_allclose(projection.linear.weight.detach().numpy(), true_map.T, atol=1e-4)
 
 
+def test_lstsq_projection_ignores_directions_the_student_does_not_use():
+    """A rank-deficient student output (all-MiniLM-L6-v2's is) must not get huge weights on its null directions:
+    they made the first optimiser step blow the student up."""
+    from embeddistill.students import fit_projection, make_projection
+
+    rng = np.random.default_rng(0)
+    used = rng.normal(size=(64, 6))
+    # Two more columns: one constant zero, one a tiny (1e-9) perturbation of another column.
+    student_embeddings = np.hstack([used, np.zeros((64, 1)), used[:, :1] + 1e-9 * rng.normal(size=(64, 1))])
+    teacher_embeddings = rng.normal(size=(64, 5))  # not a linear function of the student's: no exact fit exists
+    projection = make_projection(8, 5)
+    fit_projection(projection, student_embeddings, teacher_embeddings)
+    weight = projection.linear.weight.detach().numpy().astype(np.float64)
+    assert np.abs(weight).max() < 10
+    # On the directions the student does use, it is still the least-squares fit.
+    best, *_ = np.linalg.lstsq(used, teacher_embeddings, rcond=None)
+    np.testing.assert_allclose(student_embeddings @ weight.T, used @ best, atol=1e-4)
+
+
 def test_asymmetric_build_freezes_the_teacher_tower(tiny_teacher_path):
     teacher = load_sentence_transformer(tiny_teacher_path)
     student = build_student("teacher:1", teacher, asymmetric=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,3 +142,44 @@ def test_peer_row_trains_with_sentence_transformers(
     assert peer["training"]["learning_rate"] == 1e-3 and peer["training"]["texts"] > 0
     assert 0.0 <= peer["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0
     assert "mpnet-2L-asym/peer" in record["significance"]["test"]["mpnet-2L-asym"]
+
+
+def test_parallel_processes_fill_one_table(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice):
+    """``quality_parallel.sh``: a teacher process, then one process per student, all writing one table."""
+    arguments = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "unused")
+    arguments = [a for a in arguments if a not in ("--students", "unused")]
+    arguments = arguments[2:]  # the script names the dataset itself
+    environment = {
+        **os.environ,
+        "STUDENTS": "minilm-2L-asym minilm-sym",
+        "METHODS": "untrained embeddistill",
+        "WORK": str(tmp_path / "work"),
+        "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]),
+    }
+    script = BENCHMARKS / "quality_parallel.sh"
+    done = subprocess.run(
+        ["bash", str(script), "scifact", *arguments], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr + "".join(p.read_text() for p in (tmp_path / "work/logs").glob("*"))
+    record = json.loads((tmp_path / "quality.json").read_text())
+    students = ("minilm-2L-asym", "minilm-sym")
+    assert set(record["rows"]) == {"teacher"} | {f"{s}/{m}" for s in students for m in ("untrained", "embeddistill")}
+    assert list(record["students"]) == list(students)  # table order, whichever process wrote first
+    assert len(record["invocations"]) == 3 and set(record["query_encoders"]) == set(students)
+    for student in students:
+        assert set(record["significance"]["test"][student]) == {"teacher", f"{student}/untrained"}
+
+
+def test_dev_chosen_method_needs_its_options_and_records_them():
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--dataset", "scifact", "--teacher", "t", "--minilm", "m", "--methods", "embeddistill-dev"])
+    args = quality.parse_args(
+        ["--dataset", "scifact", "--teacher", "t", "--minilm", "m", "--methods", "embeddistill-dev",
+         "--dev-choice", '{"epochs": 12, "query_em_weight": 0.3}']
+    )  # fmt: skip
+    assert quality.method_options(args, "embeddistill-dev") == {"epochs": 12, "query_em_weight": 0.3}
+    assert quality.method_options(args, "score-only") == {"query_em_weight": 0.0, "document_em_weight": 0.0}
+    assert (
+        "embeddistill-dev"
+        not in quality.parse_args(["--dataset", "scifact", "--teacher", "t", "--minilm", "m"]).methods
+    )

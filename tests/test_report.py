@@ -101,3 +101,36 @@ def test_generic_rendering_tolerates_any_layout():
     lines = report.render_generic({"a": 1, "b": [1, 2], "c": {"d": {"e": 0.5}}, "f": [{"g": 1}, {"h": "x|y"}]})
     text = "\n".join(lines)
     assert "0.5000" in text and "x\\|y" in text
+
+
+def test_headline_means_over_the_five_sets_and_states_the_goal():
+    def record(splits: dict[str, dict[str, float]]) -> dict:
+        rows: dict[str, dict] = {}
+        for split, values in splits.items():
+            for key, value in values.items():
+                rows.setdefault(key, {"evaluations": {}})["evaluations"][split] = {"metrics": {"nDCG@10": value}}
+        return {"metrics": ["nDCG@10"], "rows": rows, "students": {"minilm-2L-asym": "smallest"}}
+
+    def values(teacher, ours, peer):
+        return {"teacher": teacher, "minilm-2L-asym/embeddistill": ours, "minilm-2L-asym/peer": peer}
+
+    quality = {
+        "quality_scifact.json": record({"test": values(0.6, 0.6, 0.5)}),
+        "quality_nfcorpus.json": record({"test": values(0.3, 0.3, 0.4)}),
+        "quality_squad.json": record({"test": values(0.8, 0.7, 0.6)}),
+        "quality_msmarco-dl.json": record({"dl19": values(0.7, 0.6, 0.5), "dl20": values(0.6, 0.6, 0.5)}),
+    }
+    speed = {
+        "encoders": {
+            report.SPEED_CPU_ENCODERS["minilm-2L-asym"]: {"speedup_vs_teacher": {"batch1_ms": 12.0, "batch32_ms": 20.0}}
+        }
+    }
+    text = "\n".join(report.headline(quality, speed))
+    # teacher mean (0.6+0.3+0.8+0.7+0.6)/5 = 0.6; ours (0.6+0.3+0.7+0.6+0.6)/5 = 0.56, 93.3% of it; peer 0.5
+    assert "| teacher |  | 0.6000 | 0.3000 | 0.8000 | 0.7000 | 0.6000 | 0.6000 | 100.0% |" in text
+    assert "| minilm-2L-asym | embeddistill | 0.6000 | 0.3000 | 0.7000 | 0.6000 | 0.6000 | 0.5600 | 93.3% |" in text
+    assert "93.3% of the teacher's mean nDCG@10 (not met" in text
+    assert "12.00x faster at batch 1" in text and "goal >= 10x: met" in text
+    assert "above peer on 4 of 5 sets (mean 0.5000)" in text  # not on NFCorpus
+    del quality["quality_squad.json"]
+    assert report.headline(quality, speed) == []  # no headline without all five sets

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from embeddistill import storage
+from embeddistill import indexing, storage
 from embeddistill.evaluation import score_run
 from embeddistill.indexing import FlatIndex
 from embeddistill.storage import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
@@ -143,7 +143,15 @@ def test_score_run_rr_cutoff():
 # --- exact search ------------------------------------------------------------------------------------------------
 
 
-def test_flat_index_exact_top_k_by_inner_product():
+@pytest.fixture(params=["faiss", "torch fallback"])
+def search_backend(request, monkeypatch):
+    """Both exact-search backends: faiss, and the torch fallback used where faiss is not installed."""
+    if request.param == "torch fallback":
+        monkeypatch.setattr(indexing, "faiss", None)
+    return request.param
+
+
+def test_flat_index_exact_top_k_by_inner_product(search_backend):
     rng = np.random.default_rng(0)
     documents = rng.standard_normal((200, 16)).astype(np.float32)
     queries = rng.standard_normal((7, 16)).astype(np.float32)
@@ -163,7 +171,7 @@ def test_flat_index_exact_top_k_by_inner_product():
         assert list(run[f"q{i}"].values()) == pytest.approx(exact[i, expected_rows[i]].tolist(), abs=1e-5)
 
 
-def test_flat_index_small_batches_and_k_above_size():
+def test_flat_index_small_batches_and_k_above_size(search_backend):
     rng = np.random.default_rng(1)
     documents = rng.standard_normal((5, 4))  # float64 in: converted
     queries = rng.standard_normal((9, 4))

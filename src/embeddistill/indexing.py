@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 try:
     import faiss
@@ -31,8 +32,9 @@ class FlatIndex:
             raise ValueError(f"{len(ids)} ids for {embeddings.shape[0]} embeddings")
         self.ids = list(ids)
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self._torch_embeddings = None
         if faiss is None:
-            logger.warning("faiss is not installed: exact search falls back to numpy")
+            logger.warning("faiss is not installed: exact search falls back to torch (on the GPU where there is one)")
             self.index = None
         else:
             self.index = faiss.IndexFlatIP(embeddings.shape[1])
@@ -44,9 +46,13 @@ class FlatIndex:
     def _search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is not None:
             return self.index.search(queries, k)
-        scores = queries @ self.embeddings.T
-        rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, rows, axis=1), rows
+        if self._torch_embeddings is None:  # moved once: search is called batch by batch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._torch_embeddings = torch.from_numpy(self.embeddings).to(device)
+        documents = self._torch_embeddings
+        scores = torch.from_numpy(queries).to(documents.device) @ documents.T
+        top_scores, rows = torch.topk(scores, k, dim=1)  # not a full sort of every row
+        return top_scores.cpu().numpy(), rows.cpu().numpy()
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(scores, row indices)`` per query, best first."""

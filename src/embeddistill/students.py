@@ -97,14 +97,22 @@ def make_projection(in_features: int, out_features: int) -> Dense:
     return Dense(in_features, out_features, bias=False, activation_function=nn.Identity())
 
 
+PROJECTION_RCOND = 1e-4
+
+
 def fit_projection(projection: Dense, student_embeddings: np.ndarray, teacher_embeddings: np.ndarray) -> None:
     """Initialise the projection by least squares from student to teacher embeddings of the same texts.
 
     A random projection starts the student far from the teacher's space; the least-squares map starts it
     at the best linear alignment, so training spends its steps on the encoder rather than on the map.
+
+    Directions in which the student's embeddings hardly vary (singular values below ``PROJECTION_RCOND`` times the
+    largest) are left out of the fit. Some encoders have them: all-MiniLM-L6-v2's mean-pooled output is
+    rank-deficient, and an exact fit put weights of norm 1e6 on those directions, so that the first optimiser
+    step, however small, blew the student's embeddings up and training collapsed.
     """
     solution, *_ = np.linalg.lstsq(
-        student_embeddings.astype(np.float64), teacher_embeddings.astype(np.float64), rcond=None
+        student_embeddings.astype(np.float64), teacher_embeddings.astype(np.float64), rcond=PROJECTION_RCOND
     )
     with torch.no_grad():
         projection.linear.weight.copy_(torch.from_numpy(solution.T).float())
