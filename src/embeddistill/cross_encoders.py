@@ -45,7 +45,7 @@ from safetensors.numpy import save as save_numpy_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from embeddistill.storage import atomic_write_bytes, atomic_write_json, fingerprint, sha256_file, text_key
+from embeddistill.storage import atomic_write_bytes, atomic_write_json, fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 
@@ -803,29 +803,11 @@ class DualPoolingTrainer:
         logger.info("train-teacher: checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
-        from safetensors.torch import load_file
+        from embeddistill.training import restore_checkpoint
 
-        from embeddistill.data import DataError
-        from embeddistill.training import _restore_optimizer
-
-        state_path = self.checkpoint_dir / "state.json"
-        if not state_path.exists():
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
-            return 0
-        try:
-            state = json.loads(state_path.read_text())
-            weights_name, optimizer_name, rng_name = state["files"]
-            step = int(state["step"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise DataError(state_path, None, f"unreadable checkpoint state ({error!r})") from None
-        for name in state["files"]:
-            path = self.checkpoint_dir / name
-            if not path.is_file() or sha256_file(path) != state["sha256"].get(name):
-                raise DataError(path, None, "missing or corrupt: rerun without --resume")
-        self.model.load_state_dict(load_file(str(self.checkpoint_dir / weights_name), device=str(self.device)))
-        _restore_optimizer(self.optimizer, load_file(str(self.checkpoint_dir / optimizer_name)), state["optimizer"])
-        torch.set_rng_state(load_file(str(self.checkpoint_dir / rng_name))["torch"])
-        logger.info("train-teacher: resumed from step %d", step)
+        step = restore_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.device)
+        if step:
+            logger.info("train-teacher: resumed from step %d", step)
         return step
 
 

@@ -339,28 +339,10 @@ class DistillationTrainer:
         logger.info("checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
-        state_path = self.checkpoint_dir / "state.json"
-        if not state_path.exists():
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
-            return 0
-        try:
-            state = json.loads(state_path.read_text())
-            names = state.get("files") or ["weights.safetensors", "optimizer.safetensors", "rng.safetensors"]
-            weights_name, optimizer_name, rng_name = names
-            step, checksums = int(state["step"]), dict(state["sha256"])
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DataError(state_path, None, f"unreadable checkpoint state ({error!r})") from None
-        for name in names:
-            path = self.checkpoint_dir / name
-            if not path.is_file() or sha256_file(path) != checksums.get(name):
-                problem = "checksum mismatch" if path.is_file() else "missing"
-                raise DataError(path, None, f"{problem}: the checkpoint is corrupt; rerun without --resume")
-        weights = load_file(str(self.checkpoint_dir / weights_name), device=str(self.device))
-        query_modules(self.student).load_state_dict(weights)
-        _restore_optimizer(self.optimizer, load_file(str(self.checkpoint_dir / optimizer_name)), state["optimizer"])
-        torch.set_rng_state(load_file(str(self.checkpoint_dir / rng_name))["torch"])
-        self._truncate_log(step)
-        logger.info("resumed from step %d", step)
+        step = restore_checkpoint(self.checkpoint_dir, query_modules(self.student), self.optimizer, self.device)
+        if step:
+            self._truncate_log(step)
+            logger.info("resumed from step %d", step)
         return step
 
     def _truncate_log(self, step: int) -> None:
@@ -404,6 +386,32 @@ def write_checkpoint(
     for stale in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
         if stale.name not in files:  # older checkpoints and leftovers of a killed save
             stale.unlink(missing_ok=True)
+
+
+def restore_checkpoint(checkpoint_dir: Path, module: torch.nn.Module, optimizer, device: torch.device) -> int:
+    """Load the checkpoint written by ``write_checkpoint`` into ``module``, ``optimizer`` and torch's RNG; return its
+    step (0, with a warning, where there is none). Every file is checked against the checksums in ``state.json``
+    first: a corrupt checkpoint is refused, naming the file, rather than half loaded."""
+    state_path = checkpoint_dir / "state.json"
+    if not state_path.exists():
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
+        return 0
+    try:
+        state = json.loads(state_path.read_text())
+        names = state.get("files") or ["weights.safetensors", "optimizer.safetensors", "rng.safetensors"]
+        weights_name, optimizer_name, rng_name = names
+        step, checksums = int(state["step"]), dict(state["sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(state_path, None, f"unreadable checkpoint state ({error!r})") from None
+    for name in names:
+        path = checkpoint_dir / name
+        if not path.is_file() or sha256_file(path) != checksums.get(name):
+            problem = "checksum mismatch" if path.is_file() else "missing"
+            raise DataError(path, None, f"{problem}: the checkpoint is corrupt; rerun without --resume")
+    module.load_state_dict(load_file(str(checkpoint_dir / weights_name), device=str(device)))
+    _restore_optimizer(optimizer, load_file(str(checkpoint_dir / optimizer_name)), state["optimizer"])
+    torch.set_rng_state(load_file(str(checkpoint_dir / rng_name))["torch"])
+    return step
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
