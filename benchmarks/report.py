@@ -213,14 +213,16 @@ def render_quality_split(record: dict, split: str) -> list[str]:
     first = metrics[0]
     header = ["student", "method", *metrics, f"retention {first}", f"p vs EmbedDistill ({first})", "train s"]
     body = []
+    several_devices = len({row.get("device") for row in rows.values() if row.get("training")}) > 1
     for key, student_label, method_label in quality_row_order(record):
         evaluation = rows[key]["evaluations"][split]
         student = rows[key].get("student")
         p = tests.get(student, {}).get(key, {}).get(first) if student else None
         train = rows[key].get("timings", {}).get("train_seconds") if rows[key].get("training") else None
+        train_cell = fmt(train) + (f" ({rows[key].get('device')})" if several_devices and train is not None else "")
         body.append(
             [student_label, method_label, *(fmt(evaluation["metrics"][m]) for m in metrics)]
-            + [percent(evaluation.get("retention", {}).get(first)), p_value(p), fmt(train)]
+            + [percent(evaluation.get("retention", {}).get(first)), p_value(p), train_cell]
         )
     lines = table(header, body)
     versus = [
