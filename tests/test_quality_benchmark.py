@@ -154,6 +154,7 @@ def test_parallel_processes_fill_one_table(tmp_path, tiny_teacher_path, tiny_stu
         "STUDENTS": "minilm-2L-asym minilm-sym",
         "METHODS": "untrained embeddistill",
         "WORK": str(tmp_path / "work"),
+        "PYTHON": sys.executable,
         "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]),
     }
     script = BENCHMARKS / "quality_parallel.sh"
