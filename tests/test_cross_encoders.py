@@ -249,6 +249,14 @@ FAST_DISTILL = [
 ]
 
 
+def ce_distill_arguments(cross_encoder, first_stage, dataset, out, cache, *extra: str) -> list[str]:
+    """``embeddistill distill --cross-encoder`` on the slice with a ``teacher:2`` student, fast settings last."""
+    return [
+        "distill", "--cross-encoder", cross_encoder, "--first-stage", first_stage, "--student", "teacher:2",
+        "--dataset", str(dataset), "--out", str(out), "--cache-dir", str(cache), *extra, *FAST_DISTILL,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def trained_teacher(tmp_path_factory, tiny_teacher_path, scifact_slice):
     folder = tmp_path_factory.mktemp("train-teacher")
@@ -283,22 +291,7 @@ def test_train_teacher_writes_a_loadable_dual_pooling_ce(trained_teacher, tiny_t
 
 def test_distill_from_cross_encoder_and_rerank_cli(trained_teacher, tiny_teacher_path, scifact_slice, tmp_path):
     out, cache = tmp_path / "run", trained_teacher / "cache"
-    argv = [
-        "distill",
-        "--cross-encoder",
-        str(trained_teacher / "ce"),
-        "--first-stage",
-        tiny_teacher_path,
-        "--student",
-        "teacher:2",
-        "--dataset",
-        str(scifact_slice),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(cache),
-        *FAST_DISTILL,
-    ]
+    argv = ce_distill_arguments(str(trained_teacher / "ce"), tiny_teacher_path, scifact_slice, out, cache)
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for system in ("first_stage", "cross_encoder", "student"):
@@ -344,24 +337,9 @@ def test_distill_from_a_standard_cross_encoder_turns_embedding_matching_off(
     standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
 ):
     out = tmp_path / "run"
-    argv = [
-        "distill",
-        "--cross-encoder",
-        standard_ce_path,
-        "--first-stage",
-        tiny_teacher_path,
-        "--student",
-        "teacher:2",
-        "--dataset",
-        str(scifact_slice),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--margin-mse-weight",
-        "1",
-        *FAST_DISTILL,
-    ]
+    argv = ce_distill_arguments(
+        standard_ce_path, tiny_teacher_path, scifact_slice, out, tmp_path / "cache", "--margin-mse-weight", "1"
+    )
     assert main(argv) == 0
     assert "embedding matching is off" in (out / "distill.log").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -498,28 +476,11 @@ def test_distill_from_a_cross_encoder_with_margin_mse_only(
     standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
 ):
     out = tmp_path / "run"
-    argv = [
-        "distill",
-        "--cross-encoder",
-        standard_ce_path,
-        "--first-stage",
-        tiny_teacher_path,
-        "--student",
-        "teacher:2",
-        "--dataset",
-        str(scifact_slice),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--margin-mse-weight",
-        "1",
-        "--score-weight",
-        "0",
-        "--weight-decay",
-        "0",  # every change of the weights then comes from a gradient, i.e. from Margin-MSE
-        *FAST_DISTILL,
-    ]
+    # No weight decay: every change of the weights then comes from a gradient, i.e. from Margin-MSE.
+    margin_mse_only = ["--margin-mse-weight", "1", "--score-weight", "0", "--weight-decay", "0"]
+    argv = ce_distill_arguments(
+        standard_ce_path, tiny_teacher_path, scifact_slice, out, tmp_path / "cache", *margin_mse_only
+    )
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     weights = metrics["training"]["loss_weights"]
