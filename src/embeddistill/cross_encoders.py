@@ -798,8 +798,7 @@ class DualPoolingTrainer:
     def save_checkpoint(self, step: int) -> None:
         from embeddistill.training import write_checkpoint
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        write_checkpoint(self.checkpoint_dir, step, weights, self.optimizer)
+        write_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer)
         logger.info("train-teacher: checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:

@@ -334,8 +334,7 @@ class DistillationTrainer:
     # -- checkpoints: safetensors + JSON, never pickle ---------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> None:
-        weights = {k: v.detach().cpu().contiguous() for k, v in query_modules(self.student).state_dict().items()}
-        write_checkpoint(self.checkpoint_dir, step, weights, self.optimizer)
+        write_checkpoint(self.checkpoint_dir, step, query_modules(self.student), self.optimizer)
         logger.info("checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
@@ -360,11 +359,11 @@ def _log_step(line: str) -> int:
         return 1 << 62  # a torn last line from a kill is dropped
 
 
-def write_checkpoint(
-    folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
-) -> None:
-    """Write a resumable checkpoint (safetensors + JSON, never pickle): weights, optimizer and RNG state."""
+def write_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write a resumable checkpoint (safetensors + JSON, never pickle): ``module``'s weights, the optimizer and
+    RNG state. ``restore_checkpoint`` reads it back."""
     folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
     # The files of each checkpoint are named by its step, so writing a new checkpoint never touches the files
     # that the current state.json names: a kill at any moment leaves the previous checkpoint whole.
