@@ -277,10 +277,16 @@ def method_options(args: argparse.Namespace, method: str) -> dict:
 
 def row_config(context: Context, student: str, method: str, out: Path) -> DistillConfig:
     options = {**context.base, **student_options(student, context.args.minilm), **method_options(context.args, method)}
-    config = DistillConfig.from_dict({**options, "out": str(out), "resume": True})
-    if config.data != context.prep.config.data:  # the shared training queries must be this row's too
-        raise AssertionError(f"{student}/{method} changes data options; it cannot share the prepared queries")
-    return config
+    return DistillConfig.from_dict({**options, "out": str(out), "resume": True})
+
+
+def row_prep(context: Context, config: DistillConfig, out: Path) -> Prepared:
+    """The shared training queries and teacher embeddings, or the row's own where its options change the training
+    data (a dev-chosen ``crops_per_document``, say); the teacher cache keeps the corpus embeddings shared."""
+    if config.data == context.prep.config.data:
+        return dataclasses.replace(context.prep, config=config)
+    logger.info("%s changes the training data: preparing its own training queries", out.name)
+    return prepare(config, out / "prepare")
 
 
 def evaluate(context: Context, prep: Prepared, student, name: str, own_index: bool | None = None) -> dict:
@@ -294,7 +300,7 @@ def run_method(context: Context, student: str, method: str):
     """Train (or not) one student with one method and score it. Returns the row's record and the student."""
     out = context.work_dir / "rows" / student / method
     out.mkdir(parents=True, exist_ok=True)
-    prep = dataclasses.replace(context.prep, config=row_config(context, student, method, out))
+    prep = row_prep(context, row_config(context, student, method, out), out)
     random.seed(prep.config.training.seed)  # each row starts from the same state, whichever rows ran before it
     torch.manual_seed(prep.config.training.seed)
     started = time.perf_counter()
@@ -326,6 +332,7 @@ def run_method(context: Context, student: str, method: str):
         options={**student_options(student, context.args.minilm), **method_options(context.args, method)},
         asymmetric=prep.config.model.asymmetric,
         training=training,
+        training_queries=prep.query_set.counts,
         timings={"train_seconds": trained - started, "evaluation_seconds": time.perf_counter() - trained},
     )
     return row, model

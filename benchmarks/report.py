@@ -368,6 +368,8 @@ def render_ablation(data: dict) -> list[str]:
 
 def render_defaults(data: dict) -> list[str]:
     lines = [fmt(data.get("purpose")) + f"; teacher {data.get('teacher')}, student {data.get('student')}.", ""]
+    if data.get("summary"):  # many calls of one point each: one table of points, then the commands
+        return lines + render_defaults_summary(data)
     for call in data.get("calls", []):
         lines += [f"`{call.get('command')}` ({call.get('date')}):", ""]
         body = [
@@ -383,6 +385,27 @@ def render_defaults(data: dict) -> list[str]:
         lines += table(["dataset", "options", "teacher nDCG@10", "student nDCG@10", "retention"], body)
     if data.get("chosen"):
         lines += [f"Chosen: {fmt(data['chosen'])}.", ""]
+    return lines
+
+
+def render_defaults_summary(data: dict) -> list[str]:
+    datasets = sorted({dataset for point in data["summary"] for dataset in point["retention_nDCG@10"]})
+    body = [
+        [
+            fmt(point["options"] or "base"),
+            *(percent(point["retention_nDCG@10"].get(dataset)) for dataset in datasets),
+            percent(point["mean_retention_nDCG@10"]),
+            fmt(point["runs"]),
+            ", ".join(f"{d} {percent(low)} to {percent(high)}" for d, (low, high) in point.get("spread", {}).items()),
+        ]
+        for point in data["summary"]
+    ]
+    header = ["options", *(f"{d} retention" for d in datasets), "mean", "runs", "spread of the runs"]
+    lines = ["Retention of the teacher's nDCG@10 on the held-out queries (mean over runs):", ""]
+    lines += table(header, body)
+    if data.get("chosen") is not None:
+        lines += [f"Chosen: {fmt(data['chosen'] or 'base')}.", ""]
+    lines += ["Commands:", ""] + [f"    {call['command']}" for call in data.get("calls", [])] + [""]
     return lines
 
 
@@ -546,6 +569,7 @@ KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "quickstart.json": ("Quickstart", render_quickstart),
     "ablation_scifact.json": ("Ablation (SciFact)", render_ablation),
     "defaults_dev.json": ("Choosing the defaults (held-out training queries)", render_defaults),
+    "defaults_dev_smallest.json": ("Options for the smallest student (held-out training queries)", render_defaults),
     "onnx.json": ("ONNX export", render_onnx),
     "serve.json": ("Serving", render_serve),
     "distributed.json": ("Many GPUs", render_distributed),
@@ -727,13 +751,17 @@ def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
     for student in students:
         for method in HEADLINE_METHODS:
             values = [headline_value(quality, f"{student}/{method}", d, s) for d, s in HEADLINE_SETS]
-            if None in values:
+            if all(value is None for value in values):
+                continue
+            if None in values:  # a mean over fewer sets would not compare with the others
+                body.append([student, method, *(fmt(v) if v is not None else "-" for v in values), "-", "-"])
                 continue
             means[student, method] = values
             mean = sum(values) / len(values)
             body.append([student, method, *map(fmt, values), fmt(mean), percent(mean / teacher_mean)])
     lines = ["### Headline: mean nDCG@10 over the five evaluation sets", ""]
     lines += table(["student", "method", *sets, "mean", "% of teacher mean"], body)
+    lines += ["A row with a set not measured (-) has no mean; the per-dataset tables below say why.", ""]
     ours = means.get((SMALLEST_STUDENT, "embeddistill"))
     if ours is None:
         return lines

@@ -184,3 +184,19 @@ def test_dev_chosen_method_needs_its_options_and_records_them():
         "embeddistill-dev"
         not in quality.parse_args(["--dataset", "scifact", "--teacher", "t", "--minilm", "m"]).methods
     )
+
+
+def test_dev_chosen_row_with_other_training_data_prepares_its_own(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
+):
+    common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "minilm-2L-asym")
+    choice = ["--methods", "embeddistill-dev", "--dev-choice", '{"crops_per_document": 3}']
+    assert quality.main([*common, *choice]) == 0
+    record = json.loads((tmp_path / "quality.json").read_text())
+    row = record["rows"]["minilm-2L-asym/embeddistill-dev"]
+    shared = record["training_queries"]  # the table's: one crop per document (FAST)
+    assert row["options"]["crops_per_document"] == 3
+    # up to three crops per document where the table has one (a short document gives fewer distinct crops)
+    assert 2 * shared["generated"] < row["training_queries"]["generated"] <= 3 * shared["generated"]
+    assert row["training_queries"]["labelled"] == shared["labelled"]
+    assert 0.0 <= row["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0

@@ -132,5 +132,30 @@ def test_headline_means_over_the_five_sets_and_states_the_goal():
     assert "93.3% of the teacher's mean nDCG@10 (not met" in text
     assert "12.00x faster at batch 1" in text and "goal >= 10x: met" in text
     assert "above peer on 4 of 5 sets (mean 0.5000)" in text  # not on NFCorpus
+    quality["quality_scifact.json"]["rows"]["minilm-2L-asym/score-only"] = {
+        "evaluations": {"test": {"metrics": {"nDCG@10": 0.55}}}
+    }  # measured on SciFact only: shown, with no mean and no part in the goal
+    text = "\n".join(report.headline(quality, speed))
+    assert "| minilm-2L-asym | score-only | 0.5500 | - | - | - | - | - | - |" in text
+    assert "above score-only" not in text
     del quality["quality_squad.json"]
     assert report.headline(quality, speed) == []  # no headline without all five sets
+
+
+def test_defaults_summary_shows_each_point_its_runs_and_the_choice():
+    data = {
+        "purpose": "choose",
+        "calls": [{"command": "python benchmarks/choose_defaults.py --points '[{}]'"}],
+        "summary": [
+            {"options": {"epochs": 12}, "retention_nDCG@10": {"a": 0.95, "b": 0.93}, "mean_retention_nDCG@10": 0.94,
+             "runs": {"a": 1, "b": 1}},
+            {"options": {}, "retention_nDCG@10": {"a": 0.925, "b": 0.92}, "mean_retention_nDCG@10": 0.9225,
+             "runs": {"a": 2, "b": 2}, "spread": {"a": [0.92, 0.93], "b": [0.91, 0.93]}},
+        ],
+        "chosen": {"epochs": 12},
+    }  # fmt: skip
+    text = "\n".join(report.render_defaults(data))
+    assert "| options | a retention | b retention | mean | runs | spread of the runs |" in text
+    assert "| epochs: 12 | 95.0% | 93.0% | 94.0% | a: 1, b: 1 |  |" in text
+    assert "| base | 92.5% | 92.0% | 92.2% | a: 2, b: 2 | a 92.0% to 93.0%, b 91.0% to 93.0% |" in text
+    assert "Chosen: epochs: 12." in text and "    python benchmarks/choose_defaults.py" in text
