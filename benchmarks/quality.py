@@ -20,7 +20,8 @@ by its own trainer on the same initialised student, queries and epochs; a symmet
 corpus documents with the teacher's document embeddings as labels, as our document EM sees documents); ``untrained``
 (the student as built, its projection fitted by least squares on the training queries, no training);
 ``embeddistill-dev`` (only when asked, with ``--dev-choice JSON``: EmbedDistill with options chosen on held-out
-training queries by ``benchmarks/choose_defaults.py``, recorded in the row); ``teacher`` and ``bm25`` (the dataset
+training queries by ``benchmarks/choose_defaults.py``, recorded in the row; where they change the training
+data, more crops say, the row prepares its own queries and records their counts); ``teacher`` and ``bm25`` (the dataset
 folder's ``runs/SPLIT.BM25.*.trec``, where present) are rows of the table too. Every row is scored by ir_measures on
 the dataset's official qrels; EmbedDistill is compared with every other row of its table by a paired permutation
 test on the same queries.
