@@ -276,8 +276,13 @@ def method_options(args: argparse.Namespace, method: str) -> dict:
     return {**METHODS[method][1], **(args.dev_choice if method == DEV_CHOSEN else {})}
 
 
+def row_options(context: Context, student: str, method: str) -> dict:
+    """The row's own distill options (recorded in the row): its student's, then its method's."""
+    return {**student_options(student, context.args.minilm), **method_options(context.args, method)}
+
+
 def row_config(context: Context, student: str, method: str, out: Path) -> DistillConfig:
-    options = {**context.base, **student_options(student, context.args.minilm), **method_options(context.args, method)}
+    options = {**context.base, **row_options(context, student, method)}
     return DistillConfig.from_dict({**options, "out": str(out), "resume": True})
 
 
@@ -330,7 +335,7 @@ def run_method(context: Context, student: str, method: str):
         student=student,
         method=method,
         label=METHODS[method][0],
-        options={**student_options(student, context.args.minilm), **method_options(context.args, method)},
+        options=row_options(context, student, method),
         asymmetric=prep.config.model.asymmetric,
         training=training,
         training_queries=prep.query_set.counts,

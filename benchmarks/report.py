@@ -655,13 +655,18 @@ def chart_retention(panels: dict, path: Path) -> bool:
     return True
 
 
+def speed_cpu_encoder(student: str, speed_cpu: dict | None) -> dict | None:
+    """The quality-table student's query encoder as ``speed_cpu.json`` measured it, if it did."""
+    return (speed_cpu or {}).get("encoders", {}).get(SPEED_CPU_ENCODERS.get(student, ""))
+
+
 def cpu_speedup(student: str, described: dict, speed_cpu: dict | None) -> float | None:
     """The student's query-encoder speed-up over the teacher at batch 1 on the CPU: measured with its table where
     it was (``--latency-repeats``), else from ``speed_cpu.json`` (tables trained on a GPU measure no CPU latency)."""
     latency = described.get("latency_cpu_ms", {})
     if latency:
         return latency["teacher"]["batch1_ms"] / latency["student"]["batch1_ms"]
-    encoder = (speed_cpu or {}).get("encoders", {}).get(SPEED_CPU_ENCODERS.get(student, ""))
+    encoder = speed_cpu_encoder(student, speed_cpu)
     return encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
 
 
@@ -770,7 +775,7 @@ def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
         f"Goal, smallest student `{SMALLEST_STUDENT}` with EmbedDistill: {percent(retention)} of the teacher's "
         f"mean nDCG@10 ({'met' if retention >= 0.97 else 'not met'}: the goal is >= 97%)"
     ]
-    encoder = (speed_cpu or {}).get("encoders", {}).get(SPEED_CPU_ENCODERS[SMALLEST_STUDENT])
+    encoder = speed_cpu_encoder(SMALLEST_STUDENT, speed_cpu)
     if encoder:
         speedup = encoder["speedup_vs_teacher"]
         goal.append(
