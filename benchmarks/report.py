@@ -471,6 +471,33 @@ def render_distributed(data: dict) -> list[str]:
     return lines + table(["run", "training queries/s", "teacher documents/s"], body)
 
 
+def render_symmetric_documents(data: dict) -> list[str]:
+    ways = {
+        "padded_batch": "one padded batch, tokenized each step",
+        "sorted_chunks_cached_tokens": "sorted chunks, cached",
+    }
+    body = [
+        [
+            label,
+            fmt(data[key]["tokenize_seconds"]),
+            fmt(data[key]["forward_backward_seconds"]),
+            f"{data[key]['tokens_run']:,}",
+        ]
+        for key, label in ways.items()
+    ]
+    lengths = data["token_lengths"]
+    lines = [
+        f"{data['documents']} {data['dataset']} passages (mean {fmt(lengths['mean'])} tokens, longest "
+        f"{lengths['max']}), {data['student']}, forward and backward on the CPU; median seconds.",
+        "",
+    ]
+    closing = [
+        f"Speed-up {times(data['speedup'])}; largest embedding difference {fmt(data['max_abs_embedding_difference'])}.",
+        "",
+    ]
+    return lines + table(["documents", "tokenize s", "forward+backward s", "tokens run"], body) + closing
+
+
 def render_querygen(data: dict) -> list[str]:
     runs = [*data.get("runs", {}).values(), data.get("throughput", {})]
     lines = [f"`{run['command']}` ({run.get('device')}, {run.get('date')})" for run in runs if run.get("command")]
@@ -577,6 +604,7 @@ KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "cross_encoder.json": ("Cross-encoder teachers", render_cross_encoder),
     "speed_cpu.json": ("Speed on CPU", render_speed_cpu),
     "speed_gpu.json": ("Speed on GPU", render_speed_gpu),
+    "symmetric_documents.json": ("Symmetric training: a step's documents", render_symmetric_documents),
 }
 EXPECTED = ("querygen.json", "cross_encoder.json", "speed_cpu.json", "speed_gpu.json")  # said when missing
 

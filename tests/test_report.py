@@ -59,6 +59,14 @@ def test_querygen_section_shows_every_row_and_the_sparse_recovery():
     assert report.fmt(data["throughput"]["generators"]["lm"]["queries_per_second"]) in text
 
 
+def test_symmetric_documents_section_shows_both_ways_and_the_speedup():
+    data = json.loads((BENCHMARKS / "results" / "symmetric_documents.json").read_text())
+    text = "\n".join(report.render_symmetric_documents(data))
+    for way in ("padded_batch", "sorted_chunks_cached_tokens"):
+        assert f"| {report.fmt(data[way]['forward_backward_seconds'])} | {data[way]['tokens_run']:,} |" in text
+    assert report.times(data["speedup"]) in text
+
+
 def test_report_renders_known_generic_and_missing_files(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(

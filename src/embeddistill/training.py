@@ -160,6 +160,7 @@ class DistillationTrainer:
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
         self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
         self.generated = torch.from_numpy(queries.generated).to(self.device)
+        self.document_tokens = DocumentTokens(documents.texts, self.encoder.tokenizer, self.encoder.max_length)
         self.checkpoint_dir = self.out / "checkpoint"
         self.log_path = self.out / "train_log.jsonl"
 
@@ -181,11 +182,8 @@ class DistillationTrainer:
         """
         start, stop = distributed.shard_bounds(len(rows))
         if stop > start:
-            texts = [self.documents.texts[r] for r in rows[start:stop]]
-            features = self.encoder.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
-            )
-            local = self.tower({k: v.to(self.device) for k, v in features.items()})["sentence_embedding"].float()
+            token_ids = self.document_tokens.of(rows[start:stop])
+            local = embed_by_length(self.tower, token_ids, self.encoder.tokenizer, self.device)
         else:  # fewer candidates than ranks: this rank embeds none
             local = torch.zeros(0, self.teacher_documents.shape[1], device=self.device)
         sizes = [b - a for a, b in (distributed.shard_bounds(len(rows), r) for r in range(distributed.world_size()))]
@@ -350,6 +348,72 @@ class DistillationTrainer:
             return
         kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _log_step(line) < step]
         atomic_write_bytes(self.log_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+class DocumentTokens:
+    """Token ids of a corpus' documents, each tokenized once, on first use.
+
+    Symmetric students embed the same candidate documents every epoch; tokenizing a batch's ~600 texts again each
+    step is CPU time the GPU waits for (0.1 s for MS MARCO passages, 0.24 s for SciFact abstracts on one core).
+    """
+
+    def __init__(self, texts: list[str], tokenizer, max_length: int):
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+        self._ids: dict[int, np.ndarray] = {}
+
+    def of(self, rows) -> list[np.ndarray]:
+        rows = [int(r) for r in rows]
+        missing = [r for r in dict.fromkeys(rows) if r not in self._ids]
+        if missing:
+            encoded = self.tokenizer([self.texts[r] for r in missing], truncation=True, max_length=self.max_length)
+            ids_of = zip(missing, encoded["input_ids"], strict=True)
+            self._ids.update((r, np.asarray(ids, dtype=np.int32)) for r, ids in ids_of)
+        return [self._ids[r] for r in rows]
+
+
+def pad_token_ids(token_ids: list[np.ndarray], tokenizer) -> dict[str, torch.Tensor]:
+    """The features ``tokenizer(texts, padding=True)`` gives for texts already tokenized into ``token_ids``."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = np.full((len(token_ids), width), tokenizer.pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(token_ids), width), dtype=np.int64)
+    for row, ids in enumerate(token_ids):
+        span = slice(width - len(ids), width) if tokenizer.padding_side == "left" else slice(0, len(ids))
+        input_ids[row, span], attention_mask[row, span] = ids, 1
+    features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if "token_type_ids" in tokenizer.model_input_names:  # one text per row: segment 0 throughout, padding too
+        features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+    return features
+
+
+def length_chunks(sorted_lengths: list[int], chunk_tokens: int) -> list[slice]:
+    """Consecutive spans of ascending ``sorted_lengths``, each at most ``chunk_tokens`` padded (or one text)."""
+    chunks, start = [], 0
+    while start < len(sorted_lengths):
+        stop = start + 1  # lengths ascend, so a span's padded size is its count times its last length
+        while stop < len(sorted_lengths) and (stop + 1 - start) * sorted_lengths[stop] <= chunk_tokens:
+            stop += 1
+        chunks.append(slice(start, stop))
+        start = stop
+    return chunks
+
+
+def embed_by_length(
+    tower: torch.nn.Module, token_ids: list[np.ndarray], tokenizer, device: torch.device, chunk_tokens: int = 32768
+) -> torch.Tensor:
+    """``tower``'s fp32 embeddings of tokenized texts (in their order), run in chunks of similar length.
+
+    Padding a whole candidate set to its longest text wastes most of the work where lengths vary (MS MARCO
+    passages: 20 to 256 tokens); sorted chunks pad each text only to its neighbours' length. A chunk holds up to
+    ``chunk_tokens`` tokens with padding: few chunks, since each forward pass costs CPU time to launch. The
+    embeddings and their gradients are the same, since padding is masked out.
+    """
+    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+    parts = []
+    for chunk in length_chunks([len(token_ids[i]) for i in order], chunk_tokens):
+        features = pad_token_ids([token_ids[i] for i in order[chunk]], tokenizer)
+        parts.append(tower({k: v.to(device) for k, v in features.items()})["sentence_embedding"])
+    restore = torch.from_numpy(np.argsort(order)).to(device)
+    return torch.cat(parts).float()[restore]
 
 
 def _log_step(line: str) -> int:
