@@ -5,11 +5,13 @@ The chunks only drop padding: embeddings, their order and the gradients must equ
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from embeddistill.students import QueryEncoder
 from embeddistill.teachers import load_sentence_transformer
-from embeddistill.training import DocumentTokens, embed_by_length, length_chunks
+from embeddistill.training import DocumentTokens, embed_by_length, length_chunks, pad_token_ids
 
 TEXTS = [" ".join(["protein", "cell", "mice", "bone"][: 1 + i % 4] * (1 + (7 * i) % 9)) + f" {i}" for i in range(11)]
 
@@ -48,3 +50,10 @@ def test_length_chunks_pad_at_most_the_budget_and_keep_an_overlong_text_alone():
     assert [(c.start, c.stop) for c in chunks] == [(0, 3), (3, 4), (4, 5), (5, 6)]
     assert length_chunks([5] * 4, chunk_tokens=100) == [slice(0, 4)]
     assert length_chunks([], chunk_tokens=10) == []
+
+
+def test_padding_without_a_padding_token_is_a_clear_error(tiny_teacher_path):
+    tokenizer = QueryEncoder.of(load_sentence_transformer(tiny_teacher_path)).tokenizer
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no padding token"):
+        pad_token_ids([np.array([101, 7, 102])], tokenizer)

@@ -373,6 +373,8 @@ class DocumentTokens:
 
 def pad_token_ids(token_ids: list[np.ndarray], tokenizer) -> dict[str, torch.Tensor]:
     """The features ``tokenizer(texts, padding=True)`` gives for texts already tokenized into ``token_ids``."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the student's tokenizer ({type(tokenizer).__name__}) has no padding token to batch with")
     width = max(len(ids) for ids in token_ids)
     input_ids = np.full((len(token_ids), width), tokenizer.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(token_ids), width), dtype=np.int64)
