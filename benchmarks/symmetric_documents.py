@@ -27,7 +27,7 @@ from sentence_transformers import SentenceTransformer
 
 from embeddistill.data import resolve_dataset
 from embeddistill.storage import atomic_write_json
-from embeddistill.training import DocumentTokens, embed_by_length, length_chunks
+from embeddistill.training import CHUNK_TOKENS, DocumentTokens, embed_by_length, length_chunks
 
 
 def read_passages(dataset: str, count: int, seed: int) -> list[str]:
@@ -83,7 +83,7 @@ def main() -> None:
         seconds, embeddings = timed(sorted_chunks)
         after.append(seconds)
         difference = max(difference, float((embeddings - reference).abs().max()))
-    chunk_tokens = sum((c.stop - c.start) * lengths[c.stop - 1] for c in length_chunks(lengths, 32768))
+    chunk_tokens = sum((c.stop - c.start) * lengths[c.stop - 1] for c in length_chunks(lengths, CHUNK_TOKENS))
     result = {
         "command": f"python benchmarks/symmetric_documents.py --dataset {args.dataset} --documents {args.documents} "
         f"--repeats {args.repeats} --out {args.out}",

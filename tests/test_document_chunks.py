@@ -36,6 +36,7 @@ def test_sorted_chunks_give_the_same_embeddings_in_order_and_the_same_gradients(
     tokenizer = QueryEncoder.of(load_sentence_transformer(tiny_teacher_path)).tokenizer
     lengths = [len(ids) for ids in tokenizer(TEXTS)["input_ids"]]
     assert lengths != sorted(lengths) and len(set(lengths)) > 3  # the chunks reorder texts and differ in padding
+    assert len(length_chunks(sorted(lengths), 60)) > 2
 
     expected, expected_gradient = embeddings_and_gradient(tiny_teacher_path, one_batch)
     embeddings, gradient = embeddings_and_gradient(tiny_teacher_path, chunks)

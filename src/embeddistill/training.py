@@ -30,6 +30,7 @@ from embeddistill.storage import atomic_write_bytes, atomic_write_json, sha256_f
 from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, trainable_parameters
 
 logger = logging.getLogger(__name__)
+CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
 
 
 @dataclass
@@ -400,7 +401,11 @@ def length_chunks(sorted_lengths: list[int], chunk_tokens: int) -> list[slice]:
 
 
 def embed_by_length(
-    tower: torch.nn.Module, token_ids: list[np.ndarray], tokenizer, device: torch.device, chunk_tokens: int = 32768
+    tower: torch.nn.Module,
+    token_ids: list[np.ndarray],
+    tokenizer,
+    device: torch.device,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> torch.Tensor:
     """``tower``'s fp32 embeddings of tokenized texts (in their order), run in chunks of similar length.
 
