@@ -589,6 +589,15 @@ def render_speed_gpu(data: dict) -> list[str]:
         [name, fmt(r["queries_per_second"]), percent(r["share_of_peak"])] for name, r in data["train"]["runs"].items()
     ]
     lines += table(["training", "queries/s", "share of peak"], body)
+    symmetric = data["symmetric"]
+    body = [[name, fmt(r["steps_per_second"]), fmt(r["queries_per_second"])] for name, r in symmetric["runs"].items()]
+    lines += table(["symmetric training (attention kernels)", "steps/s", "queries/s"], body)
+    lines += [
+        f"Symmetric: {symmetric['student']}, {symmetric['batch']} queries and about "
+        f"{symmetric['candidate_passages_per_step']} candidate passages a step; ours over PyTorch's kernels "
+        f"{fmt(symmetric['speedup'])}x.",
+        "",
+    ]
     return lines + [f"Ours over sentence-transformers: {fmt(data.get('summary'))}.", ""]
 
 

@@ -13,6 +13,10 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
   8 hard-negative candidates, plus embedding matching) vs ``SentenceTransformerTrainer`` with
   sentence-transformers' ``EmbedDistillLoss`` (embedding matching, L2), same student, batch, queries (real SciFact
   queries, cycled), bf16 autocast, word embeddings frozen in both;
+* ``symmetric``: steps/second of ``DistillationTrainer`` with a symmetric all-MiniLM-L6-v2-shaped student (+ a
+  384 -> 768 projection), which embeds each step's (up to 576) candidate passages itself (MS MARCO DL pool passages, the
+  default batch of 64 queries + 8 hard negatives each), two ways, interleaved: attention through whichever kernel
+  PyTorch picks (cuDNN's on Hopper), as the trainer once ran, and through ``training.TRAINING_ATTENTION``;
 * ``tokenization``: ms/document of the fast path's tokenisation (Rust ``encode_batch``) and of the model's own
   ``preprocess``, which it replaced;
 * achieved FLOP/s of each, counted analytically from the real token counts (matmuls only, padding not counted),
@@ -41,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 
-from embeddistill import encoding
+from embeddistill import encoding, training
 from embeddistill.config import TrainingConfig
 from embeddistill.losses import EmbedDistillLoss
 from embeddistill.students import build_student, query_modules, query_tokenizer
@@ -57,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=".device/configs", help="folder holding all-mpnet-base-v2/ (no weights)")
     parser.add_argument("--data", default=".device/data/scifact", help="SciFact: corpus.jsonl(.gz), queries.jsonl")
+    parser.add_argument("--passages", default=".device/data/msmarco-dl-pool", help="MS MARCO DL pool (symmetric)")
+    parser.add_argument("--passage-count", type=int, default=5000, help="pool passages the symmetric run draws from")
+    parser.add_argument("--symmetric-steps", type=int, default=30, help="timed steps per way and repeat")
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--encode-batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -71,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.encode_batch_sizes, args.repeats = [4], 1
         args.train_batch, args.warmup_steps, args.steps = 8, 1, 2
+        args.passage_count, args.symmetric_steps = 48, 2
     return args
 
 
@@ -102,7 +111,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def scifact_texts(folder: Path) -> tuple[list[str], list[str]]:
+def beir_texts(folder: Path) -> tuple[list[str], list[str]]:
     """(documents as "title text", the BEIR convention of embeddistill.data; all query texts)."""
     corpus = read_jsonl(folder / "corpus.jsonl")
     documents = [f"{d.get('title', '').strip()} {d['text'].strip()}".strip() for d in corpus]
@@ -384,6 +393,58 @@ def bench_training(args, teacher, query_texts: list[str], peak: float | None, de
     }
 
 
+def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], device: str, work: Path) -> dict:
+    """Steps/second of our trainer with a symmetric MiniLM-shaped student, PyTorch's attention kernels vs ours."""
+    folder = Path(args.configs) / "all-MiniLM-L6-v2"
+    random_sentence_transformer(folder, work, "cpu", args.smoke, seed=1)  # saved as work / folder.name
+    config = TrainingConfig(epochs=1, device=device, precision="bf16" if device == "cuda" else "fp32")
+    config.checkpoint_every = 0
+    ours = training.TRAINING_ATTENTION
+    ways = {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
+    repeats, n = 2, args.symmetric_steps
+    steps = args.warmup_steps + repeats * len(ways) * n
+    dim = teacher.get_sentence_embedding_dimension()
+    queries = training_queries(query_texts, config.batch_size * steps, documents=len(passages), dim=dim)
+    documents = Documents(passages, unit_vectors(np.random.default_rng(1), len(passages), dim))
+    student = build_student(str(work / folder.name), teacher, asymmetric=False, device=device)
+    trainer = DistillationTrainer(
+        student, queries, documents, EmbedDistillLoss(), config, hard_negatives=args.hard_negatives, out=work / "sym"
+    )
+    trainer.document_tokens.of(range(len(passages)))  # tokenized once per run: after the first epoch, all are
+    torch.manual_seed(0)
+    query_modules(student).train()
+    for step in range(args.warmup_steps):
+        trainer.step(step)
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    step = args.warmup_steps
+    for _ in range(repeats):  # interleaved
+        for way, kernels in ways.items():
+            training.TRAINING_ATTENTION = kernels  # read by the trainer at each step
+            first = step
+            seconds[way].append(timed(lambda first=first: [trainer.step(s) for s in range(first, first + n)])[0])
+            step += n
+    training.TRAINING_ATTENTION = ours
+    candidates = trainer.batcher.batch(args.warmup_steps)["documents"]
+    runs = {
+        way: {
+            "steps_per_second": n / min(times),
+            "queries_per_second": config.batch_size * n / min(times),
+            "seconds": times,
+        }
+        for way, times in seconds.items()
+    }
+    return {
+        "runs": runs,
+        "student": "all-MiniLM-L6-v2 architecture, random weights, + 384 -> 768 projection, symmetric",
+        "batch": config.batch_size,
+        "hard_negatives": args.hard_negatives,
+        "candidate_passages_per_step": len(candidates),
+        "passages": len(passages),
+        "steps_per_way_and_repeat": n,
+        "speedup": runs["training_attention"]["steps_per_second"] / runs["pytorch_attention"]["steps_per_second"],
+    }
+
+
 def versions() -> dict:
     import sentence_transformers
     import transformers
@@ -404,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    documents, query_texts = scifact_texts(Path(args.data))
+    documents, query_texts = beir_texts(Path(args.data))
+    passages, passage_queries = beir_texts(Path(args.passages))
+    passages = passages[: args.passage_count]
     if args.smoke:
         documents, query_texts = documents[:48], query_texts[:64]
     work = Path(tempfile.mkdtemp(prefix="speed-gpu-"))
@@ -426,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             forward_flops_corpus=flops,
         )
         train = bench_training(args, teacher_bf16.float(), query_texts, peak["tflops"], device, work)
+        symmetric = bench_symmetric(args, teacher_bf16, passages, passage_queries, device, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     largest = max(args.encode_batch_sizes)
@@ -435,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         / runs[f"sentence_transformers_bs{largest}"]["documents_per_second"],
         "train_ours_over_sentence_transformers": train["runs"]["ours_distillation_trainer"]["queries_per_second"]
         / train["runs"]["sentence_transformers_trainer"]["queries_per_second"],
+        "symmetric_training_attention_over_pytorch": symmetric["speedup"],
     }
     result = {
         "benchmark": "speed_gpu",
@@ -447,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_matmul_peak": peak,
         "encode": encode,
         "train": train,
+        "symmetric": symmetric,
         "summary": summary,
     }
     out = Path(args.out)

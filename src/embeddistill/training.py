@@ -9,6 +9,7 @@ exactly where a run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from embeddistill import distributed
@@ -31,6 +33,11 @@ from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, tr
 
 logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
+# cuDNN's fused attention, PyTorch's first choice in bf16 on Hopper, builds a plan on the CPU for each new input shape
+# (about 5 ms a call), and training meets new shapes nearly every step (chunks of documents of varying count and
+# width): the other fused kernels need no plan. 3.9x the steps per second of a symmetric MiniLM student on an H100
+# (benchmarks/results/speed_gpu.json, "symmetric").
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -172,8 +179,12 @@ class DistillationTrainer:
         remaining = max(1, self.total_steps - warmup)
         return self.config.learning_rate * max(0.0, (self.total_steps - step) / remaining)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def _forward_context(self):
+        """bf16 autocast where the precision asks for it, attention through ``TRAINING_ATTENTION``'s kernels."""
+        context = contextlib.ExitStack()
+        context.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"))
+        context.enter_context(sdpa_kernel(TRAINING_ATTENTION))
+        return context
 
     def _embed_documents(self, rows: np.ndarray) -> torch.Tensor:
         """The student's fp32 embeddings of documents ``rows`` (symmetric students).
@@ -200,7 +211,7 @@ class DistillationTrainer:
         texts = [self.queries.texts[r] for r in rows]
         index = torch.from_numpy(rows).to(self.device)
         anchor_columns = torch.from_numpy(batch["anchor_columns"][local]).to(self.device)
-        with self._autocast():
+        with self._forward_context():
             student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
             teacher_queries = self.teacher_queries[index]
             # Asymmetric: the candidates are the teacher's constant document embeddings, which every rank holds, so
@@ -608,7 +619,7 @@ class CrossEncoderDistillationTrainer(DistillationTrainer):
         columns = torch.from_numpy(batch["columns"]).to(self.device)
         document_columns = torch.from_numpy(batch["document_columns"]).to(self.device)
         zeros = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        with self._autocast():
+        with self._forward_context():
             texts = [self.queries.texts[r] for r in rows]
             student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
             student_documents = self._embed_documents(batch["documents"])
