@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import random
 import statistics
@@ -25,15 +24,13 @@ import torch
 from _common import environment, local_model
 from sentence_transformers import SentenceTransformer
 
-from embeddistill.data import resolve_dataset
+from embeddistill.data import load_corpus, resolve_dataset
 from embeddistill.storage import atomic_write_json
 from embeddistill.training import CHUNK_TOKENS, DocumentTokens, embed_by_length, length_chunks
 
 
 def read_passages(dataset: str, count: int, seed: int) -> list[str]:
-    with open(resolve_dataset(dataset) / "corpus.jsonl", encoding="utf-8") as corpus:
-        rows = [json.loads(line) for line in corpus]
-    texts = [f"{row.get('title', '')} {row['text']}".strip() for row in rows]
+    texts = list(load_corpus(resolve_dataset(dataset) / "corpus.jsonl").values())
     return random.Random(seed).sample(texts, count)
 
 

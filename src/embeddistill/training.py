@@ -33,9 +33,9 @@ from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, tr
 
 logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
-# cuDNN's fused attention, PyTorch's first choice in bf16 on Hopper, builds a plan on the CPU for each new input shape
-# (about 5 ms a call), and training meets new shapes nearly every step (chunks of documents of varying count and
-# width): the other fused kernels need no plan. 3.9x the steps per second of a symmetric MiniLM student on an H100
+# cuDNN's fused attention, PyTorch's first choice in bf16 on Hopper, builds a plan on the CPU for each new input shape,
+# and training meets new shapes nearly every step (chunks of documents of varying count and width): the other fused
+# kernels need no plan. 3.9x the steps per second of a symmetric MiniLM student on an H100
 # (benchmarks/results/speed_gpu.json, "symmetric").
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
