@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import sdpa_kernel
+
+from embeddistill.training import TRAINING_ATTENTION
 
 REPO = Path(__file__).resolve().parents[1]
 GET_MODELS = REPO.parent / "shared" / "models" / "get-models"
@@ -59,9 +62,12 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
         logging_steps=50,
     )
     started = time.perf_counter()
-    SentenceTransformerTrainer(
+    trainer = SentenceTransformerTrainer(
         model=student, args=args, train_dataset=train, loss=EmbedDistillLoss(student, distance_metric="l2")
-    ).train()
+    )
+    # The same attention kernels as our trainer: cuDNN's would plan each new batch shape on the CPU (see training.py)
+    with sdpa_kernel(TRAINING_ATTENTION):
+        trainer.train()
     return time.perf_counter() - started
 
 

@@ -598,7 +598,27 @@ def render_speed_gpu(data: dict) -> list[str]:
         f"{fmt(symmetric['speedup'])}x.",
         "",
     ]
-    return lines + [f"Ours over sentence-transformers: {fmt(data.get('summary'))}.", ""]
+    dual = data.get("dual_pooling")
+    if dual:
+        body = [
+            [
+                way,
+                fmt(dual["training"][way]["steps_per_second"]),
+                " / ".join(fmt(t) for t in dual["training"][way]["seconds"]),
+                fmt(dual["scoring"][way]["pairs_per_second"]),
+            ]
+            for way in dual["training"]
+        ]
+        lines += table(
+            ["dual-pooling CE (attention kernels)", "training steps/s", "seconds per repeat", "scoring pairs/s"], body
+        )
+        lines += [
+            f"Model: {dual['model']}; {dual['batch']} queries x {dual['group_size']} documents a training "
+            f"step ({dual['steps_per_way_and_repeat']} steps a repeat, each way's faster repeat counted), "
+            f"{dual['scored_pairs']} pairs scored after an untimed warm-up.",
+            "",
+        ]
+    return lines + [f"Ratios: {fmt(data.get('summary'))}.", ""]
 
 
 KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
@@ -788,6 +808,7 @@ def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
         return []
     teacher_mean = sum(teacher) / len(teacher)
     body = [["teacher", "", *map(fmt, teacher), fmt(teacher_mean), "100.0%"]]
+    incomplete = False
     means: dict[tuple[str, str], list[float]] = {}
     students = list(dict.fromkeys(s for record in quality.values() for s in record.get("students", {})))
     for student in students:
@@ -796,6 +817,7 @@ def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
             if all(value is None for value in values):
                 continue
             if None in values:  # a mean over fewer sets would not compare with the others
+                incomplete = True
                 body.append([student, method, *(fmt(v) if v is not None else "-" for v in values), "-", "-"])
                 continue
             means[student, method] = values
@@ -803,7 +825,8 @@ def headline(quality: dict[str, dict], speed_cpu: dict | None) -> list[str]:
             body.append([student, method, *map(fmt, values), fmt(mean), percent(mean / teacher_mean)])
     lines = ["### Headline: mean nDCG@10 over the five evaluation sets", ""]
     lines += table(["student", "method", *sets, "mean", "% of teacher mean"], body)
-    lines += ["A row with a set not measured (-) has no mean; the per-dataset tables below say why.", ""]
+    if incomplete:
+        lines += ["A row with a set not measured (-) has no mean; the per-dataset tables below say why.", ""]
     ours = means.get((SMALLEST_STUDENT, "embeddistill"))
     if ours is None:
         return lines

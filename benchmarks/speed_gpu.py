@@ -7,8 +7,9 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
 * ``peak``: the card's bf16 matmul rate (large square ``torch.matmul``), the yardstick for FLOP/s shares;
 * ``encode``: documents/second embedding the SciFact corpus (256 tokens max), teacher weights in bf16, with
   ``SentenceTransformer.encode_document`` and with ours (:func:`embeddistill.encoding.encode`, the path the teacher
-  cache takes; also end to end through ``EmbeddingCache.embed``, shard writes included, and without the SDPA
-  attention), interleaved repeats, plus the largest difference between the two paths' embeddings;
+  cache takes; also end to end through ``EmbeddingCache.embed``, shard writes included, without the SDPA
+  attention, and under ``training.TRAINING_ATTENTION``), interleaved repeats, plus the largest difference between
+  the two paths' embeddings;
 * ``train``: queries/second of ``DistillationTrainer.step`` (EmbedDistill loss: score distillation over in-batch +
   8 hard-negative candidates, plus embedding matching) vs ``SentenceTransformerTrainer`` with
   sentence-transformers' ``EmbedDistillLoss`` (embedding matching, L2), same student, batch, queries (real SciFact
@@ -17,12 +18,16 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
   384 -> 768 projection), which embeds each step's (up to 576) candidate passages itself (MS MARCO DL pool passages, the
   default batch of 64 queries + 8 hard negatives each), two ways, interleaved: attention through whichever kernel
   PyTorch picks (cuDNN's on Hopper), as the trainer once ran, and through ``training.TRAINING_ATTENTION``;
+* ``dual_pooling``: a dual-pooling CE on the all-MiniLM-L6-v2 architecture (random pairs of real queries and
+  passages), fine-tuning steps/second (``DualPoolingTrainer.step``) and scoring pairs/second (``predict``), the same
+  two ways of picking attention kernels;
 * ``tokenization``: ms/document of the fast path's tokenisation (Rust ``encode_batch``) and of the model's own
   ``preprocess``, which it replaced;
 * achieved FLOP/s of each, counted analytically from the real token counts (matmuls only, padding not counted),
   as a share of the measured peak.
 
     python benchmarks/speed_gpu.py --configs .device/configs --data .device/data/scifact \
+        --passages .device/data/msmarco-dl-pool \
         --out benchmarks/results/speed_gpu.json
 
 ``--smoke`` shrinks models and sizes for a CPU check of the script. Needs ``datasets`` for the peer trainer.
@@ -45,10 +50,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from embeddistill import encoding, training
 from embeddistill.config import TrainingConfig
+from embeddistill.cross_encoders import (
+    DualPoolingCrossEncoder,
+    DualPoolingTrainer,
+    TeacherExample,
+    TeacherTrainingConfig,
+)
 from embeddistill.losses import EmbedDistillLoss
 from embeddistill.students import build_student, query_modules, query_tokenizer
 from embeddistill.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity
@@ -65,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--passages", default=".device/data/msmarco-dl-pool", help="MS MARCO DL pool (symmetric)")
     parser.add_argument("--passage-count", type=int, default=5000, help="pool passages the symmetric run draws from")
     parser.add_argument("--symmetric-steps", type=int, default=30, help="timed steps per way and repeat")
+    parser.add_argument("--dual-pooling-steps", type=int, default=30, help="timed CE steps per way and repeat")
+    parser.add_argument("--dual-pooling-pairs", type=int, default=8192, help="pairs the CE scores per timed run")
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--encode-batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -80,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.encode_batch_sizes, args.repeats = [4], 1
         args.train_batch, args.warmup_steps, args.steps = 8, 1, 2
         args.passage_count, args.symmetric_steps = 48, 2
+        args.dual_pooling_steps, args.dual_pooling_pairs = 2, 64
     return args
 
 
@@ -178,6 +192,12 @@ def encoders(teacher, texts: list[str], batch_sizes: list[int], work: Path) -> d
         runs[f"ours_bs{size}"] = lambda size=size: encoding.encode(teacher, texts, DOCUMENT, batch_size=size)
     largest = max(batch_sizes)
     runs[f"ours_no_sdpa_bs{largest}"] = lambda: encoding.encode(teacher, texts, DOCUMENT, largest, sdpa=False)
+
+    def without_cudnn():  # the kernels training uses (cuDNN's attention plans each new shape)
+        with sdpa_kernel(training.TRAINING_ATTENTION):
+            return encoding.encode(teacher, texts, DOCUMENT, batch_size=largest)
+
+    runs[f"ours_training_attention_bs{largest}"] = without_cudnn
     identity = TeacherIdentity.of("bench-teacher", teacher)  # hashing the weights is not part of encoding
     counter = iter(range(1_000_000))
 
@@ -445,6 +465,58 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
     }
 
 
+def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device: str, work: Path) -> dict:
+    """Steps/second fine-tuning a MiniLM-shaped dual-pooling CE (``DualPoolingTrainer.step``) and pairs/second
+    scoring with it (``predict``), PyTorch's attention kernels vs ``training.TRAINING_ATTENTION``."""
+    folder = Path(args.configs) / "all-MiniLM-L6-v2"
+    random_sentence_transformer(folder, work / "ce", "cpu", args.smoke, seed=2)
+    model = DualPoolingCrossEncoder.from_encoder(str(work / "ce" / folder.name), device=device)
+    config = TeacherTrainingConfig(device=device, out=str(work / "ce-out"), checkpoint_every=0)
+    rng = np.random.default_rng(0)
+    examples = []  # one random positive and group_size - 1 random negatives per query: speed needs no labels
+    for i in range(40 * config.batch_size):  # whole batches only: a short last batch would be a different shape
+        query = query_texts[i % len(query_texts)]
+        picks = rng.choice(len(passages), config.group_size, replace=False)
+        examples.append(TeacherExample(query, [passages[picks[0]]], [passages[i] for i in picks[1:]]))
+    trainer = DualPoolingTrainer(model, examples, config)
+    ours = training.TRAINING_ATTENTION
+    ways = {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
+    repeats, n = 2, args.dual_pooling_steps
+    model.train()
+    for step in range(args.warmup_steps):
+        trainer.step(step)
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    step = args.warmup_steps
+    for _ in range(repeats):  # interleaved
+        for way, kernels in ways.items():
+            training.TRAINING_ATTENTION = kernels  # read by the trainer at each step
+            first = step
+            seconds[way].append(timed(lambda first=first: [trainer.step(s) for s in range(first, first + n)])[0])
+            step += n
+    training.TRAINING_ATTENTION = ours
+    scored = examples[: args.dual_pooling_pairs // (config.group_size - 1)]
+    pair_queries = [e.query for e in scored for _ in e.negatives]
+    pair_documents = [d for e in scored for d in e.negatives]
+    scoring: dict[str, list[float]] = {way: [] for way in ways}
+    for repeat in range(repeats + 1):  # the first repeat warms each way's kernels, untimed
+        for way, kernels in ways.items():
+            with sdpa_kernel(kernels):
+                elapsed, _ = timed(lambda: model.predict(pair_queries, pair_documents, batch_size=256))
+            if repeat:
+                scoring[way].append(elapsed)
+    return {
+        "training": {way: {"steps_per_second": n / min(times), "seconds": times} for way, times in seconds.items()},
+        "scoring": {way: {"pairs_per_second": len(pair_queries) / min(t), "seconds": t} for way, t in scoring.items()},
+        "model": "dual-pooling CE on the all-MiniLM-L6-v2 architecture, random weights",
+        "batch": config.batch_size,
+        "group_size": config.group_size,
+        "max_length": config.max_length,
+        "steps_per_way_and_repeat": n,
+        "scored_pairs": len(pair_queries),
+        "training_speedup": n / min(seconds["training_attention"]) / (n / min(seconds["pytorch_attention"])),
+    }
+
+
 def versions() -> dict:
     import sentence_transformers
     import transformers
@@ -490,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         train = bench_training(args, teacher_bf16.float(), query_texts, peak["tflops"], device, work)
         symmetric = bench_symmetric(args, teacher_bf16, passages, passage_queries, device, work)
+        dual_pooling = bench_dual_pooling(args, passages, passage_queries, device, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     largest = max(args.encode_batch_sizes)
@@ -500,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_ours_over_sentence_transformers": train["runs"]["ours_distillation_trainer"]["queries_per_second"]
         / train["runs"]["sentence_transformers_trainer"]["queries_per_second"],
         "symmetric_training_attention_over_pytorch": symmetric["speedup"],
+        "dual_pooling_training_attention_over_pytorch": dual_pooling["training_speedup"],
     }
     result = {
         "benchmark": "speed_gpu",
@@ -513,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode": encode,
         "train": train,
         "symmetric": symmetric,
+        "dual_pooling": dual_pooling,
         "summary": summary,
     }
     out = Path(args.out)

@@ -6,15 +6,13 @@ The chunks' shapes change every step, so training keeps cuDNN's attention (which
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
 from embeddistill.students import QueryEncoder
 from embeddistill.teachers import load_sentence_transformer
-from embeddistill.training import DistillationTrainer, DocumentTokens, embed_by_length, length_chunks, pad_token_ids
+from embeddistill.training import DocumentTokens, embed_by_length, forward_context, length_chunks, pad_token_ids
 
 TEXTS = [" ".join(["protein", "cell", "mice", "bone"][: 1 + i % 4] * (1 + (7 * i) % 9)) + f" {i}" for i in range(11)]
 
@@ -65,9 +63,8 @@ def test_padding_without_a_padding_token_is_a_clear_error(tiny_teacher_path):
 
 def test_training_steps_run_attention_without_cudnn_and_restore_it_after():
     # cuDNN's attention plans each new input shape on the CPU; training meets new shapes every step (speed_gpu.json).
-    trainer = SimpleNamespace(device=torch.device("cpu"), precision="fp32")
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with DistillationTrainer._forward_context(trainer):
+    with forward_context(torch.device("cpu"), bf16=False):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()

@@ -140,12 +140,14 @@ def test_headline_means_over_the_five_sets_and_states_the_goal():
     assert "93.3% of the teacher's mean nDCG@10 (not met" in text
     assert "12.00x faster at batch 1" in text and "goal >= 10x: met" in text
     assert "above peer on 4 of 5 sets (mean 0.5000)" in text  # not on NFCorpus
+    assert "not measured" not in text  # every row has all five sets
     quality["quality_scifact.json"]["rows"]["minilm-2L-asym/score-only"] = {
         "evaluations": {"test": {"metrics": {"nDCG@10": 0.55}}}
     }  # measured on SciFact only: shown, with no mean and no part in the goal
     text = "\n".join(report.headline(quality, speed))
     assert "| minilm-2L-asym | score-only | 0.5500 | - | - | - | - | - | - |" in text
     assert "above score-only" not in text
+    assert "A row with a set not measured (-) has no mean" in text
     del quality["quality_squad.json"]
     assert report.headline(quality, speed) == []  # no headline without all five sets
 

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embeddistill.storage import atomic_write_bytes, atomic_write_json, fingerprint, text_key
+from embeddistill.training import forward_context, resolve_device, restore_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -702,7 +703,6 @@ class DualPoolingTrainer:
         distill_teacher: CrossEncoderTeacher | None = None,
     ):
         from embeddistill.losses import LabelLoss, ScoreDistillationLoss
-        from embeddistill.training import resolve_device
 
         self.model, self.examples, self.config = model, examples, config
         self.device = resolve_device(config.device)
@@ -748,7 +748,7 @@ class DualPoolingTrainer:
     def step(self, step: int) -> dict[str, float]:
         queries, documents, group = self.batch(step)
         features = self.model.tokenize(queries, documents, self.device)
-        with _autocast(self.device):
+        with forward_context(self.device, bf16=self.device.type == "cuda"):
             scores = self.model(features)[0].float().view(-1, group)
         targets = torch.zeros(scores.shape[0], dtype=torch.long, device=self.device)
         parts = {"label": self.label_loss(scores, targets)}
@@ -796,14 +796,10 @@ class DualPoolingTrainer:
         }
 
     def save_checkpoint(self, step: int) -> None:
-        from embeddistill.training import write_checkpoint
-
         write_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer)
         logger.info("train-teacher: checkpoint at step %d -> %s", step, self.checkpoint_dir)
 
     def _resume(self) -> int:
-        from embeddistill.training import restore_checkpoint
-
         step = restore_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.device)
         if step:
             logger.info("train-teacher: resumed from step %d", step)
@@ -812,8 +808,6 @@ class DualPoolingTrainer:
 
 def train_dual_pooling(config: TeacherTrainingConfig) -> tuple[DualPoolingCrossEncoder, dict]:
     """``embeddistill train-teacher``: fine-tune a dual-pooling CE and save it to ``config.out``."""
-    from embeddistill.training import resolve_device
-
     if not config.base or not config.datasets or not config.out:
         raise ValueError("train-teacher needs --base, --dataset and --out")
     if config.group_size < 2:

@@ -35,9 +35,17 @@ logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
 # cuDNN's fused attention, PyTorch's first choice in bf16 on Hopper, builds a plan on the CPU for each new input shape,
 # and training meets new shapes nearly every step (chunks of documents of varying count and width): the other fused
-# kernels need no plan. 3.9x the steps per second of a symmetric MiniLM student on an H100
-# (benchmarks/results/speed_gpu.json, "symmetric").
+# kernels need no plan. 3.6x the steps per second of a symmetric MiniLM student on an H100, 1.15x for a dual-pooling
+# CE (benchmarks/results/speed_gpu.json, "symmetric" and "dual_pooling").
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def forward_context(device: torch.device, bf16: bool) -> contextlib.ExitStack:
+    """A training step's forward pass: bf16 autocast if ``bf16``, attention through ``TRAINING_ATTENTION``'s kernels."""
+    context = contextlib.ExitStack()
+    context.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+    context.enter_context(sdpa_kernel(TRAINING_ATTENTION))
+    return context
 
 
 @dataclass
@@ -179,12 +187,8 @@ class DistillationTrainer:
         remaining = max(1, self.total_steps - warmup)
         return self.config.learning_rate * max(0.0, (self.total_steps - step) / remaining)
 
-    def _forward_context(self):
-        """bf16 autocast where the precision asks for it, attention through ``TRAINING_ATTENTION``'s kernels."""
-        context = contextlib.ExitStack()
-        context.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"))
-        context.enter_context(sdpa_kernel(TRAINING_ATTENTION))
-        return context
+    def _forward_context(self) -> contextlib.ExitStack:
+        return forward_context(self.device, self.precision == "bf16")
 
     def _embed_documents(self, rows: np.ndarray) -> torch.Tensor:
         """The student's fp32 embeddings of documents ``rows`` (symmetric students).
