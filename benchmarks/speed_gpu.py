@@ -413,16 +413,38 @@ def bench_training(args, teacher, query_texts: list[str], peak: float | None, de
     }
 
 
+def attention_ways() -> dict[str, list[SDPBackend]]:
+    """PyTorch's own pick of attention kernels (cuDNN's first on Hopper) and the trainer's."""
+    ours = training.TRAINING_ATTENTION
+    return {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
+
+
+def time_attention_ways(step, warmup_steps: int, repeats: int, n: int) -> dict[str, list[float]]:
+    """Seconds of ``n`` training steps (``step(i)``) under each of :func:`attention_ways`, interleaved."""
+    ways, ours = attention_ways(), training.TRAINING_ATTENTION
+    for i in range(warmup_steps):
+        step(i)
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    first = warmup_steps
+    try:
+        for _ in range(repeats):
+            for way, kernels in ways.items():
+                training.TRAINING_ATTENTION = kernels  # read by the trainers at each step
+                seconds[way].append(timed(lambda first=first: [step(i) for i in range(first, first + n)])[0])
+                first += n
+    finally:
+        training.TRAINING_ATTENTION = ours
+    return seconds
+
+
 def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], device: str, work: Path) -> dict:
     """Steps/second of our trainer with a symmetric MiniLM-shaped student, PyTorch's attention kernels vs ours."""
     folder = Path(args.configs) / "all-MiniLM-L6-v2"
     random_sentence_transformer(folder, work, "cpu", args.smoke, seed=1)  # saved as work / folder.name
     config = TrainingConfig(epochs=1, device=device, precision="bf16" if device == "cuda" else "fp32")
     config.checkpoint_every = 0
-    ours = training.TRAINING_ATTENTION
-    ways = {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
     repeats, n = 2, args.symmetric_steps
-    steps = args.warmup_steps + repeats * len(ways) * n
+    steps = args.warmup_steps + repeats * len(attention_ways()) * n
     dim = teacher.get_sentence_embedding_dimension()
     queries = training_queries(query_texts, config.batch_size * steps, documents=len(passages), dim=dim)
     documents = Documents(passages, unit_vectors(np.random.default_rng(1), len(passages), dim))
@@ -433,17 +455,7 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
     trainer.document_tokens.of(range(len(passages)))  # tokenized once per run: after the first epoch, all are
     torch.manual_seed(0)
     query_modules(student).train()
-    for step in range(args.warmup_steps):
-        trainer.step(step)
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    step = args.warmup_steps
-    for _ in range(repeats):  # interleaved
-        for way, kernels in ways.items():
-            training.TRAINING_ATTENTION = kernels  # read by the trainer at each step
-            first = step
-            seconds[way].append(timed(lambda first=first: [trainer.step(s) for s in range(first, first + n)])[0])
-            step += n
-    training.TRAINING_ATTENTION = ours
+    seconds = time_attention_ways(trainer.step, args.warmup_steps, repeats, n)
     candidates = trainer.batcher.batch(args.warmup_steps)["documents"]
     runs = {
         way: {
@@ -479,24 +491,13 @@ def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device
         picks = rng.choice(len(passages), config.group_size, replace=False)
         examples.append(TeacherExample(query, [passages[picks[0]]], [passages[i] for i in picks[1:]]))
     trainer = DualPoolingTrainer(model, examples, config)
-    ours = training.TRAINING_ATTENTION
-    ways = {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
     repeats, n = 2, args.dual_pooling_steps
     model.train()
-    for step in range(args.warmup_steps):
-        trainer.step(step)
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    step = args.warmup_steps
-    for _ in range(repeats):  # interleaved
-        for way, kernels in ways.items():
-            training.TRAINING_ATTENTION = kernels  # read by the trainer at each step
-            first = step
-            seconds[way].append(timed(lambda first=first: [trainer.step(s) for s in range(first, first + n)])[0])
-            step += n
-    training.TRAINING_ATTENTION = ours
+    seconds = time_attention_ways(trainer.step, args.warmup_steps, repeats, n)
     scored = examples[: args.dual_pooling_pairs // (config.group_size - 1)]
     pair_queries = [e.query for e in scored for _ in e.negatives]
     pair_documents = [d for e in scored for d in e.negatives]
+    ways = attention_ways()
     scoring: dict[str, list[float]] = {way: [] for way in ways}
     for repeat in range(repeats + 1):  # the first repeat warms each way's kernels, untimed
         for way, kernels in ways.items():
