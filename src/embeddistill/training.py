@@ -404,7 +404,11 @@ def pad_token_ids(token_ids: list[np.ndarray], tokenizer) -> dict[str, torch.Ten
 
 
 def length_chunks(sorted_lengths: list[int], chunk_tokens: int) -> list[slice]:
-    """Consecutive spans of ascending ``sorted_lengths``, each at most ``chunk_tokens`` padded (or one text)."""
+    """Consecutive spans of ascending ``sorted_lengths``, each at most ``chunk_tokens`` padded (or one text).
+
+    Not ``encoding.batch_bounds``, which fixes a batch's row count from its longest text: a span here grows while its
+    real padded size fits, which pads a step's mixed-length passages less.
+    """
     chunks, start = [], 0
     while start < len(sorted_lengths):
         stop = start + 1  # lengths ascend, so a span's padded size is its count times its last length
