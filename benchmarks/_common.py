@@ -2,23 +2,18 @@
 
 * :func:`local_model`: a model folder assembled by ``../shared/models/get-models``, or the hub name elsewhere.
 * :func:`train_peer`: the peer, sentence-transformers' own ``EmbedDistillLoss`` trained by its own trainer.
-* :func:`paired_permutation_test`: per-query significance of a difference between two systems.
-* :func:`environment`: versions and machine, for the JSON every benchmark writes.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.nn.attention import sdpa_kernel
 
-from embeddistill.training import TRAINING_ATTENTION
+from embeddistill.runtime import TRAINING_ATTENTION
 
 REPO = Path(__file__).resolve().parents[1]
 GET_MODELS = REPO.parent / "shared" / "models" / "get-models"
@@ -65,56 +60,8 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
     trainer = SentenceTransformerTrainer(
         model=student, args=args, train_dataset=train, loss=EmbedDistillLoss(student, distance_metric="l2")
     )
-    # The same attention kernels as our trainer: cuDNN's would plan each new batch shape on the CPU (see training.py)
+    # The same attention kernels as our trainer: cuDNN's would plan each new batch shape on the CPU
+    # (see embeddistill.runtime)
     with sdpa_kernel(TRAINING_ATTENTION):
         trainer.train()
     return time.perf_counter() - started
-
-
-def paired_permutation_test(
-    a: dict[str, float], b: dict[str, float], rounds: int = 10000, seed: int = 0, chunk: int = 500
-) -> float:
-    """Two-sided p-value of the mean per-query difference under random sign flips (paired, same queries).
-
-    The sign flips are drawn ``chunk`` rounds at a time so memory stays small for thousands of queries.
-    """
-    if set(a) != set(b):
-        raise ValueError(f"paired test needs the same queries on both sides ({len(a)} vs {len(b)})")
-    differences = np.array([a[q] - b[q] for q in sorted(a)])
-    observed = abs(differences.mean()) if len(differences) else 0.0
-    rng = np.random.default_rng(seed)
-    at_least_as_extreme = 0
-    for start in range(0, rounds, chunk):
-        size = min(chunk, rounds - start)
-        signs = rng.choice([-1.0, 1.0], size=(size, len(differences)))
-        # A tiny tolerance: floating-point noise must not make an identical difference "less extreme".
-        at_least_as_extreme += int((np.abs((signs * differences).mean(axis=1)) >= observed - 1e-12).sum())
-    return float((at_least_as_extreme + 1) / (rounds + 1))
-
-
-def environment() -> dict:
-    """Versions and machine, recorded with every result."""
-    import sentence_transformers
-    import transformers
-
-    from embeddistill import __version__
-    from embeddistill.indexing import faiss  # None where it is not installed (exact search then uses torch)
-
-    return {
-        "versions": {
-            "embeddistill": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "sentence-transformers": sentence_transformers.__version__,
-            "faiss": faiss.__version__ if faiss is not None else None,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "platform": platform.platform(),
-        },
-    }

@@ -17,17 +17,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import paired_permutation_test, train_peer
+from _common import train_peer
 
 from embeddistill.config import DistillConfig
-from embeddistill.evaluation import score_run
-from embeddistill.pipeline import Prepared, evaluate_student, initialised_student, prepare, train_student
+from embeddistill.evaluation.metrics import score_run
+from embeddistill.evaluation.significance import paired_permutation_test
+from embeddistill.pipeline.dual_encoder import Prepared, evaluate_student, initialised_student, prepare, train_student
+from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
 
 VARIANTS = {
@@ -117,8 +118,10 @@ def main() -> None:
         {
             "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-            "versions": {"torch": torch.__version__},
+            "device": (
+                torch.cuda.get_device_name() if torch.cuda.is_available() else environment_record(())["machine"]["cpu"]
+            ),
+            "versions": environment_record(("torch",))["versions"],
             "teacher": teacher,
             "rows": rows,
             "peer_errors": peer_errors,

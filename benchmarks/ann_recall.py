@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,19 +24,11 @@ DEFAULT_TEACHER = Path.home() / ".cache" / "embeddistill-models" / "all-MiniLM-L
 
 
 def machine() -> dict:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    """The machine part of :func:`embeddistill.runtime.environment_record`, with the Python version."""
+    from embeddistill.runtime import environment_record
+
+    record = environment_record(())
+    return {**record["machine"], "python": record["versions"]["python"]}
 
 
 def recall(rows: np.ndarray, exact: np.ndarray, k: int) -> float:
@@ -68,9 +58,9 @@ def main() -> int:
     import faiss
 
     from embeddistill.data import RetrievalDataset
-    from embeddistill.evaluation import score_run
-    from embeddistill.indexing import SearchIndex
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.evaluation.metrics import score_run
+    from embeddistill.models.teachers import DualEncoderTeacher
+    from embeddistill.serving.indexing import SearchIndex
 
     dataset = RetrievalDataset.load(args.dataset)
     teacher = DualEncoderTeacher.load(args.teacher)
@@ -146,7 +136,7 @@ def main() -> int:
                 flush=True,
             )
 
-    import importlib.metadata as metadata
+    from embeddistill.runtime import environment_record
 
     report = {
         "command": "python benchmarks/ann_recall.py " + " ".join(sys.argv[1:]),
@@ -160,7 +150,7 @@ def main() -> int:
         "k": k,
         "nDCG_split": args.split,
         "faiss_threads": faiss.omp_get_max_threads(),
-        "versions": {p: metadata.version(p) for p in ("faiss-cpu", "numpy", "embeddistill")},
+        "versions": environment_record(("faiss-cpu", "numpy", "embeddistill"))["versions"],
         "machine": machine(),
         "results": results,
     }

@@ -14,13 +14,13 @@ import datetime
 import itertools
 import json
 import logging
-import platform
 import sys
 
 import torch
 
 from embeddistill.config import DistillConfig
 from embeddistill.pipeline import distill
+from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
 
 
@@ -58,10 +58,10 @@ def main() -> None:
             row = {
                 "dataset": dataset,
                 "options": point,
-                "teacher_nDCG@10": summary["teacher"]["nDCG@10"],
-                "student_nDCG@10": summary["student"]["nDCG@10"],
-                "retention_nDCG@10": summary["retention"]["nDCG@10"],
-                "train_seconds": summary["timings"]["train_seconds"],
+                "teacher_nDCG@10": summary.teacher.metrics["nDCG@10"],
+                "student_nDCG@10": summary.student.metrics["nDCG@10"],
+                "retention_nDCG@10": summary.retention["nDCG@10"],
+                "train_seconds": summary.timings["train_seconds"],
             }
             print(json.dumps(row), flush=True)
             results.append(row)
@@ -75,7 +75,9 @@ def write_results(args: argparse.Namespace, results: list[dict]) -> None:
             "command": "python benchmarks/choose_defaults.py "
             + " ".join(f"'{a}'" if " " in a else a for a in sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+            "device": (
+                torch.cuda.get_device_name() if torch.cuda.is_available() else environment_record(())["machine"]["cpu"]
+            ),
             "dev_fraction": args.dev_fraction,
             "base": json.loads(args.base),
             "results": results,

@@ -24,54 +24,30 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from embeddistill import __version__
-from embeddistill.ce_pipeline import (
+from embeddistill.config import DistillConfig, TeacherTrainingConfig
+from embeddistill.evaluation.significance import paired_permutation_test
+from embeddistill.models.students import build_student
+from embeddistill.pipeline.cross_encoder import (
     evaluate_cross_encoder_student,
     evaluate_first_stage_and_reranker,
     prepare_cross_encoder,
     train_cross_encoder_student,
 )
-from embeddistill.config import DistillConfig
-from embeddistill.cross_encoders import TeacherTrainingConfig, train_dual_pooling
+from embeddistill.runtime import environment_record, resolve_device
 from embeddistill.storage import atomic_write_json
-from embeddistill.students import build_student
-from embeddistill.training import resolve_device
+from embeddistill.training.teacher_finetuning import train_dual_pooling
 
 VARIANTS = {
     "score distillation only": {"query_em_weight": 0.0, "document_em_weight": 0.0},
     "score distillation + embedding matching": {},
 }
-
-
-def paired_permutation_test(a: dict[str, float], b: dict[str, float], rounds: int = 10000, seed: int = 0) -> float:
-    """Two-sided p-value of the mean per-query difference under random sign flips (paired, same queries)."""
-    differences = np.array([a[q] - b[q] for q in a])
-    observed = abs(differences.mean())
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(rounds, len(differences)))
-    return float(((np.abs((signs * differences).mean(axis=1)) >= observed).sum() + 1) / (rounds + 1))
-
-
-def _versions() -> dict:
-    import sentence_transformers
-    import transformers
-
-    return {
-        "embeddistill": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence-transformers": sentence_transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _system(result, reference=None) -> dict:
@@ -114,13 +90,13 @@ def main() -> None:
     for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "filelock", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     device = str(resolve_device(args.device))
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else environment_record(())["machine"]["cpu"]
     report: dict = {
         "command": "python benchmarks/cross_encoder.py " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": card,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "versions": _versions(),
+        "machine": environment_record(())["machine"],
+        "versions": environment_record()["versions"],
         "settings": vars(args),
         "timings_seconds": {},
         "datasets": {},

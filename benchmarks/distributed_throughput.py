@@ -30,7 +30,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import shutil
 import string
 import subprocess
@@ -43,12 +42,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from embeddistill import distributed
 from embeddistill.config import TrainingConfig
 from embeddistill.losses import EmbedDistillLoss
-from embeddistill.students import build_student, query_modules
-from embeddistill.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity, load_sentence_transformer
-from embeddistill.training import DistillationTrainer, Documents, TrainingQueries
+from embeddistill.models.students import build_student, query_modules
+from embeddistill.models.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity, load_sentence_transformer
+from embeddistill.runtime import environment_record
+from embeddistill.training import distributed
+from embeddistill.training.batching import Documents, TrainingQueries
+from embeddistill.training.distillation import DistillationTrainer
 
 BERT_VOCAB, MPNET_VOCAB = 30522, 30527
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         shutil.rmtree(work, ignore_errors=True)
     if main_rank:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else environment_record(())["machine"]["cpu"]
         meta = {
             "benchmark": "distributed_throughput",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -15,10 +15,11 @@ import json
 import logging
 
 import torch
-from _common import environment, local_model
+from _common import local_model
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.data import resolve_dataset
+from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
 
 
@@ -51,7 +52,7 @@ def main() -> None:
             "min_cosine": float(cosine.min()),
             "mean_cosine": float(cosine.mean()),
             "max_abs_difference": float((original - rounded).abs().max()),
-            **environment(),
+            **environment_record(),
         },
     )
 

@@ -64,23 +64,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from _common import REPO, environment, local_model, paired_permutation_test, train_peer
+from _common import REPO, local_model, train_peer
+from _splits import write_group_split, write_merged_split
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
-from embeddistill.evaluation import measure_latency, score_run
-from embeddistill.pipeline import (
-    Prepared,
-    evaluate_student,
-    initialised_student,
-    prepare,
-    teacher_query_encoder,
-    train_student,
-)
-from embeddistill.splits import write_group_split, write_merged_split
+from embeddistill.evaluation.latency import measure_latency
+from embeddistill.evaluation.metrics import score_run
+from embeddistill.evaluation.significance import paired_permutation_test
+from embeddistill.models.students import QueryEncoder, count_parameters
+from embeddistill.pipeline.dual_encoder import Prepared, evaluate_student, initialised_student, prepare, train_student
+from embeddistill.pipeline.stages import teacher_query_encoder
+from embeddistill.runtime import environment_record, resolve_device
 from embeddistill.storage import atomic_write_json
-from embeddistill.students import QueryEncoder, count_parameters
-from embeddistill.training import resolve_device
 
 logger = logging.getLogger("quality")
 
@@ -619,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     context, facts = start(args, spec)
     bm25 = bm25_runs(Path(facts["source"]), spec.eval_splits)
-    invocation = {"command": command, "started": _now(), "device": str(context.device), **environment(), **facts}
+    invocation = {"command": command, "started": _now(), "device": str(context.device), **environment_record(), **facts}
 
     def begin(record: dict) -> None:
         record["invocations"].append(invocation)

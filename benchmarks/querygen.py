@@ -23,18 +23,18 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import paired_permutation_test
 from ablation import run_ours
 
 from embeddistill.data import RetrievalDataset
+from embeddistill.evaluation.significance import paired_permutation_test
 from embeddistill.querygen import make_generators
+from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
 
 NO_CHEAP = {"crops_per_document": 0, "perturbations_per_query": 0}
@@ -154,21 +154,15 @@ def measure_throughput(args: argparse.Namespace) -> None:
     atomic_write_json(out, results)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def provenance(argv: list[str]) -> dict:
     return {
         "command": "python benchmarks/querygen.py " + " ".join(argv[1:]),
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else environment_record(())["machine"]["cpu"],
         "cpu_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": environment_record(("torch",))["versions"],
     }
 
 

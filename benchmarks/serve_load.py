@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.metadata as metadata
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,15 +29,11 @@ WORK = REPO / "runs" / "serve-bench"
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    """The machine part of :func:`embeddistill.runtime.environment_record`, with the Python version."""
+    from embeddistill.runtime import environment_record
+
+    record = environment_record(())
+    return {**record["machine"], "python": record["versions"]["python"]}
 
 
 def ensure_index(teacher: str, dataset_name: str, folder: Path) -> Path:
@@ -48,8 +41,8 @@ def ensure_index(teacher: str, dataset_name: str, folder: Path) -> Path:
     if (folder / "info.json").exists():
         return folder
     from embeddistill.data import RetrievalDataset
-    from embeddistill.indexing import SearchIndex
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.models.teachers import DualEncoderTeacher
+    from embeddistill.serving.indexing import SearchIndex
 
     dataset = RetrievalDataset.load(dataset_name)
     embeddings = DualEncoderTeacher.load(teacher).embed_documents(list(dataset.corpus.values()), desc="corpus")
@@ -68,8 +61,8 @@ def ensure_student(teacher: str, given: str) -> tuple[str, str]:
         return str(trained), "distilled (runs/quickstart/student)"
     folder = WORK / "student-teacher2-untrained"
     if not (folder / "modules.json").exists():
-        from embeddistill.students import build_student
-        from embeddistill.teachers import load_sentence_transformer
+        from embeddistill.models.students import build_student
+        from embeddistill.models.teachers import load_sentence_transformer
 
         build_student("teacher:2", load_sentence_transformer(teacher), asymmetric=True).save(str(folder))
     return str(folder), "built with build_student('teacher:2') and not trained (same cost as a trained one)"
@@ -199,6 +192,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from embeddistill.data import RetrievalDataset
+    from embeddistill.runtime import environment_record
 
     dataset = RetrievalDataset.load(args.dataset)
     texts = list(dataset.split_queries("test").values())
@@ -241,9 +235,8 @@ def main() -> int:
             for name in results
             if name != "teacher"
         },
-        "versions": {
-            p: metadata.version(p)
-            for p in (
+        "versions": environment_record(
+            (
                 "embeddistill",
                 "torch",
                 "sentence-transformers",
@@ -253,7 +246,7 @@ def main() -> int:
                 "uvicorn",
                 "httpx",
             )
-        },
+        )["versions"],
         "machine": machine(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

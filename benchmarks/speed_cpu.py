@@ -1,6 +1,6 @@
 """CPU speed (issue #5): query-encoding latency, peak memory, parameters and FLOPs of each online query encoder.
 
-Teacher all-mpnet-base-v2 against four students built with ``embeddistill.students.build_student`` (weights as
+Teacher all-mpnet-base-v2 against four students built with ``embeddistill.models.students.build_student`` (weights as
 built, untrained: speed does not depend on training): ``teacher:2``; all-MiniLM-L6-v2 + 384->768 projection;
 2-layer MiniLM (``truncate_transformer``) + projection; symmetric all-MiniLM-L6-v2 (+ projection). Queries are the
 real SciFact test queries.
@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ def memory_probe(args) -> int:
     """Child process: load one saved query encoder, embed batches of 32 queries, print RSS figures as JSON."""
     from sentence_transformers import SentenceTransformer
 
-    from embeddistill.students import QueryEncoder
+    from embeddistill.models.students import QueryEncoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,8 +108,8 @@ def build_query_models(teacher_path: str, minilm_path: str, work: Path) -> dict:
     """Name -> sentence-transformers model whose query side is the online query encoder."""
     from sentence_transformers import SentenceTransformer
 
-    from embeddistill.students import build_student, truncate_transformer
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.students import build_student, truncate_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
 
     teacher = load_sentence_transformer(teacher_path).eval()
     minilm = load_sentence_transformer(minilm_path)
@@ -129,7 +128,7 @@ def save_query_side(model, folder: Path) -> Path:
     """The query encoder alone as a sentence-transformers model (what a query server loads)."""
     from sentence_transformers import SentenceTransformer
 
-    from embeddistill.students import query_modules
+    from embeddistill.models.students import query_modules
 
     SentenceTransformer(modules=list(query_modules(model)), device="cpu").save(str(folder))
     return folder
@@ -153,7 +152,7 @@ def flops_per_query(encoder, query: str) -> int:
 
 
 def describe(name: str, model, encoder, queries: list[str]) -> dict:
-    from embeddistill.students import count_parameters, is_asymmetric
+    from embeddistill.models.students import count_parameters, is_asymmetric
 
     query, tokens = median_length_query(encoder, queries)
     return {
@@ -166,30 +165,6 @@ def describe(name: str, model, encoder, queries: list[str]) -> dict:
     }
 
 
-def versions() -> dict:
-    import sentence_transformers
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-    }
-
-
-def machine() -> dict:
-    model_name = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_probe:
@@ -198,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from embeddistill.data import RetrievalDataset
-    from embeddistill.evaluation import measure_latency
-    from embeddistill.students import QueryEncoder
+    from embeddistill.evaluation.latency import measure_latency
+    from embeddistill.models.students import QueryEncoder
+    from embeddistill.runtime import environment_record
 
     transformers.logging.set_verbosity_error()
     if args.threads:
@@ -225,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "speed_cpu",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
+        "machine": environment_record(())["machine"],
+        "versions": environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
         "settings": {"dataset": args.dataset, "split": args.split, "queries": len(queries), "repeats": args.repeats},
         "latency_method": "evaluation.measure_latency: median ms per batch, tokenisation included, interleaved",
         "memory_method": "fresh process per query encoder: /proc/self/status VmRSS after imports (baseline), VmHWM "

@@ -6,9 +6,9 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
 
 * ``peak``: the card's bf16 matmul rate (large square ``torch.matmul``), the yardstick for FLOP/s shares;
 * ``encode``: documents/second embedding the SciFact corpus (256 tokens max), teacher weights in bf16, with
-  ``SentenceTransformer.encode_document`` and with ours (:func:`embeddistill.encoding.encode`, the path the teacher
-  cache takes; also end to end through ``EmbeddingCache.embed``, shard writes included, without the SDPA
-  attention, and under ``training.TRAINING_ATTENTION``), interleaved repeats, plus the largest difference between
+  ``SentenceTransformer.encode_document`` and with ours (:func:`embeddistill.models.encoding.encode`, the path the
+  teacher cache takes; also end to end through ``EmbeddingCache.embed``, shard writes included, without the SDPA
+  attention, and under ``runtime.TRAINING_ATTENTION``), interleaved repeats, plus the largest difference between
   the two paths' embeddings;
 * ``train``: queries/second of ``DistillationTrainer.step`` (EmbedDistill loss: score distillation over in-batch +
   8 hard-negative candidates, plus embedding matching) vs ``SentenceTransformerTrainer`` with
@@ -17,7 +17,7 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
 * ``symmetric``: steps/second of ``DistillationTrainer`` with a symmetric all-MiniLM-L6-v2-shaped student (+ a
   384 -> 768 projection), which embeds each step's (up to 576) candidate passages itself (MS MARCO DL pool passages, the
   default batch of 64 queries + 8 hard negatives each), two ways, interleaved: attention through whichever kernel
-  PyTorch picks (cuDNN's on Hopper), as the trainer once ran, and through ``training.TRAINING_ATTENTION``;
+  PyTorch picks (cuDNN's on Hopper), as the trainer once ran, and through ``runtime.TRAINING_ATTENTION``;
 * ``dual_pooling``: a dual-pooling CE on the all-MiniLM-L6-v2 architecture (random pairs of real queries and
   passages), fine-tuning steps/second (``DualPoolingTrainer.step``) and scoring pairs/second (``predict``), the same
   two ways of picking attention kernels;
@@ -40,7 +40,6 @@ import datetime
 import gzip
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -52,18 +51,17 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from embeddistill import encoding, training
-from embeddistill.config import TrainingConfig
-from embeddistill.cross_encoders import (
-    DualPoolingCrossEncoder,
-    DualPoolingTrainer,
-    TeacherExample,
-    TeacherTrainingConfig,
-)
+from embeddistill import runtime
+from embeddistill.config import TeacherTrainingConfig, TrainingConfig
 from embeddistill.losses import EmbedDistillLoss
-from embeddistill.students import build_student, query_modules, query_tokenizer
-from embeddistill.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity
-from embeddistill.training import DistillationTrainer, Documents, TrainingQueries
+from embeddistill.models import encoding
+from embeddistill.models.cross_encoders import DualPoolingCrossEncoder
+from embeddistill.models.students import build_student, query_modules, query_tokenizer
+from embeddistill.models.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity
+from embeddistill.runtime import environment_record
+from embeddistill.training.batching import Documents, TrainingQueries
+from embeddistill.training.distillation import DistillationTrainer
+from embeddistill.training.teacher_finetuning import DualPoolingTrainer, TeacherExample
 
 TEACHER_FOLDER = "all-mpnet-base-v2"
 SMOKE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
@@ -194,7 +192,7 @@ def encoders(teacher, texts: list[str], batch_sizes: list[int], work: Path) -> d
     runs[f"ours_no_sdpa_bs{largest}"] = lambda: encoding.encode(teacher, texts, DOCUMENT, largest, sdpa=False)
 
     def without_cudnn():  # the kernels training uses (cuDNN's attention plans each new shape)
-        with sdpa_kernel(training.TRAINING_ATTENTION):
+        with sdpa_kernel(runtime.TRAINING_ATTENTION):
             return encoding.encode(teacher, texts, DOCUMENT, batch_size=largest)
 
     runs[f"ours_training_attention_bs{largest}"] = without_cudnn
@@ -415,13 +413,13 @@ def bench_training(args, teacher, query_texts: list[str], peak: float | None, de
 
 def attention_ways() -> dict[str, list[SDPBackend]]:
     """PyTorch's own pick of attention kernels (cuDNN's first on Hopper) and the trainer's."""
-    ours = training.TRAINING_ATTENTION
+    ours = runtime.TRAINING_ATTENTION
     return {"pytorch_attention": [SDPBackend.CUDNN_ATTENTION, *ours], "training_attention": ours}
 
 
 def time_attention_ways(step, warmup_steps: int, repeats: int, n: int) -> dict[str, list[float]]:
     """Seconds of ``n`` training steps (``step(i)``) under each of :func:`attention_ways`, interleaved."""
-    ways, ours = attention_ways(), training.TRAINING_ATTENTION
+    ways, ours = attention_ways(), runtime.TRAINING_ATTENTION
     for i in range(warmup_steps):
         step(i)
     seconds: dict[str, list[float]] = {way: [] for way in ways}
@@ -429,11 +427,11 @@ def time_attention_ways(step, warmup_steps: int, repeats: int, n: int) -> dict[s
     try:
         for _ in range(repeats):
             for way, kernels in ways.items():
-                training.TRAINING_ATTENTION = kernels  # read by the trainers at each step
+                runtime.TRAINING_ATTENTION = kernels  # read by the trainers at each step
                 seconds[way].append(timed(lambda first=first: [step(i) for i in range(first, first + n)])[0])
                 first += n
     finally:
-        training.TRAINING_ATTENTION = ours
+        runtime.TRAINING_ATTENTION = ours
     return seconds
 
 
@@ -479,7 +477,7 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
 
 def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device: str, work: Path) -> dict:
     """Steps/second fine-tuning a MiniLM-shaped dual-pooling CE (``DualPoolingTrainer.step``) and pairs/second
-    scoring with it (``predict``), PyTorch's attention kernels vs ``training.TRAINING_ATTENTION``."""
+    scoring with it (``predict``), PyTorch's attention kernels vs ``runtime.TRAINING_ATTENTION``."""
     folder = Path(args.configs) / "all-MiniLM-L6-v2"
     random_sentence_transformer(folder, work / "ce", "cpu", args.smoke, seed=2)
     model = DualPoolingCrossEncoder.from_encoder(str(work / "ce" / folder.name), device=device)
@@ -515,19 +513,6 @@ def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device
         "steps_per_way_and_repeat": n,
         "scored_pairs": len(pair_queries),
         "training_speedup": n / min(seconds["training_attention"]) / (n / min(seconds["pytorch_attention"])),
-    }
-
-
-def versions() -> dict:
-    import sentence_transformers
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
     }
 
 
@@ -580,8 +565,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "speed_gpu",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "versions": versions(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else environment_record(())["machine"]["cpu"],
+        "versions": {
+            **environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
+            "cuda": torch.version.cuda,
+        },
         "smoke": args.smoke,
         "teacher": "all-mpnet-base-v2 architecture, random weights",
         "bf16_matmul_peak": peak,

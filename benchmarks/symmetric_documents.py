@@ -1,6 +1,6 @@
 """The document side of one symmetric training step: tokenized every step into one padded batch (as before) against
-token ids cached once and embedded in sorted chunks of similar length (``training.DocumentTokens``,
-``training.embed_by_length``).
+token ids cached once and embedded in sorted chunks of similar length (``training.batching.DocumentTokens``,
+``training.batching.embed_by_length``).
 
     python benchmarks/symmetric_documents.py --out benchmarks/results/symmetric_documents.json
 
@@ -21,12 +21,13 @@ import time
 
 import numpy as np
 import torch
-from _common import environment, local_model
+from _common import local_model
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.data import load_corpus, resolve_dataset
+from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
-from embeddistill.training import CHUNK_TOKENS, DocumentTokens, embed_by_length, length_chunks
+from embeddistill.training.batching import CHUNK_TOKENS, DocumentTokens, embed_by_length, length_chunks
 
 
 def read_passages(dataset: str, count: int, seed: int) -> list[str]:
@@ -102,7 +103,7 @@ def main() -> None:
         },
         "speedup": (statistics.median(tokenize) + statistics.median(before)) / statistics.median(after),
         "max_abs_embedding_difference": difference,
-        **environment(),
+        **environment_record(),
     }
     atomic_write_json(args.out, result)
 

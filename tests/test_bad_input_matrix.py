@@ -174,6 +174,7 @@ def test_undecodable_bytes_in_queries_and_qrels(tmp_path, name):
 # --- a huge document -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_5mb_document_loads_and_is_truncated_by_the_tokenizer(tmp_path, tiny_teacher_path, cache_dir):
     words = ["coral", "reefs", "bleach", "in", "warm", "water", "and", "vitamin", "d", "helps", "bone", "density"]
     huge = " ".join(words[i % len(words)] for i in range(5_000_000 // 5))
@@ -182,7 +183,7 @@ def test_5mb_document_loads_and_is_truncated_by_the_tokenizer(tmp_path, tiny_tea
     corpus = RetrievalDataset.load(str(root)).corpus
     assert corpus["huge"] == huge  # loaded whole: truncation is the tokenizer's job
 
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.models.teachers import DualEncoderTeacher
 
     teacher = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir)
     assert teacher.model.max_seq_length == 64
@@ -260,7 +261,7 @@ def test_nonexistent_dataset_via_cli(tmp_path, capsys):
 
 
 def _cache_folder(tiny_teacher_path: str, cache_dir: Path) -> Path:
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.models.teachers import DualEncoderTeacher
 
     teacher = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir)
     teacher.embed_documents([CORPUS[0]["text"]])
@@ -284,7 +285,7 @@ def test_cache_manifest_of_other_settings_via_cli(tmp_path, capsys, tiny_teacher
 
 @pytest.mark.parametrize("content", ['{"teacher": {"name": "x", "weig', "[]", '{"format": 1}', ""])
 def test_unreadable_cache_manifest_names_the_file(tiny_teacher_path, cache_dir, content):
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.models.teachers import DualEncoderTeacher
 
     manifest = _cache_folder(tiny_teacher_path, cache_dir) / "manifest.json"
     manifest.write_text(content)
@@ -295,7 +296,7 @@ def test_unreadable_cache_manifest_names_the_file(tiny_teacher_path, cache_dir, 
 
 def test_cache_shard_of_another_dimension_is_dropped_and_reencoded(tiny_teacher_path, cache_dir, caplog):
     """A shard copied in from another teacher (right keys and checksum, wrong width) must not be served."""
-    from embeddistill.teachers import DOCUMENT, DualEncoderTeacher
+    from embeddistill.models.teachers import DOCUMENT, DualEncoderTeacher
 
     folder = _cache_folder(tiny_teacher_path, cache_dir)
     texts = [record["text"] for record in CORPUS[1:]]
@@ -303,7 +304,7 @@ def test_cache_shard_of_another_dimension_is_dropped_and_reencoded(tiny_teacher_
     keys = [text_key(f"{DOCUMENT}\0{text}") for text in texts]
     (folder / "shards" / "00099.json").write_text(json.dumps({"keys": keys, "sha256": checksum}))
 
-    with caplog.at_level(logging.WARNING, logger="embeddistill.teachers"):
+    with caplog.at_level(logging.WARNING, logger="embeddistill.models.teachers"):
         teacher = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir)
     assert len(teacher.cache) == 1  # only the genuine shard
     assert [r.getMessage() for r in caplog.records if "00099" in r.getMessage() and "shape" in r.getMessage()]
@@ -328,7 +329,7 @@ def captured_sentence_transformer(monkeypatch) -> list[dict]:
         calls.append({"name": name_or_path, **kwargs})
         raise _Refused("offline test stub")
 
-    monkeypatch.setattr("embeddistill.teachers.SentenceTransformer", stub)
+    monkeypatch.setattr("embeddistill.models.teachers.SentenceTransformer", stub)
     return calls
 
 
@@ -349,7 +350,7 @@ def test_trust_remote_code_is_off_by_default_for_evaluate_and_students(tmp_path,
     root = write_beir(tmp_path / "toy")
     status, _ = run_cli(capsys, "evaluate", "some-org/model", "--dataset", str(root), "--out", str(tmp_path / "e"))
     assert status == 2
-    from embeddistill.students import build_student
+    from embeddistill.models.students import build_student
 
     class NoModules:
         _modules: dict = {}

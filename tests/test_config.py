@@ -9,12 +9,15 @@ import pytest
 
 from embeddistill.cli import build_parser
 from embeddistill.config import (
+    CrossEncoderConfig,
     DataConfig,
     DistillConfig,
     EvaluationConfig,
     LossConfig,
     ModelConfig,
+    TeacherTrainingConfig,
     TrainingConfig,
+    apply_arguments,
     config_from_args,
     leaf_fields,
 )
@@ -53,7 +56,7 @@ def test_list_defaults_are_not_shared_between_instances():
 
 def test_field_names_unique_across_sections():
     leaves = leaf_fields(DistillConfig())  # raises AssertionError on a duplicate
-    sections = [DataConfig, ModelConfig, LossConfig, TrainingConfig, EvaluationConfig]
+    sections = [DataConfig, ModelConfig, LossConfig, TrainingConfig, EvaluationConfig, CrossEncoderConfig]
     all_names = ["out"] + [f.name for section in sections for f in dataclasses.fields(section)]
     assert len(all_names) == len(set(all_names))
     assert set(leaves) == set(all_names)
@@ -263,3 +266,71 @@ def test_yaml_round_trip(tmp_path):
     assert loaded == config
     assert DistillConfig.from_yaml(write(tmp_path, DistillConfig().to_yaml(), name="d.yaml")) == DistillConfig()
     assert DistillConfig.from_dict(config.to_dict()) == config
+
+
+def test_cross_encoder_fields_live_in_their_own_section(tmp_path):
+    """The CE-only fields moved into ``ce``; flat keys, the new section and the old sections all still load."""
+    expected = {"cross_encoder": "ce/path", "first_stage": "fs", "ce_query_target": "mean", "rerank_depth": 7}
+    flat = DistillConfig.from_yaml(write(tmp_path, "".join(f"{k}: {v}\n" for k, v in expected.items())))
+    nested_new = DistillConfig.from_dict({"ce": expected})
+    nested_old = DistillConfig.from_yaml(
+        write(
+            tmp_path,
+            """
+            model:
+              cross_encoder: ce/path
+              first_stage: fs
+            loss:
+              ce_query_target: mean
+            evaluation:
+              rerank_depth: 7
+            """,
+            name="old.yaml",
+        )
+    )
+    for config in (flat, nested_new, nested_old):
+        assert config.ce.cross_encoder == "ce/path" and config.ce.first_stage == "fs"
+        assert config.ce.ce_query_target == "mean" and config.ce.rerank_depth == 7
+        assert flat == config
+    assert not any(hasattr(section, "cross_encoder") for section in (flat.model, flat.loss, flat.evaluation))
+    args = build_parser().parse_args(["distill", "--cross-encoder", "x", "--ce-random-negatives", "2"])
+    config = config_from_args(args)
+    assert config.ce.cross_encoder == "x" and config.ce.ce_random_negatives == 2
+
+
+def test_train_teacher_flags_come_from_the_config_fields():
+    """``train-teacher`` uses the same builder as ``distill``: every field is a flag with the field's default."""
+    parser = build_parser()
+    args = parser.parse_args(["train-teacher", "--base", "b", "--dataset", "d1", "d2", "--out", "o"])
+    config = apply_arguments(TeacherTrainingConfig(), args)
+    assert config == TeacherTrainingConfig(base="b", datasets=["d1", "d2"], out="o")
+    args = parser.parse_args(
+        [
+            "train-teacher",
+            "--base",
+            "b",
+            "--dataset",
+            "d",
+            "--out",
+            "o",
+            "--learning-rate",
+            "1e-4",
+            "--resume",
+            "--no-normalize",
+            "--group-size",
+            "4",
+            "--trust-remote-code",
+        ]
+    )
+    config = apply_arguments(TeacherTrainingConfig(), args)
+    assert config.learning_rate == pytest.approx(1e-4) and isinstance(config.learning_rate, float)
+    assert config.resume is True and config.normalize is False and config.group_size == 4
+    assert config.trust_remote_code is True
+    for missing in (["--dataset", "d", "--out", "o"], ["--base", "b", "--out", "o"], ["--base", "b", "--dataset", "d"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train-teacher", *missing])
+    with pytest.raises(ValueError, match="'epochs'"):
+        apply_arguments(
+            TeacherTrainingConfig(),
+            parser.parse_args(["train-teacher", "--base", "b", "--dataset", "d", "--out", "o", "--epochs", "2.5"]),
+        )

@@ -14,20 +14,19 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.cli import main
-from embeddistill.cross_encoders import (
+from embeddistill.config import TeacherTrainingConfig
+from embeddistill.data import read_trec_run
+from embeddistill.evaluation.reranking import rerank
+from embeddistill.models.cross_encoders import (
     DUAL_POOLING_CONFIG,
     CrossEncoderScoreCache,
     CrossEncoderTeacher,
     DualPoolingCrossEncoder,
-    DualPoolingTrainer,
     PairScores,
-    TeacherExample,
-    TeacherTrainingConfig,
     load_cross_encoder,
-    rerank,
-    segment_masks,
 )
-from embeddistill.data import read_trec_run
+from embeddistill.models.pooling import segment_masks
+from embeddistill.training.teacher_finetuning import DualPoolingTrainer, TeacherExample
 
 QUERIES = ["what lowers blood pressure", "vitamin d"]
 DOCUMENTS = ["beta blockers reduce blood pressure in adults", "sunlight makes vitamin d in the skin of most people"]
@@ -182,7 +181,7 @@ def test_score_cache_round_trip_and_corruption(dual_pooling, tmp_path, caplog):
     manifest = json.loads((cache.dir / "manifest.json").read_text())
     manifest["cross_encoder"]["weights"] = "0" * 32
     (cache.dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="identity differs"):
+    with pytest.raises(ValueError, match="identity does not match"):
         CrossEncoderScoreCache(tmp_path, "tiny", dual_pooling.identity())
 
 
@@ -289,6 +288,7 @@ def test_train_teacher_writes_a_loadable_dual_pooling_ce(trained_teacher, tiny_t
     assert log and all(np.isfinite(r["loss"]) for r in log)
 
 
+@pytest.mark.slow
 def test_distill_from_cross_encoder_and_rerank_cli(trained_teacher, tiny_teacher_path, scifact_slice, tmp_path):
     out, cache = tmp_path / "run", trained_teacher / "cache"
     argv = ce_distill_arguments(str(trained_teacher / "ce"), tiny_teacher_path, scifact_slice, out, cache)
@@ -303,6 +303,19 @@ def test_distill_from_cross_encoder_and_rerank_cli(trained_teacher, tiny_teacher
     assert metrics["retention_vs_cross_encoder"]["nDCG@10"] == pytest.approx(ratio)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"score", "query_em", "document_em"} <= set(log[-1])
+    # A CE run writes what a dual-encoder run writes: CPU latency in metrics.json, report.md and a model card.
+    for system in ("first_stage", "student"):
+        assert set(metrics[system]["latency"]) == {"batch1_ms", "batch32_ms"}
+        assert all(value > 0 for value in metrics[system]["latency"].values())
+        assert metrics[system]["query_encoder_parameters"] > 0
+    assert set(metrics["speedup"]) == {"batch1", "batch32"}
+    assert {"embeddistill", "torch", "threads"} <= set(metrics["environment"])
+    report = (out / "report.md").read_text()
+    assert "| cross-encoder reranker (top 20) |" in report and "| student / cross-encoder |" in report
+    assert "| first stage |" in report and "CPU ms batch1" in report
+    card = (out / "student" / "README.md").read_text()
+    assert card.startswith("---\n") and "symmetric" in card and "query embedding matching: weight" in card
+    assert "| nDCG@10 |" in card and "first stage ms" in card
     reranked = read_trec_run(out / "cross_encoder.trec")
     first = read_trec_run(out / "first_stage.trec")
     query_id = next(iter(reranked))
@@ -333,6 +346,7 @@ def test_distill_from_cross_encoder_and_rerank_cli(trained_teacher, tiny_teacher
     assert all(len(hits) <= 20 for hits in read_trec_run(evaluated / "reranker.trec").values())
 
 
+@pytest.mark.slow
 def test_distill_from_a_standard_cross_encoder_turns_embedding_matching_off(
     standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
 ):
@@ -428,6 +442,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_train_teacher_distills_a_standard_cross_encoder(
     trained_teacher, standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
 ):
@@ -472,6 +487,7 @@ def test_train_teacher_distills_a_standard_cross_encoder(
 # -- distill --cross-encoder with Margin-MSE alone ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_distill_from_a_cross_encoder_with_margin_mse_only(
     standard_ce_path, tiny_teacher_path, scifact_slice, tmp_path
 ):

@@ -23,12 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from embeddistill import distributed
 from embeddistill.config import TrainingConfig
 from embeddistill.losses import EmbedDistillLoss, LossWeights
-from embeddistill.students import build_student, query_modules
-from embeddistill.teachers import DualEncoderTeacher, load_sentence_transformer
-from embeddistill.training import DistillationTrainer, Documents, TrainingQueries
+from embeddistill.models.students import build_student, query_modules
+from embeddistill.models.teachers import DualEncoderTeacher, load_sentence_transformer
+from embeddistill.training import distributed
+from embeddistill.training.batching import Documents, TrainingQueries
+from embeddistill.training.distillation import DistillationTrainer
 
 WORDS = [
     *("protein", "cell", "mice", "gene", "tumor", "vitamin", "bone", "density", "coral", "reef", "water", "warm"),
@@ -157,6 +158,7 @@ def two_ranks(tiny_teacher_path, tmp_path_factory):
     return work, inputs, references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_two_ranks_train_like_one_process(two_ranks, name):
     work, _, references = two_ranks
@@ -187,6 +189,7 @@ def test_two_ranks_train_like_one_process(two_ranks, name):
         torch.testing.assert_close(loaded[key], value, atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_sharded_teacher_encoding(two_ranks, tiny_teacher_path):
     work, inputs, _ = two_ranks
     sharded = np.load(work / "sharded.npz")
@@ -205,6 +208,7 @@ def test_sharded_teacher_encoding(two_ranks, tiny_teacher_path):
     np.testing.assert_array_equal(teacher.embed_documents(DOCUMENTS), sharded["documents"])
 
 
+@pytest.mark.slow
 def test_batch_size_not_divisible_by_world_size_fails_clearly(two_ranks):
     work, _, _ = two_ranks
     for rank in range(WORLD):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from embeddistill.students import QueryEncoder
-from embeddistill.teachers import load_sentence_transformer
-from embeddistill.training import DocumentTokens, embed_by_length, forward_context, length_chunks, pad_token_ids
+from embeddistill.models.students import QueryEncoder
+from embeddistill.models.teachers import load_sentence_transformer
+from embeddistill.runtime import forward_context
+from embeddistill.training.batching import DocumentTokens, embed_by_length, length_chunks, pad_token_ids
 
 TEXTS = [" ".join(["protein", "cell", "mice", "bone"][: 1 + i % 4] * (1 + (7 * i) % 9)) + f" {i}" for i in range(11)]
 

@@ -13,10 +13,10 @@ pytest.importorskip("onnx")
 
 from embeddistill.cli import main  # noqa: E402
 from embeddistill.data import RetrievalDataset  # noqa: E402
-from embeddistill.export import EXPORT_INFO, OnnxQueryEncoder, compare_with_pytorch, export_onnx  # noqa: E402
-from embeddistill.indexing import SearchIndex  # noqa: E402
-from embeddistill.students import QueryEncoder, build_student, make_projection  # noqa: E402
-from embeddistill.teachers import load_sentence_transformer  # noqa: E402
+from embeddistill.models.students import QueryEncoder, build_student, make_projection  # noqa: E402
+from embeddistill.models.teachers import load_sentence_transformer  # noqa: E402
+from embeddistill.serving.indexing import SearchIndex  # noqa: E402
+from embeddistill.serving.onnx import EXPORT_INFO, OnnxQueryEncoder, compare_with_pytorch, export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_identical_top10_and_latency(exported, student_dir, scifact_slice, slice
 
 
 def test_searcher_accepts_an_onnx_folder(exported, student_dir, slice_index):
-    from embeddistill.search import Searcher
+    from embeddistill.serving.search import Searcher
 
     out, _ = exported
     index = slice_index

@@ -1,4 +1,4 @@
-"""The fast encoding path (embeddistill.encoding) gives SentenceTransformer.encode's embeddings, faster.
+"""The fast encoding path (embeddistill.models.encoding) gives SentenceTransformer.encode's embeddings, faster.
 
 Tiny random BERT and MPNet models with the real MiniLM tokenizer, fp32 on the CPU, where both paths are exact up
 to float summation order.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from embeddistill import encoding
-from embeddistill.encoding import (
+from embeddistill.models import encoding
+from embeddistill.models.encoding import (
     RustTokenizer,
     batch_bounds,
     encode,
@@ -21,7 +21,7 @@ from embeddistill.encoding import (
     sdpa_attention,
     tokenize_chunk,
 )
-from embeddistill.teachers import load_sentence_transformer
+from embeddistill.models.teachers import load_sentence_transformer
 
 TEXTS = [
     "Coral reefs bleach when the water is too warm for too long.",
@@ -289,7 +289,7 @@ def test_rust_tokenizer_that_differs_falls_back_to_preprocess(tiny_teacher_path,
     model = load_sentence_transformer(tiny_teacher_path)
     rust = rust_tokenizer(model, "document")
     rust.backend.enable_truncation(8)  # now it disagrees with preprocess on every text longer than 8 tokens
-    with caplog.at_level("WARNING", logger="embeddistill.encoding"):
+    with caplog.at_level("WARNING", logger="embeddistill.models.encoding"):
         got = tokenize_chunk(model, TEXTS, "document")
     assert rust.disabled and "input_ids" in rust.disabled and "does not match" in caplog.text
     assert rust_tokenizer(model, "document") is None  # not tried again for this model

@@ -8,8 +8,9 @@ import numpy as np
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset
-from embeddistill.indexing import FlatIndex
-from embeddistill.pipeline import QuerySet, collect_training_queries, prepare, roundtrip_keep
+from embeddistill.pipeline.dual_encoder import prepare
+from embeddistill.pipeline.stages import QuerySet, collect_training_queries, roundtrip_keep
+from embeddistill.serving.indexing import FlatIndex
 
 
 def _write_generated(path, rows):

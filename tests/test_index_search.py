@@ -9,7 +9,7 @@ import pytest
 
 from embeddistill.cli import main
 from embeddistill.data import RetrievalDataset, read_trec_run
-from embeddistill.indexing import FlatIndex, SearchIndex
+from embeddistill.serving.indexing import FlatIndex, SearchIndex
 
 
 def _unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def test_index_command_uses_teacher_cache(tiny_index, tiny_teacher_path, scifact
     info = json.loads((folder / "info.json").read_text())
     assert info["count"] == 300 and info["dimension"] == 32 and info["model"] == tiny_teacher_path
     assert info["type"] == "flat" and info["metric"] == "inner_product" and info["normalized"] is True
-    from embeddistill.teachers import DualEncoderTeacher
+    from embeddistill.models.teachers import DualEncoderTeacher
 
     teacher = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache)
     dataset = RetrievalDataset.load(str(scifact_slice))
@@ -121,8 +121,8 @@ def test_index_command_uses_teacher_cache(tiny_index, tiny_teacher_path, scifact
 
 
 def test_searcher_matches_exact_search(tiny_index, tiny_teacher_path, scifact_slice):
-    from embeddistill.search import Searcher
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.serving.search import Searcher
 
     folder, _ = tiny_index
     dataset = RetrievalDataset.load(str(scifact_slice))
@@ -139,9 +139,9 @@ def test_searcher_matches_exact_search(tiny_index, tiny_teacher_path, scifact_sl
 
 
 def test_asymmetric_student_searches_the_teacher_index(tiny_index, tiny_teacher_path, tmp_path, capsys):
-    from embeddistill.search import Searcher
-    from embeddistill.students import build_student
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.students import build_student
+    from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.serving.search import Searcher
 
     folder, _ = tiny_index
     student = build_student("teacher:2", load_sentence_transformer(tiny_teacher_path), asymmetric=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -231,7 +232,7 @@ def _full_inputs():
 
 
 def test_embed_distill_combines_weighted_parts():
-    weights = LossWeights(score=2.0, query_embedding=0.5, document_embedding=3.0, label=1.5, margin_mse=0.25)
+    weights = LossWeights(score=2.0, query_em=0.5, document_em=3.0, label=1.5, margin_mse=0.25)
     tau = 1.0
     out = EmbedDistillLoss(weights, teacher_temperature=tau, student_temperature=tau)(**_full_inputs())
 
@@ -253,7 +254,7 @@ def test_embed_distill_combines_weighted_parts():
 
 
 def test_embed_distill_zero_weight_parts_absent():
-    weights = LossWeights(score=1.0, query_embedding=0.0, document_embedding=0.0, label=0.0, margin_mse=0.0)
+    weights = LossWeights(score=1.0, query_em=0.0, document_em=0.0, label=0.0, margin_mse=0.0)
     out = EmbedDistillLoss(weights, 1.0, 1.0)(**_full_inputs())
     assert set(out) == {"loss", "score"}
     assert out["loss"].item() == pytest.approx(out["score"].item(), rel=1e-6)
@@ -270,7 +271,7 @@ def test_embed_distill_default_weights_and_asymmetric_student():
 
 
 def test_embed_distill_generated_queries_get_no_label_loss():
-    weights = LossWeights(score=0.0, query_embedding=0.0, document_embedding=0.0, label=1.0, margin_mse=0.0)
+    weights = LossWeights(score=0.0, query_em=0.0, document_em=0.0, label=1.0, margin_mse=0.0)
     loss = EmbedDistillLoss(weights, 1.0, 1.0)
     out = loss(**_full_inputs(), generated=torch.tensor([True, False]))
     assert out["label"].item() == pytest.approx(-log_softmax(STUDENT[1])[0], rel=1e-5)
@@ -281,7 +282,7 @@ def test_embed_distill_generated_queries_get_no_label_loss():
 
 
 def test_embed_distill_label_mask_applies_to_label_loss():
-    weights = LossWeights(score=0.0, query_embedding=0.0, document_embedding=0.0, label=1.0, margin_mse=0.0)
+    weights = LossWeights(score=0.0, query_em=0.0, document_em=0.0, label=1.0, margin_mse=0.0)
     mask = torch.tensor([[False, True, True], [True, True, True]])
     out = EmbedDistillLoss(weights, 1.0, 1.0)(**_full_inputs(), label_mask=mask)
     expected = (-log_softmax([2.0, 3.0])[1] - log_softmax(STUDENT[1])[0]) / 2
@@ -289,7 +290,7 @@ def test_embed_distill_label_mask_applies_to_label_loss():
 
 
 def test_gradient_reaches_student_inputs_not_teacher_tensors():
-    weights = LossWeights(score=1.0, query_embedding=1.0, document_embedding=1.0, label=1.0, margin_mse=1.0)
+    weights = LossWeights(score=1.0, query_em=1.0, document_em=1.0, label=1.0, margin_mse=1.0)
     inputs = {name: value.clone().requires_grad_(value.is_floating_point()) for name, value in _full_inputs().items()}
     out = EmbedDistillLoss(weights, 0.5, 0.5)(**inputs)
     out["loss"].backward()
@@ -316,3 +317,20 @@ def test_each_loss_detaches_teacher(module, args):
     module(*args(student, teacher)).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+def test_one_name_per_loss_weight():
+    """A term's ``part`` is its log key, its LossWeights field and (plus ``_weight``) its config field and flag."""
+    from embeddistill.config import LossConfig
+    from embeddistill.losses import TERMS
+
+    parts = [term.part for term in TERMS]
+    assert [f.name for f in dataclasses.fields(LossWeights)] == parts
+    config_weights = [f.name for f in dataclasses.fields(LossConfig) if f.name.endswith("_weight")]
+    assert sorted(config_weights) == sorted(f"{part}_weight" for part in parts)
+    config = LossConfig(score_weight=2.0, query_em_weight=0.5, document_em_weight=0.0, label_weight=1.0)
+    weights = LossWeights.from_config(config)
+    assert (weights.score, weights.query_em, weights.document_em, weights.label) == (2.0, 0.5, 0.0, 1.0)
+    assert LossWeights() == LossWeights.from_config(LossConfig())
+    out = EmbedDistillLoss(weights, 1.0, 1.0)(**_full_inputs())
+    assert set(out) == {"loss", *(p for p in parts if getattr(weights, p))}

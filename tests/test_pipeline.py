@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.cli import main
-from embeddistill.students import (
+from embeddistill.models.students import (
     QueryEncoder,
     build_student,
     is_asymmetric,
@@ -18,7 +18,7 @@ from embeddistill.students import (
     query_modules,
     truncate_transformer,
 )
-from embeddistill.teachers import load_sentence_transformer
+from embeddistill.models.teachers import load_sentence_transformer
 
 FAST = [
     "--epochs",
@@ -116,6 +116,7 @@ def test_final_checkpoint_is_complete(asymmetric_run):
     assert all((asymmetric_run / "checkpoint" / name).exists() for name in state["sha256"])
 
 
+@pytest.mark.slow
 def test_symmetric_student_with_projection(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice):
     """A student of another width gets a projection into the teacher's space and its own document index."""
     out = tmp_path / "sym"
@@ -157,7 +158,7 @@ def test_truncate_transformer_keeps_the_first_layers(tiny_teacher_path):
 
 
 def test_lstsq_projection_starts_at_the_best_linear_map(tiny_teacher_path):
-    from embeddistill.students import fit_projection, make_projection
+    from embeddistill.models.students import fit_projection, make_projection
 
     rng = np.random.default_rng(0)
     student_embeddings = rng.normal(size=(64, 8))
@@ -170,7 +171,7 @@ def test_lstsq_projection_starts_at_the_best_linear_map(tiny_teacher_path):
 def test_lstsq_projection_ignores_directions_the_student_does_not_use():
     """A rank-deficient student output (all-MiniLM-L6-v2's is) must not get huge weights on its null directions:
     they made the first optimiser step blow the student up."""
-    from embeddistill.students import fit_projection, make_projection
+    from embeddistill.models.students import fit_projection, make_projection
 
     rng = np.random.default_rng(0)
     used = rng.normal(size=(64, 6))

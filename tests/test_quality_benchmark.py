@@ -13,7 +13,6 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import _common  # noqa: E402
 import quality  # noqa: E402
 
 DL_POOL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "msmarco-dl-pool"
@@ -29,16 +28,6 @@ def test_planned_rows_put_embeddistill_first_and_skip_finished_ones():
     assert planned == ["teacher", "bm25", "a/embeddistill", "a/untrained", "b/embeddistill", "b/untrained"]
     record = {"rows": {"teacher": {}, "a/embeddistill": {}}}
     assert quality.pending_rows(record, planned) == ["bm25", "a/untrained", "b/embeddistill", "b/untrained"]
-
-
-def test_paired_permutation_test_separates_real_differences_from_noise():
-    queries = [f"q{i}" for i in range(200)]
-    same = {q: 0.5 for q in queries}
-    better = {q: 0.6 for q in queries}
-    assert _common.paired_permutation_test(better, same, rounds=500) < 0.01
-    assert _common.paired_permutation_test(same, dict(same), rounds=500) == 1.0
-    with pytest.raises(ValueError, match="same queries"):
-        _common.paired_permutation_test(same, {"other": 1.0})
 
 
 def test_significance_is_filled_for_each_pair_once():
@@ -91,6 +80,7 @@ def _spy_on_rows(monkeypatch) -> list[str]:
     return ran
 
 
+@pytest.mark.slow
 def test_quality_rows_resume_and_guard_their_settings(
     tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, monkeypatch
 ):
@@ -144,6 +134,7 @@ def test_peer_row_trains_with_sentence_transformers(
     assert "mpnet-2L-asym/peer" in record["significance"]["test"]["mpnet-2L-asym"]
 
 
+@pytest.mark.slow
 def test_parallel_processes_fill_one_table(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice):
     """``quality_parallel.sh``: a teacher process, then one process per student, all writing one table."""
     arguments = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "unused")

@@ -1,4 +1,4 @@
-"""``benchmarks/report.py``: BENCHMARKS.md from whatever result files exist, numbers only from them."""
+"""``benchmarks/report.py`` and its ``_report_*.py`` parts: BENCHMARKS.md from whatever result files exist."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import quality  # noqa: E402
 import report  # noqa: E402
+from _report_format import RETENTION_CHART, SPEED_CHART, SPEED_CPU_ENCODERS, fmt, percent, render_generic, times  # noqa: E402
+from _report_quality import headline  # noqa: E402
+from _report_sections import render_defaults, render_querygen, render_symmetric_documents  # noqa: E402
 
 
 def _quality_record() -> dict:
@@ -52,19 +55,19 @@ def _quality_record() -> dict:
 
 def test_querygen_section_shows_every_row_and_the_sparse_recovery():
     data = json.loads((BENCHMARKS / "results" / "querygen.json").read_text())
-    text = "\n".join(report.render_querygen(data))
+    text = "\n".join(render_querygen(data))
     for row in data["scifact"]["rows"].values():
-        assert f"| {report.fmt(row['metrics']['nDCG@10'])} | {report.percent(row['retention']['nDCG@10'])} |" in text
-    assert report.percent(data["scifact"]["sparse"]["gap_recovered"]) in text
-    assert report.fmt(data["throughput"]["generators"]["lm"]["queries_per_second"]) in text
+        assert f"| {fmt(row['metrics']['nDCG@10'])} | {percent(row['retention']['nDCG@10'])} |" in text
+    assert percent(data["scifact"]["sparse"]["gap_recovered"]) in text
+    assert fmt(data["throughput"]["generators"]["lm"]["queries_per_second"]) in text
 
 
 def test_symmetric_documents_section_shows_both_ways_and_the_speedup():
     data = json.loads((BENCHMARKS / "results" / "symmetric_documents.json").read_text())
-    text = "\n".join(report.render_symmetric_documents(data))
+    text = "\n".join(render_symmetric_documents(data))
     for way in ("padded_batch", "sorted_chunks_cached_tokens"):
-        assert f"| {report.fmt(data[way]['forward_backward_seconds'])} | {data[way]['tokens_run']:,} |" in text
-    assert report.times(data["speedup"]) in text
+        assert f"| {fmt(data[way]['forward_backward_seconds'])} | {data[way]['tokens_run']:,} |" in text
+    assert times(data["speedup"]) in text
 
 
 def test_report_renders_known_generic_and_missing_files(tmp_path):
@@ -91,12 +94,12 @@ def test_report_renders_known_generic_and_missing_files(tmp_path):
     assert "2.3456" in text and "python benchmarks/speed_cpu.py" in text  # the generic table
     assert "`benchmarks/results/querygen.json` does not exist yet" in text
     cross_encoder = json.loads((results / "cross_encoder.json").read_text())["datasets"]["scifact"]
-    assert report.fmt(cross_encoder["cross_encoder_reranker"]["metrics"]["nDCG@10"]) in text
+    assert fmt(cross_encoder["cross_encoder_reranker"]["metrics"]["nDCG@10"]) in text
     ablation = json.loads((results / "ablation_scifact.json").read_text())
-    assert report.fmt(ablation["rows"]["score distillation only"]["metrics"]["nDCG@10"]) in text
-    assert (results / report.RETENTION_CHART).stat().st_size > 0  # matplotlib comes with the dev extra
-    assert (results / report.SPEED_CHART).stat().st_size > 0
-    assert f"benchmarks/results/{report.RETENTION_CHART}" in text
+    assert fmt(ablation["rows"]["score distillation only"]["metrics"]["nDCG@10"]) in text
+    assert (results / RETENTION_CHART).stat().st_size > 0  # matplotlib comes with the dev extra
+    assert (results / SPEED_CHART).stat().st_size > 0
+    assert f"benchmarks/results/{RETENTION_CHART}" in text
 
 
 def test_report_without_any_results_says_so(tmp_path):
@@ -106,7 +109,7 @@ def test_report_without_any_results_says_so(tmp_path):
 
 
 def test_generic_rendering_tolerates_any_layout():
-    lines = report.render_generic({"a": 1, "b": [1, 2], "c": {"d": {"e": 0.5}}, "f": [{"g": 1}, {"h": "x|y"}]})
+    lines = render_generic({"a": 1, "b": [1, 2], "c": {"d": {"e": 0.5}}, "f": [{"g": 1}, {"h": "x|y"}]})
     text = "\n".join(lines)
     assert "0.5000" in text and "x\\|y" in text
 
@@ -130,10 +133,10 @@ def test_headline_means_over_the_five_sets_and_states_the_goal():
     }
     speed = {
         "encoders": {
-            report.SPEED_CPU_ENCODERS["minilm-2L-asym"]: {"speedup_vs_teacher": {"batch1_ms": 12.0, "batch32_ms": 20.0}}
+            SPEED_CPU_ENCODERS["minilm-2L-asym"]: {"speedup_vs_teacher": {"batch1_ms": 12.0, "batch32_ms": 20.0}}
         }
     }
-    text = "\n".join(report.headline(quality, speed))
+    text = "\n".join(headline(quality, speed))
     # teacher mean (0.6+0.3+0.8+0.7+0.6)/5 = 0.6; ours (0.6+0.3+0.7+0.6+0.6)/5 = 0.56, 93.3% of it; peer 0.5
     assert "| teacher |  | 0.6000 | 0.3000 | 0.8000 | 0.7000 | 0.6000 | 0.6000 | 100.0% |" in text
     assert "| minilm-2L-asym | embeddistill | 0.6000 | 0.3000 | 0.7000 | 0.6000 | 0.6000 | 0.5600 | 93.3% |" in text
@@ -144,12 +147,12 @@ def test_headline_means_over_the_five_sets_and_states_the_goal():
     quality["quality_scifact.json"]["rows"]["minilm-2L-asym/score-only"] = {
         "evaluations": {"test": {"metrics": {"nDCG@10": 0.55}}}
     }  # measured on SciFact only: shown, with no mean and no part in the goal
-    text = "\n".join(report.headline(quality, speed))
+    text = "\n".join(headline(quality, speed))
     assert "| minilm-2L-asym | score-only | 0.5500 | - | - | - | - | - | - |" in text
     assert "above score-only" not in text
     assert "A row with a set not measured (-) has no mean" in text
     del quality["quality_squad.json"]
-    assert report.headline(quality, speed) == []  # no headline without all five sets
+    assert headline(quality, speed) == []  # no headline without all five sets
 
 
 def test_defaults_summary_shows_each_point_its_runs_and_the_choice():
@@ -164,7 +167,7 @@ def test_defaults_summary_shows_each_point_its_runs_and_the_choice():
         ],
         "chosen": {"epochs": 12},
     }  # fmt: skip
-    text = "\n".join(report.render_defaults(data))
+    text = "\n".join(render_defaults(data))
     assert "| options | a retention | b retention | mean | runs | spread of the runs |" in text
     assert "| epochs: 12 | 95.0% | 93.0% | 94.0% | a: 1, b: 1 |  |" in text
     assert "| base | 92.5% | 92.0% | 92.2% | a: 2, b: 2 | a 92.0% to 93.0%, b 91.0% to 93.0% |" in text

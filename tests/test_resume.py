@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from embeddistill import cli
-from embeddistill.teachers import SHARD_SIZE_ENV
+from embeddistill.models.teachers import SHARD_SIZE_ENV
 
 SHARD_SIZE = 8
 TIMEOUT = 300  # seconds per child process; a run takes a few
@@ -190,7 +190,7 @@ def runs(tmp_path_factory, tiny_teacher_path, scifact_slice):
 
 
 def test_cache_shard_size_env_var(monkeypatch, tiny_teacher_path, cache_dir):
-    from embeddistill.teachers import DualEncoderTeacher, cache_shard_size
+    from embeddistill.models.teachers import DualEncoderTeacher, cache_shard_size
 
     monkeypatch.delenv(SHARD_SIZE_ENV, raising=False)
     assert cache_shard_size() == 2048
@@ -204,6 +204,7 @@ def test_cache_shard_size_env_var(monkeypatch, tiny_teacher_path, cache_dir):
     assert len(list((teacher.cache.dir / "shards").glob("*.json"))) == 3
 
 
+@pytest.mark.slow
 def test_kill_during_teacher_caching_then_rerun(runs, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     run_and_kill(runs.args(out, cache), tmp_path / "run.log", lambda: bool(shard_metas(cache)))
@@ -218,6 +219,7 @@ def test_kill_during_teacher_caching_then_rerun(runs, tmp_path):
     assert len(at_kill) < len(after) == len(shard_metas(runs.root / "baseline-cache"))  # killed mid-way
 
 
+@pytest.mark.slow
 def test_kill_during_training_then_resume(runs, tmp_path):
     killed, cache = runs.killed_in_training
     out = tmp_path / "out"
@@ -247,6 +249,7 @@ def test_kill_during_training_then_resume(runs, tmp_path):
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted([*state["files"], "state.json"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip weight bytes", "delete optimizer", "garble state.json"])
 def test_damaged_checkpoint_fails_resume_clearly(runs, tmp_path, capsys, monkeypatch, damage):
     """A damaged checkpoint must stop ``--resume`` with the file named (exit 2), never resume from wrong state."""
@@ -291,11 +294,12 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher_pat
     uninterrupted run's weights."""
     import numpy as np
 
-    from embeddistill import training
     from embeddistill.config import TrainingConfig
     from embeddistill.losses import EmbedDistillLoss, LossWeights
-    from embeddistill.students import build_student
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.students import build_student
+    from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.training import batching, loop
+    from embeddistill.training.distillation import DistillationTrainer
 
     rng = np.random.default_rng(0)
 
@@ -304,7 +308,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher_pat
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     texts = [f"query {i} about coral reefs and vitamin d" for i in range(16)]
-    queries = training.TrainingQueries(
+    queries = batching.TrainingQueries(
         texts=texts,
         teacher_embeddings=unit(16),
         anchors=np.arange(16) % 8,
@@ -312,17 +316,17 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher_pat
         negative_pool=np.array([[d for d in range(8) if d != i % 8][:4] for i in range(16)]),
         generated=np.zeros(16, dtype=bool),
     )
-    documents = training.Documents([f"document {i} on reefs and bones" for i in range(8)], unit(8))
+    documents = batching.Documents([f"document {i} on reefs and bones" for i in range(8)], unit(8))
 
-    def trainer(out: Path, resume: bool) -> training.DistillationTrainer:
+    def trainer(out: Path, resume: bool) -> DistillationTrainer:
         out.mkdir(exist_ok=True)
         config = TrainingConfig(epochs=1, batch_size=4, checkpoint_every=1, device="cpu", resume=resume, seed=0)
         teacher = load_sentence_transformer(tiny_teacher_path)  # fresh: an asymmetric student freezes its teacher
         student = build_student("teacher:2", teacher, asymmetric=True)
         criterion = EmbedDistillLoss(LossWeights())
-        return training.DistillationTrainer(student, queries, documents, criterion, config, 2, out)
+        return DistillationTrainer(student, queries, documents, criterion, config, 2, out)
 
-    write_json = training.atomic_write_json
+    write_json = loop.atomic_write_json
 
     def killed_before_second_state(path, obj):
         if Path(path).name == "state.json" and obj["step"] == 2:
@@ -331,7 +335,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher_pat
 
     out = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        patch.setattr(training, "atomic_write_json", killed_before_second_state)
+        patch.setattr(loop, "atomic_write_json", killed_before_second_state)
         with pytest.raises(_Killed):
             trainer(out, resume=False).train()
     assert checkpoint_state(out)["step"] == 1  # step 2's files are on disk, but its state.json is not
@@ -387,6 +391,7 @@ def lm_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_kill_during_lm_query_generation_then_rerun(tiny_lm, lm_dataset, tmp_path):
     def args(out: Path) -> list[str]:
         return [

@@ -19,8 +19,9 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from embeddistill.model_card import write_model_card  # noqa: E402
-from embeddistill.serving import ServiceLimits, create_app, parse_size  # noqa: E402
+from embeddistill.evaluation.model_card import write_model_card  # noqa: E402
+from embeddistill.pipeline.summary import RunSummary  # noqa: E402
+from embeddistill.serving.http import ServiceLimits, create_app, parse_size  # noqa: E402
 
 LIMITS = ServiceLimits(
     max_batch=16, batch_wait_ms=20, max_request_bytes=20_000, max_queries=8, max_k=50, max_query_chars=300
@@ -50,9 +51,9 @@ def running(app):
 @pytest.fixture(scope="module")
 def searcher(tiny_teacher_path, scifact_slice, tmp_path_factory):
     from embeddistill.cli import main
-    from embeddistill.search import Searcher
-    from embeddistill.students import build_student
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.students import build_student
+    from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.serving.search import Searcher
 
     folder = tmp_path_factory.mktemp("serve")
     index_args = ["index", "--model", tiny_teacher_path, "--dataset", str(scifact_slice)]
@@ -72,6 +73,7 @@ def service(searcher):
 QUERIES = ["vitamin D and bone density", "coral reef bleaching", "tumour suppressor genes in mice"]
 
 
+@pytest.mark.slow
 def test_health_and_openapi(service, searcher):
     client, _ = service
     health = client.get("/health")
@@ -85,6 +87,7 @@ def test_health_and_openapi(service, searcher):
     assert '"maxItems": 8' in request_schema and '"maximum": 50' in request_schema
 
 
+@pytest.mark.slow
 def test_search_matches_searcher(service, searcher):
     client, _ = service
     response = client.post("/search", json={"queries": QUERIES, "k": 5})
@@ -99,6 +102,7 @@ def test_search_matches_searcher(service, searcher):
     assert len(default_k["results"][0]["hits"]) == 10
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_micro_batched(service, searcher):
     client, app = service
     batcher = app.app.state.batcher
@@ -117,6 +121,7 @@ def test_concurrent_requests_are_micro_batched(service, searcher):
     assert batcher.batches - before_batches < 24  # several requests shared an encoding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("payload", "status", "message"),
     [
@@ -139,6 +144,7 @@ def test_bad_requests(service, payload, status, message):
     assert message in response.text
 
 
+@pytest.mark.slow
 def test_oversize_body_is_413(service):
     client, _ = service
     big = json.dumps({"queries": ["x" * 200] * 150}).encode()  # 30 kB > 20 kB
@@ -162,6 +168,7 @@ def test_parse_size():
         ServiceLimits(max_batch=0)
 
 
+@pytest.mark.slow
 def test_serve_command(searcher, tmp_path):
     """`embeddistill serve` in a subprocess: binds loopback, answers /health and /search, stops on SIGTERM."""
     with socket.socket() as probe:
@@ -201,7 +208,7 @@ def test_serve_command(searcher, tmp_path):
         process.wait(15)
 
 
-SUMMARY = {
+METRICS_JSON = {
     "dataset": "/data/scifact",
     "eval_split": "test",
     "eval_queries": 300,
@@ -232,6 +239,7 @@ SUMMARY = {
     },
     "environment": {"embeddistill": "0.1.0", "torch": "2.13.0", "threads": 1},
 }
+SUMMARY = RunSummary.from_dict(METRICS_JSON)
 
 
 def test_model_card(tmp_path):
@@ -263,6 +271,8 @@ def test_model_card(tmp_path):
     assert "809 labelled" in text and "asymmetric" in text and "hard_negative_depth: 50" in text
     with pytest.raises(FileNotFoundError):
         write_model_card(tmp_path / "missing", SUMMARY)
-    local = {**SUMMARY, "teacher": {**SUMMARY["teacher"], "model": "/hf/models--org--teacher-x/snapshots/abc"}}
+    local = RunSummary.from_dict(
+        {**METRICS_JSON, "teacher": {**METRICS_JSON["teacher"], "model": "/hf/models--org--teacher-x/snapshots/abc"}}
+    )
     assert "base_model: org/teacher-x" in write_model_card(student_dir, local).read_text()
     assert "base_model: mine/t" in write_model_card(student_dir, local, base_model="mine/t").read_text()

@@ -1,14 +1,17 @@
-"""Derived BEIR folders: SQuAD-dev split by article, and merged TREC DL splits."""
+"""Derived BEIR folders (``benchmarks/_splits.py``): SQuAD-dev split by article, and merged TREC DL splits."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from embeddistill.data import RetrievalDataset, load_qrels
-from embeddistill.splits import document_group, write_group_split, write_merged_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _splits import document_group, write_group_split, write_merged_split  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SQUAD = SHARED / "datasets" / "squad-dev"

@@ -1,4 +1,4 @@
-"""Atomic storage helpers, metric computation against hand-computed values, and exact FAISS search."""
+"""Atomic storage helpers, metric computation against hand-computed values, the paired test, and exact search."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from embeddistill import indexing, storage
-from embeddistill.evaluation import score_run
-from embeddistill.indexing import FlatIndex
+from embeddistill import storage
+from embeddistill.evaluation.metrics import score_run
+from embeddistill.evaluation.significance import paired_permutation_test
+from embeddistill.serving import indexing
+from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 
 
@@ -138,6 +140,16 @@ def test_score_run_rr_cutoff():
     aggregate, _ = score_run(run, qrels, ["RR@10", "RR@100"])
     assert aggregate["RR@10"] == 0.0
     assert aggregate["RR@100"] == pytest.approx(1 / 11)
+
+
+def test_paired_permutation_test_separates_real_differences_from_noise():
+    queries = [f"q{i}" for i in range(200)]
+    same = {q: 0.5 for q in queries}
+    better = {q: 0.6 for q in queries}
+    assert paired_permutation_test(better, same, rounds=500) < 0.01
+    assert paired_permutation_test(same, dict(same), rounds=500) == 1.0
+    with pytest.raises(ValueError, match="same queries"):
+        paired_permutation_test(same, {"other": 1.0})
 
 
 # --- exact search ------------------------------------------------------------------------------------------------

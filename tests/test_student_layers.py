@@ -6,8 +6,8 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.config import DistillConfig
-from embeddistill.students import build_student, projection_of, query_modules
-from embeddistill.teachers import load_sentence_transformer
+from embeddistill.models.students import build_student, projection_of, query_modules
+from embeddistill.models.teachers import load_sentence_transformer
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.modules import Transformer

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from embeddistill.teachers import DualEncoderTeacher, EmbeddingCache, TeacherIdentity
+from embeddistill.models.teachers import DualEncoderTeacher, EmbeddingCache, TeacherIdentity
 
 TEXTS = [
     "Coral reefs bleach when the water is too warm for too long.",
@@ -40,7 +40,7 @@ def _count_calls(monkeypatch, model, method: str) -> list[int]:
     kind)`` (the Rust tokenizer, checked on a sample against ``preprocess``, or ``preprocess`` itself), so the texts
     it tokenises for that kind are counted too.
     """
-    from embeddistill import encoding
+    from embeddistill.models import encoding
 
     kind = method.removeprefix("encode_")
     calls: list[int] = []
@@ -158,7 +158,7 @@ def test_corrupt_shard_warns_and_is_reencoded(tiny_teacher_path, cache_dir, monk
     victim.write_bytes(bytes(data))
     victim_keys = json.loads(victim.with_suffix(".json").read_text())["keys"]
 
-    with caplog.at_level(logging.WARNING, logger="embeddistill.teachers"):
+    with caplog.at_level(logging.WARNING, logger="embeddistill.models.teachers"):
         reloaded = _sharded_cache(teacher, cache_dir)
     assert any("corrupt" in r.getMessage() and victim.stem in r.getMessage() for r in caplog.records)
     assert len(reloaded) == len(TEXTS) - len(victim_keys)
@@ -180,7 +180,7 @@ def test_truncated_shard_file_is_reencoded(tiny_teacher_path, cache_dir, caplog)
     original = teacher.embed_documents(TEXTS)
     (shard,) = _shards(teacher.cache)
     shard.write_bytes(shard.read_bytes()[:40])
-    with caplog.at_level(logging.WARNING, logger="embeddistill.teachers"):
+    with caplog.at_level(logging.WARNING, logger="embeddistill.models.teachers"):
         reloaded = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir)
     assert len(reloaded.cache) == 0
     assert any("corrupt" in r.getMessage() for r in caplog.records)
@@ -214,7 +214,7 @@ def test_shard_without_json_is_ignored(tiny_teacher_path, cache_dir, monkeypatch
 
 
 def test_tiny_teacher_fixture_shape(tiny_teacher_path):
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
 
     model = load_sentence_transformer(tiny_teacher_path)
     assert model.max_seq_length == 64

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from embeddistill.config import DistillConfig, add_config_arguments, config_from_args
 from embeddistill.data import DataError
+from embeddistill.querygen import GENERATORS
 
 logger = logging.getLogger("embeddistill")
 
@@ -31,7 +32,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     missing = [
         name
         for name, value in (
-            ("--teacher (or --cross-encoder)", config.model.teacher or config.model.cross_encoder),
+            ("--teacher (or --cross-encoder)", config.model.teacher or config.ce.cross_encoder),
             ("--dataset", config.data.dataset),
             ("--out", config.out),
         )
@@ -39,36 +40,30 @@ def cmd_distill(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise SystemExit(f"embeddistill distill: {', '.join(missing)} required (as flags or in --config)")
-    from embeddistill import distributed
+    from embeddistill.training import distributed
 
     distributed.init_from_env(config.training.device)  # under torchrun: join the process group (else a no-op)
     main_rank = distributed.is_main()
     _setup_logging(Path(config.out) / "distill.log" if main_rank else None)
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story; the other ranks only warn
+    from embeddistill.evaluation.report import report_table
     from embeddistill.pipeline import distill
-    from embeddistill.reporting import report_table
 
     summary = distill(config)
     distributed.shutdown()
     if not main_rank:
         return 0
-    if config.model.cross_encoder:
-        from embeddistill.ce_pipeline import report_table as ce_report_table
-
-        print(ce_report_table(summary))
-        runs = "first_stage.trec, cross_encoder.trec, student.trec"
-        print(f"\nwritten to {config.out}/ (student/, metrics.json, {runs})")
-        return 0
     print(report_table(summary))
-    print(f"\nwritten to {config.out}/ (student/, report.md, metrics.json, teacher.trec, student.trec)")
+    files = ", ".join(["student/", "report.md", "metrics.json", *summary.trec_runs])
+    print(f"\nwritten to {config.out}/ ({files})")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _setup_logging()
     from embeddistill.data import RetrievalDataset
-    from embeddistill.evaluation import evaluate_model
+    from embeddistill.evaluation.metrics import evaluate_model
 
     summary = evaluate_model(
         args.model,
@@ -92,11 +87,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
-    import dataclasses
+    from embeddistill.config import TeacherTrainingConfig, apply_arguments
+    from embeddistill.training.teacher_finetuning import train_dual_pooling
 
-    from embeddistill.cross_encoders import TeacherTrainingConfig, train_dual_pooling
-
-    config = TeacherTrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherTrainingConfig)})
+    config = apply_arguments(TeacherTrainingConfig(), args)
     _setup_logging(Path(config.out).parent / f"{Path(config.out).name}.log")
     _, info = train_dual_pooling(config)
     print(f"dual-pooling cross-encoder written to {config.out}/ ({info['steps']} steps, {info['train_seconds']:.0f} s)")
@@ -104,62 +98,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def _add_train_teacher_command(commands) -> None:
-    from embeddistill.cross_encoders import TeacherTrainingConfig
+    """Its flags come from :class:`TeacherTrainingConfig`'s fields, like ``distill``'s from :class:`DistillConfig`."""
+    from embeddistill.config import TeacherTrainingConfig
 
-    default = TeacherTrainingConfig()
     train = commands.add_parser(
         "train-teacher", help="fine-tune a dual-pooling cross-encoder teacher on labelled data (qrels + hard negatives)"
     )
-    train.add_argument("--base", required=True, help="pretrained encoder or cross-encoder checkpoint (name or path)")
-    train.add_argument("--dataset", dest="datasets", nargs="+", required=True, help="one or more BEIR datasets")
-    train.add_argument("--split", default=default.split, help="qrels split with the labelled training queries")
-    train.add_argument("--out", required=True, help="output folder (safetensors weights, tokenizer, JSON config)")
-    train.add_argument(
-        "--negatives-from",
-        default="",
-        help="dual encoder whose top documents are hard negatives (default: random documents)",
-    )
-    train.add_argument(
-        "--positives-in-pool",
-        action=argparse.BooleanOptionalAction,
-        default=default.positives_in_pool,
-        help="positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)",
-    )
-    train.add_argument("--distill-from", default="", help="a standard cross-encoder whose scores are also distilled")
-    train.add_argument("--distill-weight", type=float, default=default.distill_weight)
-    train.add_argument("--label-weight", type=float, default=default.label_weight)
-    train.add_argument(
-        "--group-size",
-        type=int,
-        default=default.group_size,
-        help="documents per query: 1 positive and group-size - 1 hard negatives",
-    )
-    train.add_argument("--hard-negative-depth", type=int, default=default.hard_negative_depth)
-    train.add_argument("--epochs", type=int, default=default.epochs)
-    train.add_argument("--batch-size", type=int, default=default.batch_size, help="queries per step")
-    train.add_argument("--learning-rate", type=float, default=default.learning_rate)
-    train.add_argument("--weight-decay", type=float, default=default.weight_decay)
-    train.add_argument("--warmup-ratio", type=float, default=default.warmup_ratio)
-    train.add_argument("--max-grad-norm", type=float, default=default.max_grad_norm)
-    train.add_argument(
-        "--temperature",
-        type=float,
-        default=default.temperature,
-        help="softmax temperature of the normalised (cosine) scores",
-    )
-    train.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=default.normalize,
-        help="L2-normalise the pooled segment embeddings",
-    )
-    train.add_argument("--max-length", type=int, default=default.max_length, help="tokens per (query, document) pair")
-    train.add_argument("--seed", type=int, default=default.seed)
-    train.add_argument("--device", default=default.device)
-    train.add_argument("--checkpoint-every", type=int, default=default.checkpoint_every)
-    train.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint/")
-    train.add_argument("--cache-dir", default="", help="embedding cache of --negatives-from")
-    train.add_argument("--trust-remote-code", action="store_true")
+    add_config_arguments(train, TeacherTrainingConfig())
     train.set_defaults(handler=cmd_train_teacher)
 
 
@@ -203,8 +148,8 @@ def _setup_quiet_logging() -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     _setup_quiet_logging()
     from embeddistill.data import RetrievalDataset
-    from embeddistill.indexing import SearchIndex
-    from embeddistill.search import encode_corpus
+    from embeddistill.serving.indexing import SearchIndex
+    from embeddistill.serving.search import encode_corpus
 
     dataset = RetrievalDataset.load(args.dataset)
     ids, embeddings = encode_corpus(
@@ -229,7 +174,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     _setup_quiet_logging()
     from embeddistill.data import load_queries, write_trec_run
-    from embeddistill.search import Searcher
+    from embeddistill.serving.search import Searcher
 
     if bool(args.queries_file) == bool(args.query):
         raise SystemExit("embeddistill search: give query texts or --queries FILE (one of the two)")
@@ -259,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _setup_quiet_logging()
     import json
 
-    from embeddistill.export import compare_with_pytorch, export_onnx
+    from embeddistill.serving.onnx import compare_with_pytorch, export_onnx
 
     info = export_onnx(args.model, args.onnx, opset=args.opset)
     print(
@@ -269,7 +214,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if args.check_dataset:
         from embeddistill.data import RetrievalDataset
-        from embeddistill.indexing import SearchIndex
+        from embeddistill.serving.indexing import SearchIndex
 
         dataset = RetrievalDataset.load(args.check_dataset)
         queries = dataset.split_queries(args.check_split) if args.check_split else dataset.queries
@@ -277,12 +222,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = compare_with_pytorch(
             args.model, args.onnx, list(queries.values()), index=index, k=args.check_k, repeats=args.repeats
         )
-        import os
-        import platform
+        from embeddistill.runtime import environment_record
 
         result = {
             "command": "embeddistill " + " ".join(sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "machine": environment_record(())["machine"],
             "model": args.model,
             "dataset": str(dataset.path),
             "split": args.check_split,
@@ -299,8 +243,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_quiet_logging()
-    from embeddistill.search import Searcher
-    from embeddistill.serving import ServiceLimits, parse_size, serve, warm_up
+    from embeddistill.serving.http import ServiceLimits, parse_size, serve, warm_up
+    from embeddistill.serving.search import Searcher
 
     limits = ServiceLimits(
         max_batch=args.max_batch,
@@ -413,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate-queries", help="write unlabeled training queries generated from a corpus")
     generate.add_argument("--dataset", required=True)
-    generate.add_argument("--generator", nargs="+", default=["crop"], choices=["crop", "perturb", "lm"])
+    generate.add_argument("--generator", nargs="+", default=["crop"], choices=list(GENERATORS))
     generate.add_argument("--n", type=int, default=1, help="queries per document (crop, lm) or per query (perturb)")
     generate.add_argument("--split", default="train", help="real queries to perturb ('' for none)")
     generate.add_argument("--lm-model", default="", help="causal LM / doc2query model name, path or .gguf file (lm)")

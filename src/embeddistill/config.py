@@ -1,7 +1,11 @@
 """Configuration: dataclasses with help text, loadable from YAML, overridable by command-line flags.
 
+One system for every command: a field is declared once with :func:`option` (default, help, choices), and
+:func:`add_config_arguments` turns every field into a flag, so no default is ever written twice.
 Every field name is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a
-YAML file may be nested by section (``training: {learning_rate: 1e-3}``) or flat.
+YAML file may be nested by section (``training: {learning_rate: 1e-3}``) or flat. Because YAML sections are
+only flattened, a field may sit under any known section name: files written before the cross-encoder fields
+moved into their own ``ce`` section (``model: {cross_encoder: ...}``) still load unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import yaml
 
 
 def option(default: Any, help: str, **kwargs) -> Any:
+    """A config field: its default, its help text and argparse extras (``choices``, ``required``, ``flag``).
+
+    Keeping the flag's description on the field is what lets one builder serve every command.
+    """
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -65,16 +73,6 @@ class ModelConfig:
     max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)")
     cache_dir: str = option("", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)")
     trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")
-    cross_encoder: str = option(
-        "",
-        "cross-encoder teacher (a dual-pooling CE folder from `train-teacher`, or any HF sequence-classification / "
-        "sentence-transformers CrossEncoder); the student is then symmetric and --teacher is not needed",
-    )
-    first_stage: str = option(
-        "", "cross-encoder teachers: the dual encoder whose top documents are the candidates (default: --teacher)"
-    )
-    cross_encoder_batch_size: int = option(64, "pairs per batch when the cross-encoder scores candidates")
-    cross_encoder_max_length: int = option(0, "cross-encoder maximum tokens per pair (0 = the model's own setting)")
 
 
 @dataclass
@@ -90,21 +88,6 @@ class LossConfig:
     hard_negatives: int = option(8, "hard negatives per query, sampled from the teacher's top documents")
     hard_negative_depth: int = option(
         50, "sample hard negatives from the teacher's top-k (labelled positives excluded)"
-    )
-    ce_query_target: str = option(
-        "anchor",
-        "cross-encoder EM target of a query: its segment embedding paired with its anchor document, or the mean "
-        "over all its candidates",
-        choices=["anchor", "mean"],
-    )
-    ce_document_target: str = option(
-        "mean",
-        "cross-encoder EM target of a document: the mean of its segment embeddings over every pairing, or the one "
-        "paired with a query it is the anchor of (mean where it is none's)",
-        choices=["mean", "anchor"],
-    )
-    ce_random_negatives: int = option(
-        4, "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)"
     )
 
 
@@ -134,6 +117,41 @@ class EvaluationConfig:
     metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names")
     latency_repeats: int = option(50, "timed repeats per batch size for CPU query latency (median reported)")
     latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency")
+
+
+@dataclass
+class CrossEncoderConfig:
+    """Settings that only a cross-encoder teacher reads (``--cross-encoder``); a dual-encoder run ignores them.
+
+    A section of their own so that the dual-encoder sections describe one lane only; the field names (and so the
+    flags and flat YAML keys) are the ones they always had.
+    """
+
+    cross_encoder: str = option(
+        "",
+        "cross-encoder teacher (a dual-pooling CE folder from `train-teacher`, or any HF sequence-classification / "
+        "sentence-transformers CrossEncoder); the student is then symmetric and --teacher is not needed",
+    )
+    first_stage: str = option(
+        "", "cross-encoder teachers: the dual encoder whose top documents are the candidates (default: --teacher)"
+    )
+    cross_encoder_batch_size: int = option(64, "pairs per batch when the cross-encoder scores candidates")
+    cross_encoder_max_length: int = option(0, "cross-encoder maximum tokens per pair (0 = the model's own setting)")
+    ce_query_target: str = option(
+        "anchor",
+        "cross-encoder EM target of a query: its segment embedding paired with its anchor document, or the mean "
+        "over all its candidates",
+        choices=["anchor", "mean"],
+    )
+    ce_document_target: str = option(
+        "mean",
+        "cross-encoder EM target of a document: the mean of its segment embeddings over every pairing, or the one "
+        "paired with a query it is the anchor of (mean where it is none's)",
+        choices=["mean", "anchor"],
+    )
+    ce_random_negatives: int = option(
+        4, "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)"
+    )
     rerank_depth: int = option(100, "cross-encoder teachers: rerank this many first-stage documents per query")
 
 
@@ -145,6 +163,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ce: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,7 +209,7 @@ def leaf_fields(config: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
     return leaves
 
 
-SECTION_NAMES = ("data", "model", "loss", "training", "evaluation")
+SECTION_NAMES = ("data", "model", "loss", "training", "evaluation", "ce")
 
 
 def flatten(values: dict, source: str = "config") -> dict:
@@ -254,29 +273,74 @@ def apply_overrides(config: Any, values: dict, source: str) -> None:
         setattr(section, name, coerced)
 
 
+def _add_argument(group, section: Any, f: dataclasses.Field, value: Any) -> None:
+    """One flag for one field; ``default=None`` means 'not given', so YAML values survive unless overridden."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    required = bool(f.metadata.get("required"))
+    help_text = f.metadata.get("help", "") + ("" if required else f" (default: {value!r})")
+    annotation = _field_type(section, f)
+    if annotation is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif typing.get_origin(annotation) is list:
+        nargs = "+" if required else "*"
+        group.add_argument(flag, dest=f.name, nargs=nargs, default=None, required=required, help=help_text)
+    else:
+        choices = f.metadata.get("choices")
+        group.add_argument(flag, dest=f.name, default=None, choices=choices, required=required, help=help_text)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config: Any) -> None:
-    """One flag per config field, defaulting to 'not given' so that YAML values survive unless overridden."""
+    """One flag per config field of every section (grouped by section in ``--help``), for any config dataclass."""
     for section in sections(config):
         group = parser.add_argument_group(type(section).__name__.removesuffix("Config").lower() or "general")
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
-            if dataclasses.is_dataclass(value):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata.get('help', '')} (default: {value!r})"
-            annotation = _field_type(section, f)
-            if annotation is bool:
-                group.add_argument(
-                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-                )
-            elif typing.get_origin(annotation) is list:
-                group.add_argument(flag, dest=f.name, nargs="*", default=None, help=help_text)
-            else:
-                group.add_argument(flag, dest=f.name, default=None, choices=f.metadata.get("choices"), help=help_text)
+            if not dataclasses.is_dataclass(value):
+                _add_argument(group, section, f, value)
 
 
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    config = DistillConfig.from_yaml(args.config) if getattr(args, "config", None) else DistillConfig()
+def apply_arguments(config: Any, args: argparse.Namespace) -> Any:
+    """Set every field whose flag was given on the command line (coerced and checked like YAML values)."""
     given = {name: getattr(args, name) for name in leaf_fields(config) if getattr(args, name, None) is not None}
     apply_overrides(config, given, source="command line")
     return config
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """``distill``: defaults, then ``--config`` YAML, then flags."""
+    config = DistillConfig.from_yaml(args.config) if getattr(args, "config", None) else DistillConfig()
+    return apply_arguments(config, args)
+
+
+@dataclass
+class TeacherTrainingConfig:
+    """Settings of ``embeddistill train-teacher`` (each one a flag, built by :func:`add_config_arguments`)."""
+
+    base: str = option("", "pretrained encoder or cross-encoder checkpoint (name or path)", required=True)
+    datasets: list[str] = option([], "one or more BEIR datasets", required=True, flag="--dataset")
+    split: str = option("train", "qrels split with the labelled training queries")
+    out: str = option("", "output folder (safetensors weights, tokenizer, JSON config)", required=True)
+    negatives_from: str = option("", "dual encoder whose top documents are hard negatives (default: random documents)")
+    positives_in_pool: bool = option(
+        True, "positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)"
+    )
+    distill_from: str = option("", "a standard cross-encoder whose scores are also distilled")
+    distill_weight: float = option(1.0, "weight of score distillation from --distill-from")
+    label_weight: float = option(1.0, "weight of the label loss (softmax cross-entropy against the positive)")
+    group_size: int = option(8, "documents per query: 1 positive and group-size - 1 hard negatives")
+    hard_negative_depth: int = option(50, "hard negatives come from the first stage's top-k documents")
+    epochs: int = option(3, "passes over the training queries")
+    batch_size: int = option(32, "queries per step")
+    learning_rate: float = option(3e-5, "AdamW peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    temperature: float = option(0.05, "softmax temperature of the normalised (cosine) scores")
+    normalize: bool = option(True, "L2-normalise the pooled segment embeddings")
+    max_length: int = option(256, "tokens per (query, document) pair")
+    seed: int = option(42, "seed for sampling and initialisation")
+    device: str = option("auto", "'auto', 'cpu' or 'cuda'")
+    checkpoint_every: int = option(200, "save a resumable checkpoint every N steps (0 = only at the end)")
+    resume: bool = option(False, "continue from OUT.checkpoint/")
+    cache_dir: str = option("", "embedding cache of --negatives-from")
+    trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")

@@ -2,73 +2,74 @@
 
 Score distillation only constrains the student where training queries exist. Generated queries need no
 labels - the teacher is the label - so cheap, plentiful ones cover the data manifold where real queries are
-sparse (METHOD.md, "Query generation"). Every generator yields :class:`GeneratedQuery` records that keep the
-id of the text they came from.
+sparse (docs/METHOD.md, section 2 "Query generation"). Every generator yields :class:`GeneratedQuery` records
+that keep the id of the text they came from; generators are found by name in :data:`GENERATORS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from embeddistill.querygen.base import GeneratedQuery, QueryGenerator
+
+__all__ = [
+    "GENERATORS",
+    "GeneratedQuery",
+    "QueryGenerator",
+    "generate_queries",
+    "make_cheap_generators",
+    "make_generators",
+]
 
 
-@dataclass(frozen=True)
-class GeneratedQuery:
-    query_id: str
-    text: str
-    source_id: str  # the document (or query) it was generated from
-    generator: str
+def _crop(n: int, lm_model: str, cache_path, lm_options: dict) -> QueryGenerator:
+    from embeddistill.querygen.cheap import CropGenerator
 
-    def to_json(self) -> dict:
-        row = asdict(self)
-        return {"_id": row.pop("query_id"), **row}
+    return CropGenerator(per_document=n)
 
 
-class QueryGenerator(Protocol):
-    name: str
+def _perturb(n: int, lm_model: str, cache_path, lm_options: dict) -> QueryGenerator:
+    from embeddistill.querygen.cheap import PerturbationGenerator
 
-    def generate(
-        self, documents: Mapping[str, str], queries: Mapping[str, str], seed: int
-    ) -> Iterator[GeneratedQuery]: ...
+    return PerturbationGenerator(per_query=n)
+
+
+def _lm(n: int, lm_model: str, cache_path, lm_options: dict) -> QueryGenerator:
+    if not lm_model:
+        raise ValueError("the 'lm' generator needs --lm-model (a causal LM, doc2query model or .gguf file)")
+    from embeddistill.querygen.lm import LMQueryGenerator
+
+    return LMQueryGenerator(model=lm_model, per_document=n, cache_path=cache_path, **lm_options)
+
+
+GeneratorFactory = Callable[[int, str, Any, dict], QueryGenerator]
+GENERATORS: dict[str, GeneratorFactory] = {"crop": _crop, "perturb": _perturb, "lm": _lm}
+"""The registry of generators by name: ``factory(n, lm_model, cache_path, lm_options)`` makes one that writes
+``n`` queries per source text. A new generator is one entry here (``generate-queries --generator`` offers every
+name); each factory imports its module only when called, so listing the names stays cheap."""
 
 
 def make_cheap_generators(crops_per_document: int, perturbations_per_query: int) -> list[QueryGenerator]:
-    from embeddistill.querygen.cheap import CropGenerator, PerturbationGenerator
-
-    generators: list[QueryGenerator] = []
-    if crops_per_document > 0:
-        generators.append(CropGenerator(per_document=crops_per_document))
-    if perturbations_per_query > 0:
-        generators.append(PerturbationGenerator(per_query=perturbations_per_query))
-    return generators
+    """The cheap generators a ``distill`` run adds itself (``crops_per_document``, ``perturbations_per_query``)."""
+    counts = {"crop": crops_per_document, "perturb": perturbations_per_query}
+    return [GENERATORS[name](n, "", None, {}) for name, n in counts.items() if n > 0]
 
 
 def make_generators(
     names: list[str], n: int, lm_model: str = "", cache_path=None, lm_options: dict | None = None
 ) -> list[QueryGenerator]:
-    """Generators by name (``crop``, ``perturb``, ``lm``), each making ``n`` queries per source text.
+    """Generators by name (keys of :data:`GENERATORS`), each making ``n`` queries per source text.
 
     ``lm_options`` are further :class:`~embeddistill.querygen.lm.LMQueryGenerator` fields (``batch_size``,
     ``dtype``, ``temperature``, ...).
     """
-    from embeddistill.querygen.cheap import CropGenerator, PerturbationGenerator
-
     generators: list[QueryGenerator] = []
     for name in names:
-        if name == "crop":
-            generators.append(CropGenerator(per_document=n))
-        elif name == "perturb":
-            generators.append(PerturbationGenerator(per_query=n))
-        elif name == "lm":
-            if not lm_model:
-                raise ValueError("the 'lm' generator needs --lm-model (a causal LM, doc2query model or .gguf file)")
-            from embeddistill.querygen.lm import LMQueryGenerator
-
-            options = lm_options or {}
-            generators.append(LMQueryGenerator(model=lm_model, per_document=n, cache_path=cache_path, **options))
-        else:
-            raise ValueError(f"unknown generator {name!r}: use crop, perturb or lm")
+        if name not in GENERATORS:
+            *others, last = GENERATORS
+            raise ValueError(f"unknown generator {name!r}: use {', '.join(others)} or {last}")
+        generators.append(GENERATORS[name](n, lm_model, cache_path, lm_options or {}))
     return generators
 
 

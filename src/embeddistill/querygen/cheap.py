@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from embeddistill.querygen import GeneratedQuery
+from embeddistill.querygen.base import GeneratedQuery
 
 _WORD = re.compile(r"\S+")
 

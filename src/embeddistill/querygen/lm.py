@@ -2,7 +2,7 @@
 
 Cheap crops are query-length but not query-shaped; an LM writes text that reads like a real search query
 (a question or keyword phrase a user would type), which puts distillation queries nearer the real query
-distribution (METHOD.md, "Query generation"). Two kinds of model are supported:
+distribution (docs/METHOD.md, section 2 "Query generation"). Two kinds of model are supported:
 
 * any causal LM (a Hugging Face name or folder, or a local ``.gguf`` file such as Gemma-3-270M Q4_K_M),
   driven by a fixed few-shot prompt ``Document: ... / Query: ...`` ending in ``Query:``;
@@ -29,8 +29,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from embeddistill.querygen import GeneratedQuery
-from embeddistill.storage import atomic_write_json, fingerprint
+from embeddistill.querygen.base import GeneratedQuery
+from embeddistill.storage import atomic_write_json, check_settings, fingerprint, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ class _Cache:
 
     A ``kill -9`` can leave the last line half-written; it is dropped (with a warning) and cut off the file
     before anything is appended, so it can never merge with the next row. A sidecar ``.config.json`` holds
-    the settings that shaped the rows, so a cache is not silently reused with another model or prompt.
+    the settings that shaped the rows, so a cache is not silently reused with another model or prompt; it is
+    checked like a :class:`~embeddistill.storage.ShardedCache` manifest. Generated text arrives one row at a time
+    and must survive a kill between rows, which is why this cache is an append-only file, not shards of arrays.
     """
 
     path: Path
@@ -134,13 +136,9 @@ class _Cache:
 
     def load(self) -> dict[str, GeneratedQuery]:
         if self.config_path.exists():
-            stored = json.loads(self.config_path.read_text(encoding="utf-8"))
-            if stored != self.settings:
-                changed = sorted(k for k in {**stored, **self.settings} if stored.get(k) != self.settings.get(k))
-                raise ValueError(
-                    f"{self.path} was generated with other settings ({', '.join(changed)} differ); "
-                    f"delete it (and {self.config_path.name}) or choose another cache_path"
-                )
+            fix = f"delete {self.path.name} (and {self.config_path.name}) or choose another cache_path"
+            stored = read_manifest(self.config_path, fix=fix)
+            check_settings(self.path, stored, self.settings, "was generated with other settings", fix)
         if not self.path.exists():
             return {}
         raw = self.path.read_bytes()

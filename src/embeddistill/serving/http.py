@@ -1,4 +1,4 @@
-"""A search service: FastAPI + uvicorn over a :class:`~embeddistill.search.Searcher`.
+"""A search service: FastAPI + uvicorn over a :class:`~embeddistill.serving.search.Searcher`.
 
 * ``POST /search`` ``{"queries": ["..."], "k": 10}`` -> ``{"results": [{"query", "hits": [{"id", "score"}]}]}``
 * ``GET /health`` -> status, index size and type, model; ``GET /openapi.json`` -> the OpenAPI spec.
@@ -24,7 +24,7 @@ from typing import Annotated
 
 import numpy as np
 
-from embeddistill.search import Searcher
+from embeddistill.serving.search import Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +212,10 @@ class MicroBatcher:
                 start += len(item_texts)
 
 
-def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
-    """The FastAPI application (wrapped in the body-size limit) serving ``searcher``."""
-    from fastapi import FastAPI
+def _schemas(limits: ServiceLimits) -> tuple[type, type]:
+    """The request and response models; built per app because the limits are part of the request schema."""
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-    limits = limits or ServiceLimits()
     Query = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_query_chars)]
 
     class SearchRequest(BaseModel):
@@ -240,6 +238,40 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
         k: int
         took_ms: float
 
+    return SearchRequest, SearchResponse
+
+
+def _health(searcher: Searcher, batcher: MicroBatcher, limits: ServiceLimits) -> dict:
+    """``GET /health``: what is being served and how much the micro-batcher has gathered so far."""
+    info = searcher.info
+    return {
+        "status": "ok",
+        "documents": len(searcher.index),
+        "index_type": info.get("type"),
+        "dimension": searcher.index.dimension,
+        "index_model": info.get("model"),
+        "query_model": searcher.model_name,
+        "batches": batcher.batches,
+        "batched_queries": batcher.batched_queries,
+        "limits": asdict(limits),
+    }
+
+
+def _results(queries: list[str], hits: list) -> list[dict]:
+    """``POST /search``'s ``results``: one entry per query, in request order."""
+    return [
+        {"query": q, "hits": [{"id": h.id, "score": h.score} for h in query_hits]}
+        for q, query_hits in zip(queries, hits, strict=True)
+    ]
+
+
+def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
+    """The FastAPI application (wrapped in the body-size limit) serving ``searcher``."""
+    from fastapi import FastAPI
+
+    limits = limits or ServiceLimits()
+    SearchRequest, SearchResponse = _schemas(limits)
+
     def work(texts: list[str], k: int) -> list:
         return searcher.search_embeddings(searcher.encode(texts), k)
 
@@ -261,31 +293,14 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
 
     @app.get("/health")
     async def health() -> dict:
-        info = searcher.info
-        return {
-            "status": "ok",
-            "documents": len(searcher.index),
-            "index_type": info.get("type"),
-            "dimension": searcher.index.dimension,
-            "index_model": info.get("model"),
-            "query_model": searcher.model_name,
-            "batches": batcher.batches,
-            "batched_queries": batcher.batched_queries,
-            "limits": asdict(limits),
-        }
+        return _health(searcher, batcher, limits)
 
     @app.post("/search", response_model=SearchResponse, responses={413: {"description": "request body too large"}})
     async def search(request: SearchRequest) -> dict:
         started = time.perf_counter()
         hits = await batcher.submit(request.queries, request.k)
-        return {
-            "results": [
-                {"query": q, "hits": [{"id": h.id, "score": h.score} for h in query_hits]}
-                for q, query_hits in zip(request.queries, hits, strict=True)
-            ],
-            "k": request.k,
-            "took_ms": (time.perf_counter() - started) * 1000,
-        }
+        took_ms = (time.perf_counter() - started) * 1000
+        return {"results": _results(request.queries, hits), "k": request.k, "took_ms": took_ms}
 
     return BodySizeLimit(app, limits.max_request_bytes)
 

@@ -1,13 +1,16 @@
-"""``embeddistill distill --cross-encoder CE``: distil a cross-encoder teacher into a dual-encoder student.
+"""The cross-encoder lane of ``embeddistill distill --cross-encoder CE``: a CE teacher into a dual-encoder student.
 
 Steps: training queries as for dual-encoder teachers (labelled + generated); a first-stage dual encoder
 (``--first-stage``, default ``--teacher``) retrieves every query's candidates; the CE scores each query's fixed list
 (its anchor, the first stage's top ``--hard-negative-depth`` documents without labelled positives, and
-``--ce-random-negatives`` random documents) once, through :class:`~embeddistill.cross_encoders.CrossEncoderScoreCache`;
+``--ce-random-negatives`` random documents) once, through
+:class:`~embeddistill.models.cross_encoders.CrossEncoderScoreCache`;
 a symmetric student (a CE has no document tower to keep) is trained by
-:class:`~embeddistill.training.CrossEncoderDistillationTrainer`; evaluation puts the first stage alone, the CE
-reranking the first stage's top ``--rerank-depth``, and the student (full retrieval in its own index) side by side,
-with the student's retention relative to the CE reranker.
+:class:`~embeddistill.training.distillation.CrossEncoderDistillationTrainer`; evaluation puts the first stage
+alone, the CE reranking the first stage's top ``--rerank-depth``, and the student (full retrieval in its own
+index) side by side, with the student's retention relative to the CE reranker. Everything but the targets comes from
+:mod:`embeddistill.pipeline.stages`, so a CE run writes what a dual-encoder run writes (``report.md``, the model
+card, ``metrics.json`` with CPU latency), plus the first stage's and the reranker's TREC runs.
 
 Embedding-matching targets (dual-pooling CEs only). The CE's query embedding ``e_q(q, d)`` depends on the document
 it was paired with, and ``e_d(q, d)`` on the query; a dual-encoder student has one embedding per text, so a target
@@ -29,38 +32,42 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from embeddistill import __version__
 from embeddistill.config import DistillConfig
-from embeddistill.cross_encoders import CrossEncoderScoreCache, load_cross_encoder, rerank
-from embeddistill.data import RetrievalDataset, write_queries_jsonl
-from embeddistill.evaluation import RunResult, evaluate_embeddings, score_run
-from embeddistill.indexing import FlatIndex
-from embeddistill.losses import EmbedDistillLoss, LossWeights
-from embeddistill.pipeline import (
+from embeddistill.data import RetrievalDataset
+from embeddistill.evaluation.metrics import RunResult, score_run
+from embeddistill.evaluation.reranking import rerank
+from embeddistill.models.cross_encoders import CrossEncoderScoreCache, PairScores, load_cross_encoder
+from embeddistill.models.students import QueryEncoder, build_student, count_parameters, is_normalized
+from embeddistill.models.teachers import DualEncoderTeacher, default_cache_dir
+from embeddistill.pipeline.stages import (
     QuerySet,
     collect_training_queries,
+    described,
+    device_of,
+    evaluate_queries,
     evaluation_qrels,
     initialise_projection,
+    load_dual_encoder,
+    make_criterion,
     mine_from_teacher,
+    query_latency,
+    start_run,
+    student_index,
+    teacher_query_encoder,
+    write_outputs,
+    write_training_queries,
 )
-from embeddistill.storage import atomic_write_json, atomic_write_text
-from embeddistill.students import QueryEncoder, build_student, count_parameters, is_normalized
-from embeddistill.teachers import DualEncoderTeacher, default_cache_dir
-from embeddistill.training import (
-    CandidateScores,
-    CrossEncoderDistillationTrainer,
-    Documents,
-    TrainingQueries,
-    resolve_device,
-)
+from embeddistill.pipeline.summary import CrossEncoderParts, Environment, RunSummary, System, ratios, speedup
+from embeddistill.runtime import seed_everything
+from embeddistill.serving.indexing import FlatIndex
+from embeddistill.training.batching import CandidateScores, Documents, TrainingQueries
+from embeddistill.training.distillation import CrossEncoderDistillationTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -182,92 +189,92 @@ class CrossEncoderPrepared:
         return bool(self.cross_encoder.has_embeddings)
 
 
+@dataclass
+class _FirstStage:
+    """The first stage's part of preparation: its model, index, evaluation embeddings and mined candidates."""
+
+    model: DualEncoderTeacher
+    index: FlatIndex
+    eval_embeddings: np.ndarray
+    anchors: np.ndarray
+    positives: list[list[int]]
+    candidates: np.ndarray
+    pool_size: int
+    seconds: float
+
+
+def _first_stage(config: DistillConfig, dataset: RetrievalDataset, query_set: QuerySet, eval_ids, doc_ids, doc_texts):
+    """Embed with the first-stage dual encoder and mine every query's candidate list from its top documents."""
+    name = config.ce.first_stage or config.model.teacher
+    if not name:
+        raise ValueError("--cross-encoder needs a first-stage dual encoder for the candidates: --first-stage MODEL")
+    tick = time.perf_counter()
+    model = load_dual_encoder(config, name)
+    index = FlatIndex(model.embed_documents(doc_texts, desc="corpus"), doc_ids)
+    train = model.embed_queries(query_set.texts, desc="training queries")
+    evaluation = model.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
+    anchors, positives, pools = mine_from_teacher(query_set, train, index, config.loss.hard_negative_depth)
+    candidates, pool_size = build_candidates(
+        anchors, positives, pools, len(doc_ids), config.ce.ce_random_negatives, config.training.seed
+    )
+    seconds = time.perf_counter() - tick
+    return _FirstStage(model, index, evaluation, anchors, positives, candidates, pool_size, seconds)
+
+
+def _score_candidates(config: DistillConfig, cross_encoder, cache, query_set: QuerySet, stage, doc_texts):
+    """The CE's outputs for every (query, candidate) pair, through the score cache."""
+    width = stage.candidates.shape[1]
+    pair_queries = [text for text in query_set.texts for _ in range(width)]
+    pair_documents = [doc_texts[d] for d in stage.candidates.reshape(-1)]
+    return cache.get(cross_encoder, pair_queries, pair_documents, config.ce.cross_encoder_batch_size)
+
+
+def _targets(config: DistillConfig, cross_encoder, outputs: PairScores, stage: _FirstStage, n_documents: int):
+    """Query and document embedding-matching targets and the pairing diagnostics (zeros for a scores-only CE)."""
+    n_queries, width = stage.candidates.shape
+    if not cross_encoder.has_embeddings:
+        empty = np.zeros((n_queries, 1), dtype=np.float32), np.zeros((n_documents, 1), dtype=np.float32)
+        return (*empty, {})
+    dim = outputs.query_embeddings.shape[1]
+    query_targets, document_targets, pairing = embedding_targets(
+        stage.candidates,
+        outputs.query_embeddings.reshape(n_queries, width, dim),
+        outputs.document_embeddings.reshape(n_queries, width, dim),
+        n_documents,
+        config.ce.ce_query_target,
+        config.ce.ce_document_target,
+        cross_encoder.config.normalize,
+    )
+    logger.info("pairing dependence of the CE embeddings: %s", pairing)
+    return query_targets, document_targets, pairing
+
+
 def prepare_cross_encoder(config: DistillConfig, out: Path) -> CrossEncoderPrepared:
     """Data, candidates from the first stage, and the CE's scores (and embedding targets) over them, cached."""
-    model = config.model
-    first_stage_name = model.first_stage or model.teacher
-    if not first_stage_name:
-        raise ValueError("--cross-encoder needs a first-stage dual encoder for the candidates: --first-stage MODEL")
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
-    records = [
-        {"_id": i, "text": t, "generated": g}
-        for i, t, g in zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
-    ]
-    write_queries_jsonl(out / "training_queries.jsonl", records)
+    write_training_queries(out, query_set)
     logger.info("training queries: %s", query_set.counts)
-    device = str(resolve_device(config.training.device))
-
-    tick = time.perf_counter()
-    first_stage = DualEncoderTeacher.load(
-        first_stage_name,
-        cache_dir=model.cache_dir or None,
-        device=device,
-        batch_size=model.teacher_batch_size,
-        max_seq_length=model.max_seq_length or None,
-        trust_remote_code=model.trust_remote_code,
-    )
     doc_ids = list(dataset.corpus)
     doc_texts = [dataset.corpus[d] for d in doc_ids]
-    index = FlatIndex(first_stage.embed_documents(doc_texts, desc="corpus"), doc_ids)
-    first_stage_train = first_stage.embed_queries(query_set.texts, desc="training queries")
-    first_stage_eval = first_stage.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
-    anchors, positives, pools = mine_from_teacher(query_set, first_stage_train, index, config.loss.hard_negative_depth)
-    candidates, pool_size = build_candidates(
-        anchors, positives, pools, len(doc_ids), config.loss.ce_random_negatives, config.training.seed
-    )
-    first_stage_seconds = time.perf_counter() - tick
-
+    stage = _first_stage(config, dataset, query_set, eval_ids, doc_ids, doc_texts)
     tick = time.perf_counter()
+    model = config.model
     cross_encoder = load_cross_encoder(
-        model.cross_encoder, device, model.cross_encoder_max_length, model.trust_remote_code
+        config.ce.cross_encoder, device_of(config), config.ce.cross_encoder_max_length, model.trust_remote_code
     )
     cache = CrossEncoderScoreCache.for_model(model.cache_dir or default_cache_dir(), cross_encoder)
-    width = candidates.shape[1]
-    pair_queries = [text for text in query_set.texts for _ in range(width)]
-    pair_documents = [doc_texts[d] for d in candidates.reshape(-1)]
-    outputs = cache.get(cross_encoder, pair_queries, pair_documents, model.cross_encoder_batch_size)
-    scores = outputs.scores.reshape(len(query_set.texts), width)
-    if cross_encoder.has_embeddings:
-        dim = outputs.query_embeddings.shape[1]
-        query_targets, document_targets, pairing = embedding_targets(
-            candidates,
-            outputs.query_embeddings.reshape(len(query_set.texts), width, dim),
-            outputs.document_embeddings.reshape(len(query_set.texts), width, dim),
-            len(doc_ids),
-            config.loss.ce_query_target,
-            config.loss.ce_document_target,
-            cross_encoder.config.normalize,
-        )
-        logger.info("pairing dependence of the CE embeddings: %s", pairing)
-    else:
-        query_targets = np.zeros((len(query_set.texts), 1), dtype=np.float32)
-        document_targets = np.zeros((len(doc_ids), 1), dtype=np.float32)
-        pairing = {}
-    timings = {"first_stage_seconds": first_stage_seconds, "cross_encoder_scoring_seconds": time.perf_counter() - tick}
+    outputs = _score_candidates(config, cross_encoder, cache, query_set, stage, doc_texts)
+    scores = outputs.scores.reshape(stage.candidates.shape)
+    query_targets, document_targets, pairing = _targets(config, cross_encoder, outputs, stage, len(doc_ids))
+    timings = {"first_stage_seconds": stage.seconds, "cross_encoder_scoring_seconds": time.perf_counter() - tick}
     return CrossEncoderPrepared(
-        config,
-        dataset,
-        eval_ids,
-        eval_qrels,
-        query_set,
-        first_stage,
-        cross_encoder,
-        cache,
-        doc_ids,
-        doc_texts,
-        first_stage_eval,
-        index,
-        anchors,
-        positives,
-        CandidateScores(candidates, scores, pool_size),
-        query_targets,
-        document_targets,
-        pairing,
-        timings,
-    )
+        config, dataset, eval_ids, eval_qrels, query_set, stage.model, cross_encoder, cache, doc_ids, doc_texts,
+        stage.eval_embeddings, stage.index, stage.anchors, stage.positives,
+        CandidateScores(stage.candidates, scores, stage.pool_size), query_targets, document_targets, pairing, timings,
+    )  # fmt: skip
 
 
 def effective_config(config: DistillConfig, has_embeddings: bool) -> DistillConfig:
@@ -278,7 +285,7 @@ def effective_config(config: DistillConfig, has_embeddings: bool) -> DistillConf
         config.model.asymmetric = False
     if not has_embeddings and (config.loss.query_em_weight or config.loss.document_em_weight):
         logger.warning(
-            "%s is a standard cross-encoder (scores only): embedding matching is off", config.model.cross_encoder
+            "%s is a standard cross-encoder (scores only): embedding matching is off", config.ce.cross_encoder
         )
         config.loss.query_em_weight = config.loss.document_em_weight = 0.0
     return config
@@ -292,29 +299,25 @@ def temperatures(config: DistillConfig, prep: CrossEncoderPrepared, student_norm
     return teacher_t, student_t
 
 
+def _initialised_student(prep: CrossEncoderPrepared, config: DistillConfig):
+    """A symmetric student from the CE's own encoder (a local CE) or the first stage, projection fitted if any."""
+    reference = prep.cross_encoder.encoder_view() if Path(prep.cross_encoder.name).is_dir() else prep.first_stage.model
+    student = build_student(config.model.student, reference, False, device_of(config), config.model.trust_remote_code)
+    if prep.has_embeddings and config.model.projection_init == "lstsq":
+        initialise_projection(student, prep.query_targets, prep.query_set.texts, config.training.seed)
+    return student
+
+
 def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: DistillConfig | None = None):
     """Build the symmetric student and distil the CE into it. Returns ``(student, training info)``."""
     config = effective_config(config or prep.config, prep.has_embeddings)
-    device = str(resolve_device(config.training.device))
     Path(out).mkdir(parents=True, exist_ok=True)
-    random.seed(config.training.seed)
-    torch.manual_seed(config.training.seed)
-    reference = prep.cross_encoder.encoder_view() if Path(prep.cross_encoder.name).is_dir() else prep.first_stage.model
-    student = build_student(config.model.student, reference, False, device, config.model.trust_remote_code)
-    if prep.has_embeddings and config.model.projection_init == "lstsq":
-        initialise_projection(student, prep.query_targets, prep.query_set.texts, config.training.seed)
+    seed_everything(config.training.seed)
+    student = _initialised_student(prep, config)
     generated = np.asarray(prep.query_set.generated, dtype=bool)
     pools = prep.targets.candidates[:, 1 : 1 + prep.targets.pool_size]
-    teacher_t, student_t = temperatures(config, prep, is_normalized(student))
-    loss = config.loss
-    criterion = EmbedDistillLoss(
-        LossWeights(
-            loss.score_weight, loss.query_em_weight, loss.document_em_weight, loss.label_weight, loss.margin_mse_weight
-        ),
-        teacher_temperature=teacher_t,
-        student_temperature=student_t,
-        distance=loss.em_distance,
-    )
+    temperature_pair = temperatures(config, prep, is_normalized(student))
+    criterion = make_criterion(config, temperature_pair)
     trainer = CrossEncoderDistillationTrainer(
         student,
         TrainingQueries(prep.query_set.texts, prep.query_targets, prep.anchors, prep.positives, pools, generated),
@@ -322,40 +325,30 @@ def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: D
         prep.targets,
         criterion,
         config.training,
-        hard_negatives=loss.hard_negatives,
+        hard_negatives=config.loss.hard_negatives,
         out=out,
         freeze_word_embeddings=config.model.freeze_word_embeddings,
         dropout=config.model.student_dropout,
     )
     training = trainer.train()
-    training["temperatures"] = [teacher_t, student_t]
+    training["temperatures"] = list(temperature_pair)
     training["loss_weights"] = dataclasses.asdict(criterion.weights)
     return student, training
 
 
 def evaluate_first_stage_and_reranker(prep: CrossEncoderPrepared) -> tuple[RunResult, RunResult, float]:
     """The first stage alone and the CE reranking its top ``rerank_depth``; returns both and the rerank seconds."""
-    evaluation = prep.config.evaluation
-    first = evaluate_embeddings(
-        "first_stage",
-        prep.eval_ids,
-        prep.first_stage_eval,
-        prep.first_stage_index,
-        prep.eval_qrels,
-        evaluation.metrics,
-        max(evaluation.top_k, evaluation.rerank_depth),
+    config, evaluation = prep.config, prep.config.evaluation
+    depth = config.ce.rerank_depth
+    first = evaluate_queries(
+        config, "first_stage", prep, prep.first_stage_eval, prep.first_stage_index, max(evaluation.top_k, depth)
     )
     tick = time.perf_counter()
     queries = {q: prep.dataset.queries[q] for q in prep.eval_ids}
     reranked = rerank(
-        prep.cross_encoder,
-        first.run,
-        queries,
-        prep.dataset.corpus,
-        evaluation.rerank_depth,
-        prep.config.model.cross_encoder_batch_size,
+        prep.cross_encoder, first.run, queries, prep.dataset.corpus, depth, config.ce.cross_encoder_batch_size,
         prep.cache,
-    )
+    )  # fmt: skip
     seconds = time.perf_counter() - tick
     metrics, per_query = score_run(reranked, prep.eval_qrels, evaluation.metrics)
     logger.info("cross-encoder reranker: %s", ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
@@ -364,97 +357,48 @@ def evaluate_first_stage_and_reranker(prep: CrossEncoderPrepared) -> tuple[RunRe
 
 def evaluate_cross_encoder_student(prep: CrossEncoderPrepared, student, name: str = "student") -> RunResult:
     """Full retrieval with the student on both sides (its own index of the corpus)."""
-    evaluation = prep.config.evaluation
     queries = QueryEncoder.of(student).encode(prep.eval_texts)
-    documents = student.encode_document(prep.doc_texts, batch_size=64, convert_to_numpy=True, show_progress_bar=True)
-    return evaluate_embeddings(
-        name,
-        prep.eval_ids,
-        queries,
-        FlatIndex(documents, prep.doc_ids),
-        prep.eval_qrels,
-        evaluation.metrics,
-        evaluation.top_k,
+    return evaluate_queries(prep.config, name, prep, queries, student_index(student, prep, batch_size=64))
+
+
+def _summary(prep: CrossEncoderPrepared, results: list[RunResult], student, training, timings) -> RunSummary:
+    """First stage, CE reranker and student side by side, with the student's and first stage's CPU latency."""
+    config = prep.config
+    first, reranker, student_result = results
+    encoders = {"first_stage": teacher_query_encoder(prep.first_stage), "student": QueryEncoder.of(student)}
+    latency = query_latency(config, encoders, prep.eval_texts)
+    kind, depth = prep.cross_encoder.settings()["kind"], config.ce.rerank_depth
+    teacher = System(config.ce.cross_encoder, reranker.metrics, kind=kind, rerank_depth=depth)
+    student_system = described(
+        encoders["student"], config.model.student, student_result.metrics, latency["student"], asymmetric=False,
+        parameters=count_parameters(student),
+    )  # fmt: skip
+    first_name = config.ce.first_stage or config.model.teacher
+    first_stage = described(encoders["first_stage"], first_name, first.metrics, latency["first_stage"])
+    parts = CrossEncoderParts(
+        first_stage, ratios(student_result.metrics, first.metrics), prep.pairing, int(prep.targets.candidates.shape[1])
     )
+    return RunSummary(
+        str(prep.dataset.path), config.data.eval_split, len(prep.eval_ids), teacher, student_system,
+        ratios(student_result.metrics, reranker.metrics), speedup(latency["first_stage"], latency["student"]),
+        prep.query_set.counts, training, timings, Environment.current(), parts,
+    )  # fmt: skip
 
 
-def _ratio(a: float, b: float) -> float:
-    return float(a / b) if b else float("nan")
-
-
-def distill_from_cross_encoder(config: DistillConfig) -> dict:
-    """The whole ``distill --cross-encoder`` run; writes the student, the three TREC runs and ``metrics.json``."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.training.threads:
-        torch.set_num_threads(config.training.threads)
+def run(config: DistillConfig) -> RunSummary:
+    """The whole ``distill --cross-encoder`` run (one process): student, three TREC runs, metrics, report, card."""
     started = time.perf_counter()
-    atomic_write_text(out / "config.yaml", config.to_yaml())
+    out = start_run(config)
     prep = prepare_cross_encoder(config, out)
     student, training = train_cross_encoder_student(prep, out)
     student.save(str(out / "student"))
     tick = time.perf_counter()
     first, reranker, rerank_seconds = evaluate_first_stage_and_reranker(prep)
     student_result = evaluate_cross_encoder_student(prep, student)
-    for result in (first, reranker, student_result):
-        result.save(out)
-    timings = {
-        **prep.timings,
-        "train_seconds": training["train_seconds"],
-        "rerank_seconds": rerank_seconds,
-        "evaluation_seconds": time.perf_counter() - tick,
-        "total_seconds": time.perf_counter() - started,
-    }
-    summary = {
-        "dataset": str(prep.dataset.path),
-        "eval_split": config.data.eval_split,
-        "eval_queries": len(prep.eval_ids),
-        "first_stage": {"model": config.model.first_stage or config.model.teacher, **first.metrics},
-        "cross_encoder": {
-            "model": config.model.cross_encoder,
-            "kind": prep.cross_encoder.settings()["kind"],
-            "rerank_depth": config.evaluation.rerank_depth,
-            **reranker.metrics,
-        },
-        "student": {
-            "model": config.model.student,
-            "asymmetric": False,
-            **student_result.metrics,
-            "parameters": count_parameters(student),
-        },
-        "retention_vs_cross_encoder": {
-            m: _ratio(student_result.metrics[m], reranker.metrics[m]) for m in reranker.metrics
-        },
-        "retention_vs_first_stage": {m: _ratio(student_result.metrics[m], first.metrics[m]) for m in first.metrics},
-        "pairing": prep.pairing,
-        "candidates_per_query": int(prep.targets.candidates.shape[1]),
-        "training_queries": prep.query_set.counts,
-        "training": training,
-        "timings": timings,
-        "environment": {
-            "embeddistill": __version__,
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
-    }
-    atomic_write_json(out / "metrics.json", summary)
+    results = [first, reranker, student_result]
+    timings = {**prep.timings, "train_seconds": training["train_seconds"], "rerank_seconds": rerank_seconds}
+    summary = _summary(prep, results, student, training, timings)
+    timings["evaluation_seconds"] = time.perf_counter() - tick
+    timings["total_seconds"] = time.perf_counter() - started
+    write_outputs(out, summary, results)
     return summary
-
-
-def report_table(summary: dict) -> str:
-    """Markdown: first stage, CE reranker and student, with the student's retention relative to the reranker."""
-    metrics = list(summary["retention_vs_cross_encoder"])
-    depth = summary["cross_encoder"]["rerank_depth"]
-    rows = [
-        ("first stage", summary["first_stage"]),
-        (f"cross-encoder reranker (top {depth})", summary["cross_encoder"]),
-        ("student", summary["student"]),
-    ]
-    lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    lines += [f"| {name} | " + " | ".join(f"{system[m]:.4f}" for m in metrics) + " |" for name, system in rows]
-    lines.append(
-        "| student / cross-encoder | "
-        + " | ".join(f"{100 * summary['retention_vs_cross_encoder'][m]:.1f}%" for m in metrics)
-        + " |"
-    )
-    return "\n".join(lines)

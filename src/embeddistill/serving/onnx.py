@@ -1,6 +1,6 @@
 """ONNX export of the online query encoder, and an ONNX Runtime encoder for serving.
 
-Only the query side runs online, so only it is exported: :class:`~embeddistill.students.QueryEncoder`
+Only the query side runs online, so only it is exported: :class:`~embeddistill.models.students.QueryEncoder`
 (transformer + pooling + projection + normalisation, i.e. the Router's query route of an asymmetric student,
 or the whole model of a teacher or symmetric student) becomes ``model.onnx`` with dynamic batch and sequence
 axes; the tokenizer files are saved next to it, and ``export_info.json`` records what was exported.
@@ -36,8 +36,8 @@ SAMPLE_TEXTS = [
 
 
 def _query_encoder(model):
-    from embeddistill.students import QueryEncoder
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.students import QueryEncoder
+    from embeddistill.models.teachers import load_sentence_transformer
 
     if isinstance(model, str | os.PathLike):
         model = load_sentence_transformer(str(model))
@@ -85,6 +85,42 @@ def _export_file(wrapper, args: tuple, input_names: list[str], path: Path, opset
     raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(e[:2000] for e in errors))
 
 
+def _export_info(model, encoder, input_names: list[str], opset: int, exporter: str, export_seconds: float) -> dict:
+    """``export_info.json``: what was exported and how, so a loader can check the folder before serving it."""
+    import torch
+
+    with torch.inference_mode():
+        probe = encoder(encoder.tokenize(["x"]))
+    return {
+        "format": "embeddistill-onnx-query-encoder/1",
+        "source": str(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
+        "onnx": ONNX_FILE,
+        "inputs": input_names,
+        "output": OUTPUT_NAME,
+        "dynamic_axes": {"batch": 0, "sequence": 1},
+        "dimension": int(probe.shape[1]),
+        "max_length": int(encoder.max_length),
+        "normalized": any(type(m).__name__ == "Normalize" for m in encoder.modules_),
+        "opset": opset,
+        "exporter": exporter,
+        "export_seconds": export_seconds,
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _replace_folder(staging: Path, out_dir: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out_dir``; a previous export is removed only after the swap."""
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts: list[str] | None = None) -> dict:
     """Export ``model``'s query encoder to ``out_dir`` (``model.onnx``, tokenizer, ``export_info.json``).
 
@@ -92,7 +128,6 @@ def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts:
     any previous export untouched. Returns the export info (with the parity on a few sample texts).
     """
     import onnx
-    import torch
 
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: use 17 or newer")
@@ -110,24 +145,7 @@ def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts:
         export_seconds = time.perf_counter() - started
         onnx.checker.check_model(str(staging / ONNX_FILE))
         encoder.tokenizer.save_pretrained(str(staging))
-        with torch.inference_mode():
-            probe = encoder(encoder.tokenize(["x"]))
-        info = {
-            "format": "embeddistill-onnx-query-encoder/1",
-            "source": str(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
-            "onnx": ONNX_FILE,
-            "inputs": input_names,
-            "output": OUTPUT_NAME,
-            "dynamic_axes": {"batch": 0, "sequence": 1},
-            "dimension": int(probe.shape[1]),
-            "max_length": int(encoder.max_length),
-            "normalized": any(type(m).__name__ == "Normalize" for m in encoder.modules_),
-            "opset": opset,
-            "exporter": exporter,
-            "export_seconds": export_seconds,
-            "versions": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        info = _export_info(model, encoder, input_names, opset, exporter, export_seconds)
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         texts = check_texts or SAMPLE_TEXTS
         difference = float(np.abs(encoder.encode(texts) - OnnxQueryEncoder(staging).encode(texts)).max())
@@ -135,14 +153,7 @@ def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts:
         if difference > 1e-3:
             raise RuntimeError(f"the ONNX model differs from PyTorch by {difference:.2e} on sample texts")
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -151,15 +162,10 @@ def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts:
 
 
 def _versions() -> dict:
-    import importlib.metadata as metadata
+    """What the exported graph depends on (:func:`embeddistill.runtime.environment_record`'s versions)."""
+    from embeddistill.runtime import environment_record
 
-    versions = {}
-    for package in ("torch", "onnx", "onnxruntime", "transformers", "sentence-transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return environment_record(("torch", "onnx", "onnxruntime", "transformers", "sentence-transformers"))["versions"]
 
 
 class OnnxQueryEncoder:
@@ -249,7 +255,7 @@ def compare_with_pytorch(
 ) -> dict:
     """Parity and CPU latency of the ONNX export against the PyTorch query encoder on ``texts``.
 
-    Parity: max abs difference of the embeddings and, given a :class:`~embeddistill.indexing.SearchIndex`,
+    Parity: max abs difference of the embeddings and, given a :class:`~embeddistill.serving.indexing.SearchIndex`,
     how many queries get the identical top-``k`` list (same ids, same order). Latency: median milliseconds per
     batch, tokenisation included for both, ONNX Runtime with as many threads as torch.
     """

@@ -10,8 +10,8 @@ environment torchrun sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WOR
 
 Without ``WORLD_SIZE`` (or with 1) everything here is a no-op and the run is the ordinary single process.
 
-What is distributed (see :class:`embeddistill.training.DistillationTrainer` and
-:class:`embeddistill.teachers.EmbeddingCache`):
+What is distributed (see :class:`embeddistill.training.distillation.DistillationTrainer` and
+:class:`embeddistill.models.teachers.EmbeddingCache`):
 
 * **Training** is data parallel (DDP over the query tower). The global batch (``batch_size``) is split into
   equal contiguous slices of query rows, one per rank; every rank scores its queries against the *whole* global

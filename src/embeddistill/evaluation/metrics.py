@@ -1,21 +1,21 @@
-"""Evaluation: exact search, TREC runs, ir_measures metrics, and CPU query-encoding latency."""
+"""Retrieval quality: exact search, TREC runs and ir_measures metrics, for a student or any sentence-transformer.
+
+Latency lives in :mod:`embeddistill.evaluation.latency`, significance in :mod:`embeddistill.evaluation.significance`.
+"""
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ir_measures
 import numpy as np
-import torch
 
 from embeddistill.data import RetrievalDataset, write_trec_run
-from embeddistill.indexing import FlatIndex
+from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json
-from embeddistill.students import QueryEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -65,30 +65,6 @@ def evaluate_embeddings(
     return RunResult(name, run, aggregate, per_query)
 
 
-def measure_latency(
-    encoders: dict[str, QueryEncoder], queries: list[str], batch_sizes: list[int], repeats: int, warmup: int = 3
-) -> dict[str, dict[str, float]]:
-    """Median wall-clock milliseconds per encoder to embed a batch of queries (tokenisation included).
-
-    Every encoder is timed through the same path (tokenizer + modules on the CPU, no autograd), and the encoders
-    take turns on the same batches, so a burst of load on a shared machine hits all of them alike and the ratio
-    reflects the models, not the moment.
-    """
-    encoders = {name: encoder.to("cpu").eval() for name, encoder in encoders.items()}
-    timings: dict[str, dict[str, list[float]]] = {name: {} for name in encoders}
-    with torch.inference_mode():
-        for batch_size in batch_sizes:
-            key = f"batch{batch_size}_ms"
-            for i in range(repeats + warmup):
-                batch = [queries[(i * batch_size + j) % len(queries)] for j in range(batch_size)]
-                for name, encoder in encoders.items():
-                    start = time.perf_counter()
-                    encoder(encoder.tokenize(batch))
-                    if i >= warmup:
-                        timings[name].setdefault(key, []).append((time.perf_counter() - start) * 1000)
-    return {name: {key: statistics.median(values) for key, values in per.items()} for name, per in timings.items()}
-
-
 def evaluate_model(
     model_path: str,
     dataset: RetrievalDataset,
@@ -107,7 +83,7 @@ def evaluate_model(
     With ``reranker`` (a cross-encoder), its rescoring of the model's top ``rerank_depth`` documents is evaluated
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
     """
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
 
     model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
     qrels = dataset.qrels(split)
@@ -145,9 +121,10 @@ def evaluate_reranker(
     trust_remote_code: bool = False,
 ) -> dict:
     """Rerank ``run``'s top ``depth`` with a cross-encoder (scores cached), write ``reranker.trec``, score it."""
-    from embeddistill.cross_encoders import CrossEncoderScoreCache, load_cross_encoder, rerank
-    from embeddistill.teachers import default_cache_dir
-    from embeddistill.training import resolve_device
+    from embeddistill.evaluation.reranking import rerank
+    from embeddistill.models.cross_encoders import CrossEncoderScoreCache, load_cross_encoder
+    from embeddistill.models.teachers import default_cache_dir
+    from embeddistill.runtime import resolve_device
 
     model = load_cross_encoder(reranker, str(resolve_device("auto")), trust_remote_code=trust_remote_code)
     cache = CrossEncoderScoreCache.for_model(cache_dir or default_cache_dir(), model)

@@ -7,12 +7,11 @@ weights plus pooling, normalisation and maximum length), and inside that by a fi
 rerun encodes only texts it has not seen. Encoding is written in length-sorted shards, each atomically with
 its checksum: an interrupted run resumes from the last finished shard and a corrupt shard is re-encoded.
 Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise. Texts are encoded by
-:func:`embeddistill.encoding.encode_chunks` (the same embeddings as ``SentenceTransformer.encode``, faster).
+:func:`embeddistill.models.encoding.encode_chunks` (the same embeddings as ``SentenceTransformer.encode``, faster).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -25,9 +24,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from embeddistill import distributed
-from embeddistill.encoding import DOCUMENT, QUERY, encode_chunks
-from embeddistill.storage import atomic_save_npy, atomic_write_json, fingerprint, text_key
+from embeddistill.models.encoding import DOCUMENT, QUERY, encode_chunks
+from embeddistill.storage import ShardedCache, fingerprint, text_key, weights_hash
+from embeddistill.training import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +66,6 @@ def load_sentence_transformer(name_or_path: str, device: str = "cpu", trust_remo
         ) from None
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer: two teachers with equal hashes embed identically."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class TeacherIdentity:
     """Everything that changes a teacher's embeddings; stored in the cache manifest."""
@@ -113,66 +103,39 @@ def is_normalized(model: torch.nn.Module) -> bool:
     return any(type(module).__name__ == "Normalize" for module in model.modules())
 
 
-class EmbeddingCache:
+class EmbeddingCache(ShardedCache):
     """On-disk teacher embeddings, keyed by teacher identity and text fingerprint.
 
     Layout: ``ROOT/<teacher-slug>-<identity-key>/manifest.json`` and ``shards/NNNNN.{npy,json}``
     (``NNNNN-rR`` when rank R of a torchrun job wrote it); each shard's json lists the text keys of its rows and
-    the sha256 of its ``.npy``.
+    the sha256 of its ``.npy``. Manifest checks, shard verification and writing are :class:`ShardedCache`'s.
     """
+
+    suffix = ".npy"
+    identity_field = "teacher"
+    what = "teacher"
+    redo = "re-encoded"
 
     def __init__(self, root: str | os.PathLike, identity: TeacherIdentity, shard_size: int = 2048):
         slug = Path(identity.name.rstrip("/")).name.replace("/", "_")
-        self.dir = Path(root) / f"{slug}-{identity.key()}"
         self.identity = identity
         self.shard_size = shard_size
-        self.dir.joinpath("shards").mkdir(parents=True, exist_ok=True)
-        manifest = self.dir / "manifest.json"
-        if manifest.exists():
-            try:
-                stored = {k: v for k, v in json.loads(manifest.read_text())["teacher"].items() if k != "name"}
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(f"{manifest}: unreadable cache manifest ({error!r}); delete the folder") from None
-            settings = identity.embedding_settings()
-            if stored != settings:
-                differ = sorted(k for k in {**stored, **settings} if stored.get(k) != settings.get(k))
-                raise ValueError(
-                    f"{manifest}: teacher identity does not match this cache folder ({', '.join(differ)} differ); "
-                    "delete the folder"
-                )
-        else:
-            atomic_write_json(manifest, {"teacher": asdict(identity), "format": "embeddistill-embedding-cache/1"})
-        self._rows: dict[str, tuple[int, int]] = {}
-        self._shards: list[np.ndarray] = []
-        self._loaded: set[str] = set()  # shard names already in memory
-        self._load_shards()
+        manifest = {"teacher": asdict(identity), "format": "embeddistill-embedding-cache/1"}
+        super().__init__(Path(root) / f"{slug}-{identity.key()}", manifest, identity.embedding_settings())
 
-    def _load_shards(self) -> None:
-        for meta_path in sorted(self.dir.joinpath("shards").glob("*.json")):
-            if meta_path.stem in self._loaded:
-                continue
-            array_path = meta_path.with_suffix(".npy")
-            try:
-                meta = json.loads(meta_path.read_text())
-                data = array_path.read_bytes()
-                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                    raise ValueError("checksum mismatch")
-                array = np.load(io.BytesIO(data), allow_pickle=False)
-                if array.shape != (len(meta["keys"]), self.identity.dimension):
-                    raise ValueError(f"shape {array.shape} does not match {len(meta['keys'])} keys")
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-                logger.warning("cache shard %s is corrupt (%s): it will be re-encoded", meta_path.stem, error)
-                meta_path.unlink(missing_ok=True)
-                array_path.unlink(missing_ok=True)
-                continue
-            index = len(self._shards)
-            self._shards.append(array)
-            self._loaded.add(meta_path.stem)
-            for row, key in enumerate(meta["keys"]):
-                self._rows.setdefault(key, (index, row))  # a key in two shards is kept once
+    def _comparable(self, stored: dict) -> dict:
+        return {k: v for k, v in stored.items() if k != "name"}  # one model may have many paths
 
-    def __len__(self) -> int:
-        return len(self._rows)
+    def _serialise(self, payload: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, payload, allow_pickle=False)
+        return buffer.getvalue()
+
+    def _deserialise(self, data: bytes, rows: int) -> np.ndarray:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.shape != (rows, self.identity.dimension):
+            raise ValueError(f"shape {array.shape} does not match {rows} keys")
+        return array
 
     def missing(self, texts: list[str], kind: str) -> list[str]:
         seen: set[str] = set()
@@ -223,21 +186,7 @@ class EmbeddingCache:
             # The fast path tokenises the next shard while this one is encoded; every shard is written as it ends.
             arrays = encode_chunks(model, chunks, kind, batch_size, on_batch=bar.update)
             for chunk, array in zip(chunks, arrays, strict=True):
-                self._add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
-
-    def _add_shard(self, keys: list[str], array: np.ndarray) -> None:
-        shards = self.dir / "shards"
-        number = 1 + max((int(p.stem.split("-")[0]) for p in shards.glob("*.json")), default=0)
-        # Under torchrun all ranks write into this folder at once: the rank in the name keeps their shards apart.
-        name = f"{number:05d}" if distributed.world_size() == 1 else f"{number:05d}-r{distributed.rank()}"
-        checksum = atomic_save_npy(shards / f"{name}.npy", array)
-        # The json is written last: a shard without it is ignored, so a kill between the two loses nothing.
-        atomic_write_json(shards / f"{name}.json", {"keys": keys, "sha256": checksum})
-        index = len(self._shards)
-        self._shards.append(array)
-        self._loaded.add(name)
-        for row, key in enumerate(keys):
-            self._rows[key] = (index, row)
+                self.add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
 
 
 @dataclass

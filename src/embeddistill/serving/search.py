@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from embeddistill.indexing import SearchIndex
+from embeddistill.serving.indexing import SearchIndex
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +57,20 @@ def load_query_encoder(
     """A query encoder from a model path/name (sentence-transformers folder or ONNX export folder) or an object.
 
     An object with ``encode_query`` (a ``SentenceTransformer``) is wrapped; any other object with ``encode`` is
-    used as is (e.g. :class:`embeddistill.export.OnnxQueryEncoder`).
+    used as is (e.g. :class:`embeddistill.serving.onnx.OnnxQueryEncoder`).
     """
     if hasattr(model, "encode_query"):
         return SentenceTransformerQueries(model, batch_size)
     if hasattr(model, "encode") and not isinstance(model, str | os.PathLike):
         return model
     path = Path(model).expanduser()
-    from embeddistill.export import EXPORT_INFO
+    from embeddistill.serving.onnx import EXPORT_INFO
 
     if (path / EXPORT_INFO).is_file():
-        from embeddistill.export import OnnxQueryEncoder
+        from embeddistill.serving.onnx import OnnxQueryEncoder
 
         return OnnxQueryEncoder(path, batch_size=batch_size)
-    from embeddistill.teachers import load_sentence_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
 
     return SentenceTransformerQueries(
         load_sentence_transformer(str(model), device=device, trust_remote_code=trust_remote_code),
@@ -150,8 +150,8 @@ def encode_corpus(
     ``embeddistill distill``, encodes nothing). An asymmetric student encodes with its document route, which is
     the teacher's tower: indexing with the teacher's own path gives the same embeddings and uses the cache.
     """
-    from embeddistill.students import is_asymmetric
-    from embeddistill.teachers import (
+    from embeddistill.models.students import is_asymmetric
+    from embeddistill.models.teachers import (
         DualEncoderTeacher,
         EmbeddingCache,
         TeacherIdentity,

@@ -1,6 +1,6 @@
 """Students: small encoders trained to reproduce a teacher's retrieval geometry.
 
-* **Asymmetric** (METHOD.md, 3): a small trainable query tower and the teacher's own document tower, frozen.
+* **Asymmetric** (docs/METHOD.md, 3): a small trainable query tower and the teacher's own document tower, frozen.
   Saved as a standard sentence-transformers model whose ``Router`` sends ``encode_query`` through the small
   tower (+ projection) and ``encode_document`` through the teacher, so the student searches the teacher's
   index and only the cheap query side runs online.
@@ -28,7 +28,7 @@ try:  # sentence-transformers >= 6 moved the modules; 5.x keeps them in `models`
 except ImportError:  # pragma: no cover - depends on the installed version
     from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
 
-from embeddistill.teachers import is_normalized, load_sentence_transformer
+from embeddistill.models.teachers import is_normalized, load_sentence_transformer
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,331 @@
+"""``benchmarks/report.py``'s renderers of the other known result files (quickstart, ablation, defaults, ANN,
+ONNX, serving, distributed, query generation, cross-encoders, speed), and the table ``KNOWN`` that names each
+file's section; a renderer that meets a changed layout raises and the report falls back to generic tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from _report_format import fmt, millions, p_value, percent, table, times
+
+
+def render_quickstart(data: dict) -> list[str]:
+    teacher, student = data["teacher"], data["student"]
+    metrics = [m for m in ("nDCG@10", "RR@10", "R@100") if m in teacher]
+    header = ["", *metrics, "CPU ms batch 1", "CPU ms batch 32", "query-encoder params"]
+
+    def row(name: str, side: dict) -> list[str]:
+        latency = side.get("latency", {})
+        return [
+            name,
+            *(fmt(side[m]) for m in metrics),
+            fmt(latency.get("batch1_ms")),
+            fmt(latency.get("batch32_ms")),
+            millions(side.get("query_encoder_parameters")),
+        ]
+
+    retention = data.get("retention", {})
+    speedup = data.get("speedup", {})
+    ratio = [
+        "student / teacher",
+        *(percent(retention.get(m)) for m in metrics),
+        times(speedup.get("batch1")) + " faster",
+        times(speedup.get("batch32")) + " faster",
+        "",
+    ]
+    lines = [
+        f"Teacher `{teacher.get('model')}`, student `{student.get('model')}` (asymmetric "
+        f"{student.get('asymmetric')}), {data.get('eval_queries')} {data.get('eval_split')} queries; training "
+        f"queries {data.get('training_queries')}.",
+        "",
+    ]
+    return lines + table(header, [row("teacher", teacher), row("student", student), ratio])
+
+
+def render_ablation(data: dict) -> list[str]:
+    teacher = data["teacher"]
+    metrics = list(teacher)
+    first = metrics[0]
+    body = [["teacher", *(fmt(teacher[m]) for m in metrics), "100%", ""]]
+    for name, row in data["rows"].items():
+        p = row.get("p_value_vs_embeddistill", {}).get(first)
+        body.append([name, *(fmt(row["metrics"][m]) for m in metrics), percent(row["retention"][first]), p_value(p)])
+    lines = [f"Device {data.get('device')}.", ""]
+    lines += table(["method", *metrics, f"retention {first}", f"p vs EmbedDistill ({first})"], body)
+    if data.get("peer_errors"):
+        lines += [f"Peer errors: {fmt(data['peer_errors'])}", ""]
+    return lines
+
+
+def render_defaults(data: dict) -> list[str]:
+    lines = [fmt(data.get("purpose")) + f"; teacher {data.get('teacher')}, student {data.get('student')}.", ""]
+    if data.get("summary"):  # many calls of one point each: one table of points, then the commands
+        return lines + render_defaults_summary(data)
+    for call in data.get("calls", []):
+        lines += [f"`{call.get('command')}` ({call.get('date')}):", ""]
+        body = [
+            [
+                Path(str(r.get("dataset"))).name,
+                fmt(r.get("options") or "base"),
+                fmt(r.get("teacher_nDCG@10")),
+                fmt(r.get("student_nDCG@10")),
+                percent(r.get("retention_nDCG@10")),
+            ]
+            for r in call.get("results", [])
+        ]
+        lines += table(["dataset", "options", "teacher nDCG@10", "student nDCG@10", "retention"], body)
+    if data.get("chosen"):
+        lines += [f"Chosen: {fmt(data['chosen'])}.", ""]
+    return lines
+
+
+def render_defaults_summary(data: dict) -> list[str]:
+    datasets = sorted({dataset for point in data["summary"] for dataset in point["retention_nDCG@10"]})
+    body = [
+        [
+            fmt(point["options"] or "base"),
+            *(percent(point["retention_nDCG@10"].get(dataset)) for dataset in datasets),
+            percent(point["mean_retention_nDCG@10"]),
+            fmt(point["runs"]),
+            ", ".join(f"{d} {percent(low)} to {percent(high)}" for d, (low, high) in point.get("spread", {}).items()),
+        ]
+        for point in data["summary"]
+    ]
+    header = ["options", *(f"{d} retention" for d in datasets), "mean", "runs", "spread of the runs"]
+    lines = ["Retention of the teacher's nDCG@10 on the held-out queries (mean over runs):", ""]
+    lines += table(header, body)
+    if data.get("chosen") is not None:
+        lines += [f"Chosen: {fmt(data['chosen'] or 'base')}.", ""]
+    lines += ["Commands:", ""] + [f"    {call['command']}" for call in data.get("calls", [])] + [""]
+    return lines
+
+
+def render_ann(data: dict) -> list[str]:
+    lines = [
+        f"{data.get('documents')} documents, {data.get('queries')} queries, teacher `{data.get('teacher')}`, "
+        f"k={data.get('k')}, nDCG on `{data.get('nDCG_split')}`.",
+        "",
+    ]
+    body = [
+        [
+            r.get("type"),
+            fmt(r.get("params") or ""),
+            fmt(r.get("recall@10")),
+            fmt(r.get("nDCG@10")),
+            fmt(r.get("search_ms_per_query")),
+            fmt(r.get("build_seconds")),
+        ]
+        for r in data.get("results", [])
+    ]
+    return lines + table(["index", "parameters", "recall@10", "nDCG@10", "search ms/query", "build s"], body)
+
+
+def render_onnx(data: dict) -> list[str]:
+    lines = [
+        f"Max abs difference ONNX vs PyTorch {fmt(data.get('max_abs_diff'))}, identical top-10 on "
+        f"{data.get('identical_top10')} of {data.get('queries')} queries.",
+        "",
+    ]
+    body = [
+        [batch, fmt(v.get("pytorch_ms")), fmt(v.get("onnxruntime_ms")), times(v.get("speedup"))]
+        for batch, v in data.get("latency", {}).items()
+    ]
+    return lines + table(["batch", "PyTorch ms", "ONNX Runtime ms", "speed-up"], body)
+
+
+def render_serve(data: dict) -> list[str]:
+    body = [
+        [
+            name,
+            fmt(r.get("query_model")),
+            fmt(r.get("throughput_rps")),
+            fmt(r.get("latency_ms", {}).get("p50")),
+            fmt(r.get("latency_ms", {}).get("p99")),
+        ]
+        for name, r in data.get("results", {}).items()
+    ]
+    setup = data.get("setup", {})
+    lines = [
+        f"{setup.get('requests')} requests x {setup.get('rounds')} rounds at concurrency "
+        f"{setup.get('concurrency')}, {setup.get('index_type')} index of {setup.get('documents')} documents.",
+        "",
+    ]
+    return lines + table(["query model", "path", "requests/s", "p50 ms", "p99 ms"], body)
+
+
+def render_distributed(data: dict) -> list[str]:
+    body = [
+        [name, fmt(r.get("train", {}).get("queries_per_second")), fmt(r.get("encode", {}).get("documents_per_second"))]
+        for name, r in data.get("runs", {}).items()
+    ]
+    lines = [f"Device {data.get('device')}; scaling {fmt(data.get('scaling'))}.", ""]
+    return lines + table(["run", "training queries/s", "teacher documents/s"], body)
+
+
+def render_symmetric_documents(data: dict) -> list[str]:
+    ways = {
+        "padded_batch": "one padded batch, tokenized each step",
+        "sorted_chunks_cached_tokens": "sorted chunks, cached",
+    }
+    body = [
+        [
+            label,
+            fmt(data[key]["tokenize_seconds"]),
+            fmt(data[key]["forward_backward_seconds"]),
+            f"{data[key]['tokens_run']:,}",
+        ]
+        for key, label in ways.items()
+    ]
+    lengths = data["token_lengths"]
+    lines = [
+        f"{data['documents']} {data['dataset']} passages (mean {fmt(lengths['mean'])} tokens, longest "
+        f"{lengths['max']}), {data['student']}, forward and backward on the CPU; median seconds.",
+        "",
+    ]
+    closing = [
+        f"Speed-up {times(data['speedup'])}; largest embedding difference {fmt(data['max_abs_embedding_difference'])}.",
+        "",
+    ]
+    return lines + table(["documents", "tokenize s", "forward+backward s", "tokens run"], body) + closing
+
+
+def render_querygen(data: dict) -> list[str]:
+    runs = [*data.get("runs", {}).values(), data.get("throughput", {})]
+    lines = [f"`{run['command']}` ({run.get('device')}, {run.get('date')})" for run in runs if run.get("command")]
+    lines = ["Made by:", "", *(f"- {line}" for line in lines), ""]
+    for dataset, section in data.items():
+        if not isinstance(section, dict) or "rows" not in section:
+            continue
+        teacher = section["teacher"]
+        lines += [f"### {dataset} (teacher nDCG@10 {fmt(teacher['nDCG@10'])})", ""]
+        body = [
+            [
+                name,
+                fmt(row["training_queries"].get("generated")),
+                fmt(row["metrics"]["nDCG@10"]),
+                percent(row["retention"]["nDCG@10"]),
+                p_value(row.get("p_value_vs_none", {}).get("nDCG@10")),
+            ]
+            for name, row in section["rows"].items()
+        ]
+        lines += table(["training queries", "generated", "nDCG@10", "retention", "p vs none"], body)
+        if section.get("sparse"):
+            sparse = section["sparse"]
+            lines += [
+                f"Sparse ({percent(sparse['train_query_fraction'])} of the labelled queries): retention "
+                f"{percent(sparse['retention_without_generated'])} without generated queries, "
+                f"{percent(sparse['retention_with_generated'])} with them; generation recovers "
+                f"{percent(sparse['gap_recovered'])} of the gap to the full-data run.",
+                "",
+            ]
+    generators = data.get("throughput", {}).get("generators", {})
+    if generators:
+        lines += ["### Generation throughput", "", f"On {data['throughput'].get('device')}.", ""]
+        body = [[name, fmt(g["queries_per_second"]), fmt(g.get("settings", ""))] for name, g in generators.items()]
+        lines += table(["generator", "queries/s", "settings"], body)
+    return lines
+
+
+def render_cross_encoder(data: dict) -> list[str]:
+    lines = [f"Device {data.get('device')}.", ""]
+    for dataset, section in data["datasets"].items():
+        reranker = section["cross_encoder_reranker"]["metrics"]
+        body = [
+            ["first stage", fmt(section["first_stage"]["metrics"]["nDCG@10"]), ""],
+            ["cross-encoder reranking the top 100", fmt(reranker["nDCG@10"]), "100%"],
+        ]
+        body += [
+            [name, fmt(row["metrics"]["nDCG@10"]), percent(row["retention_vs_cross_encoder"]["nDCG@10"])]
+            for name, row in section["rows"].items()
+        ]
+        lines += [f"### {dataset}", ""] + table(["system", "nDCG@10", "of the reranker"], body)
+    return lines
+
+
+def render_speed_cpu(data: dict) -> list[str]:
+    lines = [f"{fmt(data.get('machine'))}; {fmt(data.get('latency_method'))}", ""]
+    header = [
+        "query encoder",
+        "CPU ms batch 1",
+        "CPU ms batch 32",
+        "GFLOP/query",
+        "params (w/o embeddings)",
+        "peak MiB",
+    ]
+    body = [
+        [
+            name,
+            fmt(e["batch1_ms"]),
+            fmt(e["batch32_ms"]),
+            fmt(e["flops_per_query"] / 1e9),
+            f"{millions(e['parameters'])} ({millions(e['parameters_without_embeddings'])})",
+            fmt(e["memory"]["peak_rss_growth_mib"]),
+        ]
+        for name, e in data["encoders"].items()
+    ]
+    return lines + table(header, body)
+
+
+def render_speed_gpu(data: dict) -> list[str]:
+    lines = [
+        f"Device {data.get('device')}; measured bf16 matmul peak {fmt(data['bf16_matmul_peak']['tflops'])} TFLOP/s.",
+        "",
+    ]
+    body = [
+        [name, fmt(r["documents_per_second"]), percent(r["share_of_peak"])]
+        for name, r in data["encode"]["runs"].items()
+    ]
+    lines += table(["teacher encoding", "documents/s", "share of peak"], body)
+    body = [
+        [name, fmt(r["queries_per_second"]), percent(r["share_of_peak"])] for name, r in data["train"]["runs"].items()
+    ]
+    lines += table(["training", "queries/s", "share of peak"], body)
+    symmetric = data["symmetric"]
+    body = [[name, fmt(r["steps_per_second"]), fmt(r["queries_per_second"])] for name, r in symmetric["runs"].items()]
+    lines += table(["symmetric training (attention kernels)", "steps/s", "queries/s"], body)
+    lines += [
+        f"Symmetric: {symmetric['student']}, {symmetric['batch']} queries and about "
+        f"{symmetric['candidate_passages_per_step']} candidate passages a step; ours over PyTorch's kernels "
+        f"{fmt(symmetric['speedup'])}x.",
+        "",
+    ]
+    dual = data.get("dual_pooling")
+    if dual:
+        body = [
+            [
+                way,
+                fmt(dual["training"][way]["steps_per_second"]),
+                " / ".join(fmt(t) for t in dual["training"][way]["seconds"]),
+                fmt(dual["scoring"][way]["pairs_per_second"]),
+            ]
+            for way in dual["training"]
+        ]
+        lines += table(
+            ["dual-pooling CE (attention kernels)", "training steps/s", "seconds per repeat", "scoring pairs/s"], body
+        )
+        lines += [
+            f"Model: {dual['model']}; {dual['batch']} queries x {dual['group_size']} documents a training "
+            f"step ({dual['steps_per_way_and_repeat']} steps a repeat, each way's faster repeat counted), "
+            f"{dual['scored_pairs']} pairs scored after an untimed warm-up.",
+            "",
+        ]
+    return lines + [f"Ratios: {fmt(data.get('summary'))}.", ""]
+
+
+KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
+    "quickstart.json": ("Quickstart", render_quickstart),
+    "ablation_scifact.json": ("Ablation (SciFact)", render_ablation),
+    "defaults_dev.json": ("Choosing the defaults (held-out training queries)", render_defaults),
+    "defaults_dev_smallest.json": ("Options for the smallest student (held-out training queries)", render_defaults),
+    "onnx.json": ("ONNX export", render_onnx),
+    "serve.json": ("Serving", render_serve),
+    "distributed.json": ("Many GPUs", render_distributed),
+    "querygen.json": ("Query generation", render_querygen),
+    "cross_encoder.json": ("Cross-encoder teachers", render_cross_encoder),
+    "speed_cpu.json": ("Speed on CPU", render_speed_cpu),
+    "speed_gpu.json": ("Speed on GPU", render_speed_gpu),
+    "symmetric_documents.json": ("Symmetric training: a step's documents", render_symmetric_documents),
+}
+EXPECTED = ("querygen.json", "cross_encoder.json", "speed_cpu.json", "speed_gpu.json")  # said when missing

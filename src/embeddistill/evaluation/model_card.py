@@ -1,0 +1,229 @@
+"""A Hugging Face / sentence-transformers model card (``README.md``) for a distilled student folder.
+
+``write_model_card(student_dir, summary)`` takes the :class:`~embeddistill.pipeline.summary.RunSummary` a
+run returns (``RunSummary.from_dict`` reads a ``metrics.json`` back) and works for both lanes: a cross-encoder
+run's card names the CE as the teacher and compares latency with the first stage. The run's ``config.yaml``
+next to the student folder, when present, adds the losses and the full configuration. Loss descriptions come
+from the config's help texts, so a new loss term appears here without an edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from embeddistill.config import DistillConfig, LossConfig
+from embeddistill.losses import TERMS
+from embeddistill.storage import atomic_write_text
+
+if TYPE_CHECKING:  # the summary type only: evaluation never imports the pipeline at run time
+    from embeddistill.pipeline.summary import RunSummary
+
+TAGS = ["sentence-transformers", "embeddistill", "distillation", "feature-extraction"]
+_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LossConfig)}
+
+
+def _number(value, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _millions(count: int | None) -> str:
+    return f"{count / 1e6:.1f}M" if count else "?"
+
+
+def _load_config(student_dir: Path, config: dict | None) -> dict:
+    if config is not None:
+        return config
+    path = student_dir.parent / "config.yaml"
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def hub_name(teacher: str) -> str:
+    """The teacher as a Hub-style name.
+
+    A Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/HASH``) becomes ``ORG/NAME``; any other local
+    folder (e.g. an offline copy) its folder name (pass ``base_model=`` to :func:`write_model_card` to say more).
+    """
+    looks_local = teacher.startswith(("/", ".", "~")) or Path(teacher).expanduser().exists()
+    if not looks_local:
+        return teacher
+    for part in reversed(Path(teacher).parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return Path(teacher.rstrip("/")).name
+
+
+def front_matter(summary: RunSummary, base_model: str | None = None) -> dict:
+    meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": list(TAGS)}
+    if base_model or summary.teacher.model:
+        meta["base_model"] = base_model or hub_name(summary.teacher.model)
+    return meta
+
+
+def retention_table(summary: RunSummary) -> str:
+    teacher, student = summary.teacher, summary.student
+    rows = ["| metric | teacher | student | retention |", "|---|---|---|---|"]
+    for metric, retention in summary.retention.items():
+        rows.append(
+            f"| {metric} | {_number(teacher.metrics[metric])} | {_number(student.metrics[metric])} | "
+            f"{_number(100 * retention, 1)}% |"
+        )
+    return "\n".join(rows)
+
+
+def speedup_table(summary: RunSummary) -> str:
+    reference, student = summary.latency_reference.latency or {}, summary.student.latency or {}
+    name = "first stage" if summary.cross_encoder else "teacher"
+    rows = [f"| batch | {name} ms | student ms | speedup |", "|---|---|---|---|"]
+    for batch, speedup in summary.speedup.items():
+        key = f"{batch}_ms"
+        rows.append(
+            f"| {batch.removeprefix('batch')} | {_number(reference.get(key), 2)} | "
+            f"{_number(student.get(key), 2)} | {_number(speedup, 2)}x |"
+        )
+    return "\n".join(rows)
+
+
+def _architecture(summary: RunSummary, name: str) -> str:
+    student, teacher = summary.student, summary.teacher
+    size = _millions(student.query_encoder_parameters)
+    if student.asymmetric:
+        return (
+            f"An **asymmetric** student: queries go through a small query encoder (`{student.model}`, "
+            f"{size} parameters) trained into the embedding space of "
+            f"the teacher `{teacher.model}`; documents go through the teacher's own document tower, "
+            "frozen. An index built with the teacher stays valid: only the online query side gets cheaper.\n\n"
+            "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+            f'model = SentenceTransformer("{name}")\n'
+            'queries = model.encode_query(["does vitamin D prevent fractures?"])  # small query tower\n'
+            'documents = model.encode_document(["Vitamin D and bone health ..."])  # the teacher\'s tower\n'
+            "scores = model.similarity(queries, documents)\n```"
+        )
+    space = "distilled from the cross-encoder" if summary.cross_encoder else "in the embedding space of the teacher"
+    return (
+        f"A **symmetric** student (`{student.model}`, {size} parameters) that embeds both queries and documents "
+        f"{space} `{teacher.model}`.\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f'model = SentenceTransformer("{name}")\n'
+        'embeddings = model.encode(["does vitamin D prevent fractures?"])\n```'
+    )
+
+
+def _losses(summary: RunSummary, config: DistillConfig | None) -> str:
+    """Every weighted-in term (described by its config help text), negatives, distance and temperatures."""
+    lines = []
+    if config is not None:
+        loss = config.loss
+        for term in TERMS:  # an asymmetric student keeps the teacher's document tower: no document EM
+            weight = getattr(loss, f"{term.part}_weight")
+            if weight and not (summary.student.asymmetric and term.averaged_over == "documents"):
+                lines.append(f"- {_HELP[f'{term.part}_weight'].removeprefix('weight of ')}: weight {weight}")
+        lines.append(
+            f"- hard negatives: {loss.hard_negatives} per query from the teacher's top "
+            f"{loss.hard_negative_depth}; embedding-matching distance `{loss.em_distance}`"
+        )
+    temperatures = summary.training.get("temperatures")  # recorded by both lanes; absent in hand-made summaries
+    if temperatures:
+        lines.append(f"- softmax temperatures: teacher {temperatures[0]}, student {temperatures[1]}")
+    return "\n".join(lines) or "(the run's config.yaml was not found next to the student folder)"
+
+
+def render_model_card(
+    summary: RunSummary, config: dict | None = None, name: str = "student", base_model: str | None = None
+) -> str:
+    config = config or {}
+    typed = DistillConfig.from_dict(config) if config else None
+    counts, timings, environment = summary.training_queries, summary.timings, summary.environment
+    meta = yaml.safe_dump(front_matter(summary, base_model), sort_keys=False, allow_unicode=True).strip()
+    configuration = _configuration(config)
+    evaluated = f"`{summary.dataset}`, split `{summary.eval_split}` ({summary.eval_queries} queries)"
+    evaluated += ", exact inner-product search"
+    teacher = summary.teacher
+    return f"""---
+{meta}
+---
+
+# {name}: an EmbedDistill student of `{teacher.model}`
+
+Distilled with [embeddistill](https://arxiv.org/abs/2301.12005) (EmbedDistill: geometric knowledge distillation
+for information retrieval).
+
+## Model
+
+{_architecture(summary, name)}
+
+## Teacher
+
+`{teacher.model}` ({_teacher_size(summary)}).
+
+## Data
+
+- dataset: `{summary.dataset}`
+- training queries: {counts.get("labelled", 0)} labelled, {counts.get("extra", 0)} extra unlabeled, \
+{counts.get("generated", 0)} generated
+- evaluation: {evaluated}
+
+## Losses
+
+{_losses(summary, typed)}
+
+## Results
+
+Retention (student / teacher) on {evaluated}:
+
+{retention_table(summary)}
+
+Query-encoding CPU latency (median ms per batch, tokenisation included, \
+{environment.threads} threads, torch {environment.torch}):
+
+{speedup_table(summary)}
+
+Training: {summary.training["steps"]} steps in {_number(timings["train_seconds"], 0)} s; \
+total run {_number(timings["total_seconds"], 0)} s.
+
+## Configuration
+
+{configuration}
+"""
+
+
+def _configuration(config: dict) -> str:
+    if not config:
+        return "(not recorded)"
+    return "```yaml\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True).strip() + "\n```"
+
+
+def _teacher_size(summary: RunSummary) -> str:
+    if summary.cross_encoder:
+        return f"a {summary.teacher.kind} cross-encoder reranking the top {summary.teacher.rerank_depth}"
+    return f"{_millions(summary.teacher.query_encoder_parameters)} parameters in its query path"
+
+
+def write_model_card(
+    student_dir: str | os.PathLike, summary: RunSummary, config: dict | None = None, base_model: str | None = None
+) -> Path:
+    """Write ``README.md`` into ``student_dir`` (replacing sentence-transformers' generic card); return its path.
+
+    ``config``: the run configuration as a dict; by default read from ``config.yaml`` beside ``student_dir``.
+    ``base_model``: the Hub name of the teacher for the front matter (default: the teacher's name, or the folder
+    name of a local teacher path).
+    """
+    student_dir = Path(student_dir)
+    if not student_dir.is_dir():
+        raise FileNotFoundError(f"student folder {student_dir} does not exist")
+    card = render_model_card(summary, _load_config(student_dir, config), student_dir.name, base_model)
+    path = student_dir / "README.md"
+    atomic_write_text(path, card)
+    return path

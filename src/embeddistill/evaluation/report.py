@@ -1,0 +1,118 @@
+"""The human-readable side-by-side report of a distillation run (``report.md`` and the CLI's table).
+
+One table for both lanes, read from a :class:`~embeddistill.pipeline.summary.RunSummary`: a dual-encoder run shows
+teacher and student, a cross-encoder run the first stage, the CE reranker and the student. Systems that were not
+timed (a CE reranks, it has no query encoder) show a dash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embeddistill.storage import atomic_write_text
+
+if TYPE_CHECKING:  # the summary type only: evaluation never imports the pipeline at run time
+    from embeddistill.pipeline.summary import RunSummary, System
+
+_DASH = "–"
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def _size(system: System) -> str:
+    if system.query_encoder_parameters is None or system.query_encoder_compute_parameters is None:
+        return _DASH
+    total, compute = system.query_encoder_parameters, system.query_encoder_compute_parameters
+    return f"{_millions(total)} ({_millions(compute)})"
+
+
+def _systems(summary: RunSummary) -> list[tuple[str, System]]:
+    """The table's rows: the first stage (CE runs), the teacher and the student."""
+    rows = [("first stage", summary.cross_encoder.first_stage)] if summary.cross_encoder else []
+    return [*rows, (summary.teacher_label, summary.teacher), ("student", summary.student)]
+
+
+def _row(name: str, system: System, metrics: list[str], batches: list[str]) -> list[str]:
+    latency = [f"{system.latency[b]:.2f}" if system.latency else _DASH for b in batches]
+    return [name, *(f"{system.metrics[m]:.4f}" for m in metrics), *latency, _size(system)]
+
+
+def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> list[str]:
+    """Student over teacher: retention, speedup over the reference query encoder, and how much smaller it is."""
+    reference, student = summary.latency_reference, summary.student
+    label = "student / cross-encoder" if summary.cross_encoder else "student / teacher"
+    ratio = reference.query_encoder_compute_parameters / student.query_encoder_compute_parameters
+    return [
+        label,
+        *(f"{100 * summary.retention[m]:.1f}%" for m in metrics),
+        *(f"{summary.speedup[b.removesuffix('_ms')]:.2f}x faster" for b in batches),
+        f"{ratio:.1f}x fewer (w/o embeddings)",
+    ]
+
+
+def report_table(summary: RunSummary) -> str:
+    """A Markdown table: quality, retention, CPU latency and size of every system of the run."""
+    metrics = list(summary.retention)
+    batches = list(summary.student.latency)
+    header = [
+        "",
+        *metrics,
+        *(f"CPU ms {b.removesuffix('_ms')}" for b in batches),
+        "query-encoder params (w/o embeddings)",
+    ]
+    rows = [_row(name, system, metrics, batches) for name, system in _systems(summary)]
+    rows.append(_ratio_row(summary, metrics, batches))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _run_line(summary: RunSummary) -> str:
+    kind = "asymmetric (teacher document tower, frozen)" if summary.student.asymmetric else "symmetric"
+    if summary.cross_encoder:
+        first = summary.cross_encoder.first_stage.model
+        return (
+            f"Cross-encoder teacher `{summary.teacher.model}` ({summary.teacher.kind}) reranking the first stage "
+            f"`{first}`, student `{summary.student.model}`, {kind}."
+        )
+    return f"Teacher `{summary.teacher.model}`, student `{summary.student.model}`, {kind}."
+
+
+def _timings_line(summary: RunSummary) -> str:
+    timings = summary.timings
+    if summary.cross_encoder:
+        preparation = (
+            f"first stage {timings['first_stage_seconds']:.0f} s; "
+            f"cross-encoder scoring {timings['cross_encoder_scoring_seconds']:.0f} s"
+        )
+    else:
+        preparation = f"teacher caching {timings['teacher_cache_seconds']:.0f} s"
+    return (
+        f"Training: {summary.training['steps']} steps in {timings['train_seconds']:.0f} s;\n{preparation};\n"
+        f"evaluation {timings['evaluation_seconds']:.0f} s; total {timings['total_seconds']:.0f} s."
+    )
+
+
+def write_report(path: Path, summary: RunSummary) -> None:
+    """``report.md``: what was distilled into what, the table, and where the time went."""
+    counts = summary.training_queries
+    dropped = counts.get("roundtrip_dropped")  # present only when the round-trip filter ran
+    roundtrip = f" ({dropped} more dropped by the round-trip filter)" if dropped else ""
+    text = f"""# Distillation report
+
+{_run_line(summary)}
+Evaluated on `{summary.dataset}` split `{summary.eval_split}` ({summary.eval_queries} queries), exact search.
+
+{report_table(summary)}
+
+CPU latency: median milliseconds to embed a batch of queries (tokenisation included),
+{summary.environment.threads} threads.
+
+Training queries: {counts["labelled"]} labelled, {counts["extra"]} extra unlabeled,
+{counts["generated"]} generated{roundtrip}.
+{_timings_line(summary)}
+"""
+    atomic_write_text(path, text)

@@ -1,0 +1,20 @@
+"""``embeddistill distill``: one lane per teacher kind, built from shared stages, returning one typed summary.
+
+The choice between the lanes is made here and nowhere else: a run with ``--cross-encoder`` takes
+:mod:`~embeddistill.pipeline.cross_encoder`, any other :mod:`~embeddistill.pipeline.dual_encoder`. Both are built
+from :mod:`~embeddistill.pipeline.stages` and return a :class:`~embeddistill.pipeline.summary.RunSummary`.
+"""
+
+from __future__ import annotations
+
+from embeddistill.config import DistillConfig
+from embeddistill.pipeline import cross_encoder, dual_encoder
+from embeddistill.pipeline.summary import RunSummary
+
+__all__ = ["RunSummary", "distill"]
+
+
+def distill(config: DistillConfig) -> RunSummary | None:
+    """The whole run; ``None`` on the non-main ranks of a torchrun dual-encoder run (rank 0 writes the outputs)."""
+    lane = cross_encoder if config.ce.cross_encoder else dual_encoder
+    return lane.run(config)

@@ -1,0 +1,215 @@
+"""The dual-encoder lane of ``embeddistill distill``: teacher cache -> student -> training -> side-by-side evaluation.
+
+Built from :mod:`embeddistill.pipeline.stages`; what is its own is the teacher's embeddings as targets (queries,
+documents and the hard-negative pools all come from one cached dual encoder) and torchrun support.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embeddistill.config import DistillConfig
+from embeddistill.data import RetrievalDataset
+from embeddistill.evaluation.metrics import RunResult
+from embeddistill.models.students import QueryEncoder, build_student, is_asymmetric
+from embeddistill.models.teachers import DualEncoderTeacher
+from embeddistill.pipeline.stages import (
+    QuerySet,
+    collect_training_queries,
+    described,
+    device_of,
+    evaluate_queries,
+    evaluation_qrels,
+    initialise_projection,
+    load_dual_encoder,
+    make_criterion,
+    mine_from_teacher,
+    query_latency,
+    roundtrip_keep,
+    start_run,
+    student_index,
+    teacher_query_encoder,
+    write_outputs,
+    write_training_queries,
+)
+from embeddistill.pipeline.summary import Environment, RunSummary, ratios, speedup
+from embeddistill.serving.indexing import FlatIndex
+from embeddistill.training import distributed
+from embeddistill.training.batching import Documents, TrainingQueries
+from embeddistill.training.distillation import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything a distillation run needs before training: data, training queries, teacher embeddings."""
+
+    config: DistillConfig
+    dataset: RetrievalDataset
+    eval_ids: list[str]
+    eval_qrels: dict[str, dict[str, int]]
+    query_set: QuerySet
+    teacher: DualEncoderTeacher
+    doc_ids: list[str]
+    doc_texts: list[str]
+    teacher_docs: np.ndarray
+    teacher_train: np.ndarray
+    teacher_eval: np.ndarray
+    teacher_index: FlatIndex
+    timings: dict[str, float]
+
+    @property
+    def eval_texts(self) -> list[str]:
+        return [self.dataset.queries[q] for q in self.eval_ids]
+
+
+def _roundtrip_filter(config: DistillConfig, query_set: QuerySet, teacher_train: np.ndarray, index: FlatIndex):
+    """Drop generated queries whose source document the teacher does not rank in its top ``roundtrip_top_k``."""
+    keep = roundtrip_keep(query_set, teacher_train, index, config.data.roundtrip_top_k)
+    query_set, teacher_train = query_set.subset(keep), teacher_train[keep]
+    query_set.counts["generated"] -= int((~keep).sum())
+    query_set.counts["roundtrip_dropped"] = int((~keep).sum())
+    return query_set, teacher_train
+
+
+def prepare(config: DistillConfig, out: Path) -> Prepared:
+    """Load the data, collect training queries and embed everything with the teacher (cached)."""
+    dataset = RetrievalDataset.load(config.data.dataset)
+    eval_qrels = evaluation_qrels(config, dataset)
+    eval_ids = sorted(eval_qrels)
+    query_set = collect_training_queries(config, dataset, set(eval_ids))
+    tick = time.perf_counter()
+    teacher = load_dual_encoder(config, config.model.teacher)
+    doc_ids = list(dataset.corpus)
+    doc_texts = [dataset.corpus[d] for d in doc_ids]
+    teacher_docs = teacher.embed_documents(doc_texts, desc="corpus")
+    teacher_train = teacher.embed_queries(query_set.texts, desc="training queries")
+    teacher_eval = teacher.embed_queries([dataset.queries[q] for q in eval_ids], desc="eval queries")
+    teacher_index = FlatIndex(teacher_docs, doc_ids)
+    if config.data.roundtrip_top_k:
+        query_set, teacher_train = _roundtrip_filter(config, query_set, teacher_train, teacher_index)
+    logger.info("training queries: %s", query_set.counts)
+    if distributed.is_main():
+        write_training_queries(out, query_set)
+    timings = {"teacher_cache_seconds": time.perf_counter() - tick}
+    return Prepared(
+        config, dataset, eval_ids, eval_qrels, query_set, teacher, doc_ids, doc_texts,
+        teacher_docs, teacher_train, teacher_eval, teacher_index, timings,
+    )  # fmt: skip
+
+
+def resolved_temperatures(config: DistillConfig, teacher_normalized: bool) -> tuple[float, float]:
+    """Teacher: 0.05 for a normalised (cosine) teacher, else 1; student: the teacher's; flags override both."""
+    teacher_t = config.loss.teacher_temperature or (0.05 if teacher_normalized else 1.0)
+    return teacher_t, config.loss.student_temperature or teacher_t
+
+
+def initialised_student(prep: Prepared, asymmetric: bool | None = None):
+    """The student before distillation: built from the config, its projection (if any) fitted by least squares.
+
+    ``asymmetric`` overrides the config (a peer trainer that knows no Router trains the query tower alone).
+    """
+    config = prep.config
+    student = build_student(
+        config.model.student,
+        prep.teacher.model,
+        config.model.asymmetric if asymmetric is None else asymmetric,
+        device_of(config),
+        config.model.trust_remote_code,
+        layers=config.model.student_layers,
+    )
+    if config.model.projection_init == "lstsq":
+        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed)
+    return student
+
+
+def train_student(prep: Prepared, out: Path):
+    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
+    config = prep.config
+    student = initialised_student(prep)
+    anchors, positives, pools = mine_from_teacher(
+        prep.query_set, prep.teacher_train, prep.teacher_index, config.loss.hard_negative_depth
+    )
+    generated = np.asarray(prep.query_set.generated, dtype=bool)
+    temperatures = resolved_temperatures(config, prep.teacher.normalized)
+    trainer = DistillationTrainer(
+        student,
+        TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated),
+        Documents(prep.doc_texts, prep.teacher_docs),
+        make_criterion(config, temperatures),
+        config.training,
+        hard_negatives=config.loss.hard_negatives,
+        out=out,
+        freeze_word_embeddings=config.model.freeze_word_embeddings,
+        dropout=config.model.student_dropout,
+    )
+    training = trainer.train()
+    training["temperatures"] = list(temperatures)
+    student.to("cpu")
+    return student, training
+
+
+def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:
+    """Search with the student's query embeddings in the teacher's index, or (symmetric students) in its own."""
+    query_embeddings = QueryEncoder.of(student).encode(prep.eval_texts)
+    index = prep.teacher_index
+    if own_index if own_index is not None else not is_asymmetric(student):
+        index = student_index(student, prep)
+    return evaluate_queries(prep.config, name, prep, query_embeddings, index)
+
+
+def evaluate(prep: Prepared, student, training: dict, timings: dict) -> tuple[RunSummary, list[RunResult]]:
+    """Teacher and student side by side: quality, CPU latency and size, as a :class:`RunSummary`."""
+    config = prep.config
+    teacher_result = evaluate_queries(config, "teacher", prep, prep.teacher_eval, prep.teacher_index)
+    student_result = evaluate_student(prep, student)
+    encoders = {"teacher": teacher_query_encoder(prep.teacher), "student": QueryEncoder.of(student)}
+    latency = query_latency(config, encoders, prep.eval_texts)
+    teacher = described(encoders["teacher"], config.model.teacher, teacher_result.metrics, latency["teacher"])
+    student_system = described(
+        encoders["student"], config.model.student, student_result.metrics, latency["student"],
+        asymmetric=config.model.asymmetric,
+    )  # fmt: skip
+    summary = RunSummary(
+        str(prep.dataset.path),
+        config.data.eval_split,
+        len(teacher_result.per_query[next(iter(teacher_result.per_query))]),
+        teacher,
+        student_system,
+        ratios(student_result.metrics, teacher_result.metrics),
+        speedup(latency["teacher"], latency["student"]),
+        prep.query_set.counts,
+        training,
+        timings,
+        Environment.current(),
+    )
+    return summary, [teacher_result, student_result]
+
+
+def run(config: DistillConfig) -> RunSummary | None:
+    """The whole dual-encoder run. Under torchrun (see :mod:`embeddistill.training.distributed`) every rank prepares
+    the same data, encodes its share of the teacher cache and trains its share of each batch; rank 0 alone writes
+    the outputs and evaluates, and the other ranks return ``None`` after training.
+    """
+    distributed.init_from_env(config.training.device)  # a no-op in a single process
+    distributed.check_batch_size(config.training.batch_size)  # fail before hours of teacher encoding
+    started = time.perf_counter()
+    out = start_run(config, write_config=distributed.is_main())
+    prep = prepare(config, out)
+    student, training = train_student(prep, out)
+    if not distributed.is_main():
+        return None
+    timings = {**prep.timings, "train_seconds": training["train_seconds"]}
+    student.save(str(out / "student"))
+    tick = time.perf_counter()
+    summary, results = evaluate(prep, student, training, timings)
+    timings["evaluation_seconds"] = time.perf_counter() - tick
+    timings["total_seconds"] = time.perf_counter() - started
+    write_outputs(out, summary, results)
+    return summary
