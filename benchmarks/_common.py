@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,19 @@ from embeddistill.runtime import TRAINING_ATTENTION
 
 REPO = Path(__file__).resolve().parents[1]
 GET_MODELS = REPO.parent / "shared" / "models" / "get-models"
+
+
+def git_commit() -> str | None:
+    """The commit the results come from: $EMBEDDISTILL_GIT_COMMIT (set where the code travels without its .git, as
+    to a GPU machine), else ``git rev-parse HEAD`` here, marked ``-dirty`` when tracked files differ from it."""
+    if os.environ.get("EMBEDDISTILL_GIT_COMMIT"):
+        return os.environ["EMBEDDISTILL_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True, check=False)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode else "")
 
 
 def local_model(name: str, hub_name: str) -> str:

@@ -6,7 +6,9 @@ documents and the hard-negative pools all come from one cached dual encoder) and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset
+from embeddistill.evaluation.agreement import AGREEMENT_METRIC, TeacherAgreement
 from embeddistill.evaluation.metrics import RunResult
 from embeddistill.models.students import QueryEncoder, build_student, is_asymmetric
 from embeddistill.models.teachers import DualEncoderTeacher
@@ -29,6 +32,7 @@ from embeddistill.pipeline.stages import (
     load_dual_encoder,
     make_criterion,
     mine_from_teacher,
+    projection_init,
     query_latency,
     roundtrip_keep,
     start_run,
@@ -63,6 +67,7 @@ class Prepared:
     teacher_eval: np.ndarray
     teacher_index: FlatIndex
     timings: dict[str, float]
+    validation: TeacherAgreement | None = None
 
     @property
     def eval_texts(self) -> list[str]:
@@ -94,14 +99,36 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     teacher_index = FlatIndex(teacher_docs, doc_ids)
     if config.data.roundtrip_top_k:
         query_set, teacher_train = _roundtrip_filter(config, query_set, teacher_train, teacher_index)
+    query_set, teacher_train, validation = hold_out_validation(
+        config, query_set, teacher_train, teacher_docs, doc_texts
+    )
     logger.info("training queries: %s", query_set.counts)
     if distributed.is_main():
         write_training_queries(out, query_set)
     timings = {"teacher_cache_seconds": time.perf_counter() - tick}
     return Prepared(
         config, dataset, eval_ids, eval_qrels, query_set, teacher, doc_ids, doc_texts,
-        teacher_docs, teacher_train, teacher_eval, teacher_index, timings,
+        teacher_docs, teacher_train, teacher_eval, teacher_index, timings, validation,
     )  # fmt: skip
+
+
+def hold_out_validation(
+    config: DistillConfig, query_set: QuerySet, teacher_train: np.ndarray, teacher_docs: np.ndarray, doc_texts: list
+) -> tuple[QuerySet, np.ndarray, TeacherAgreement | None]:
+    """Take a seeded slice of the training queries (at most a tenth) out of training, for the label-free check."""
+    count = min(config.data.validation_queries, len(query_set.ids) // 10)
+    if count < 1:
+        return query_set, teacher_train, None
+    held = np.zeros(len(query_set.ids), dtype=bool)
+    held[np.random.default_rng([config.training.seed, 7]).choice(len(held), count, replace=False)] = True
+    rows = np.flatnonzero(held)
+    validation = TeacherAgreement([query_set.texts[i] for i in rows], teacher_train[held], teacher_docs, doc_texts)
+    kept = query_set.subset(~held)
+    for row in rows:
+        kind = "generated" if query_set.generated[row] else "labelled" if query_set.positives[row] else "extra"
+        kept.counts[kind] -= 1
+    kept.counts["validation"] = count
+    return kept, teacher_train[~held], validation
 
 
 def resolved_temperatures(config: DistillConfig, teacher_normalized: bool) -> tuple[float, float]:
@@ -124,35 +151,79 @@ def initialised_student(prep: Prepared, asymmetric: bool | None = None):
         config.model.trust_remote_code,
         layers=config.model.student_layers,
     )
-    if config.model.projection_init == "lstsq":
-        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed)
+    how = projection_init(config.model.projection_init, config.model.asymmetric)
+    if how != "random":
+        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed, how=how)
     return student
 
 
 def train_student(prep: Prepared, out: Path):
-    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
-    config = prep.config
+    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``.
+
+    With ``--learning-rate auto`` the learning rate is chosen first, without labels (:func:`choose_learning_rate`).
+    """
+    config, queries = prep.config, training_queries(prep)
+    search = None
+    if config.training.learning_rate == "auto":
+        search = choose_learning_rate(prep, queries, out / "tune")
+        chosen = dataclasses.replace(config.training, learning_rate=search["chosen"])
+        config = dataclasses.replace(config, training=chosen)
     student = initialised_student(prep)
+    training = make_trainer(prep, config, student, queries, out).train()
+    training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
+    if search is not None:
+        training["learning_rate_search"] = search
+    student.to("cpu")
+    return student, training
+
+
+def training_queries(prep: Prepared) -> TrainingQueries:
     anchors, positives, pools = mine_from_teacher(
-        prep.query_set, prep.teacher_train, prep.teacher_index, config.loss.hard_negative_depth
+        prep.query_set, prep.teacher_train, prep.teacher_index, prep.config.loss.hard_negative_depth
     )
     generated = np.asarray(prep.query_set.generated, dtype=bool)
-    temperatures = resolved_temperatures(config, prep.teacher.normalized)
-    trainer = DistillationTrainer(
+    return TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated)
+
+
+def make_trainer(prep: Prepared, config: DistillConfig, student, queries: TrainingQueries, out: Path):
+    return DistillationTrainer(
         student,
-        TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated),
+        queries,
         Documents(prep.doc_texts, prep.teacher_docs),
-        make_criterion(config, temperatures),
+        make_criterion(config, resolved_temperatures(config, prep.teacher.normalized)),
         config.training,
         hard_negatives=config.loss.hard_negatives,
         out=out,
         freeze_word_embeddings=config.model.freeze_word_embeddings,
         dropout=config.model.student_dropout,
+        validation=prep.validation,
     )
-    training = trainer.train()
-    training["temperatures"] = list(temperatures)
-    student.to("cpu")
-    return student, training
+
+
+def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path) -> dict:
+    """``--learning-rate auto``: a short run (``tune_steps``, with its own warm-up and decay) at each candidate from
+    the same start; the best label-free agreement at its end wins. No label is read."""
+    config = prep.config
+    if prep.validation is None:
+        raise ValueError(
+            "--learning-rate auto needs the label-free check: set --validation-queries above 0 (and have at least "
+            "10 training queries), or give a number, e.g. --learning-rate 1e-4"
+        )
+    settings = config.training
+    steps = min(settings.tune_steps, math.ceil(len(queries.texts) / settings.batch_size) * settings.epochs)
+    trials = []
+    for rate in config.training.learning_rate_candidates:
+        training = dataclasses.replace(
+            settings, learning_rate=float(rate), max_steps=steps, resume=False, checkpoint_every=0, keep_best=False
+        )
+        folder = out / f"lr-{rate:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        trial = dataclasses.replace(config, training=training)
+        info = make_trainer(prep, trial, initialised_student(prep), queries, folder).train()
+        trials.append({"learning_rate": float(rate), "steps": steps, **info["validation"]["final"]})
+        logger.info("--learning-rate auto: %g -> %s", rate, trials[-1])
+    best = max(trials, key=lambda trial: trial[AGREEMENT_METRIC])
+    return {"chosen": best["learning_rate"], "metric": AGREEMENT_METRIC, "trials": trials}
 
 
 def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:

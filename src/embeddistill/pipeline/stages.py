@@ -24,7 +24,14 @@ from embeddistill.evaluation.metrics import RunResult, evaluate_embeddings
 from embeddistill.evaluation.model_card import write_model_card
 from embeddistill.evaluation.report import write_report
 from embeddistill.losses import EmbedDistillLoss, LossWeights
-from embeddistill.models.students import QueryEncoder, count_parameters, fit_projection, projection_of, query_modules
+from embeddistill.models.students import (
+    QueryEncoder,
+    count_parameters,
+    fit_orthogonal_projection,
+    fit_projection,
+    projection_of,
+    query_modules,
+)
 from embeddistill.models.teachers import DualEncoderTeacher
 from embeddistill.pipeline.summary import RunSummary, System
 from embeddistill.querygen import GeneratedQuery, generate_queries, make_cheap_generators
@@ -208,8 +215,9 @@ def make_criterion(config: DistillConfig, temperatures: tuple[float, float]) -> 
 
 
 def initialise_projection(
-    student, teacher_embeddings: np.ndarray, texts: list[str], seed: int, sample: int = 4096
+    student, teacher_embeddings: np.ndarray, texts: list[str], seed: int, sample: int = 4096, how: str = "lstsq"
 ) -> None:
+    """Fit the student's projection on a sample of training queries: least squares or orthogonal (``how``)."""
     projection = projection_of(student)
     if projection is None:
         return
@@ -226,8 +234,18 @@ def initialise_projection(
             .numpy()
             for i in range(0, len(rows), 128)
         ]
-    fit_projection(projection, np.concatenate(features), teacher_embeddings[rows])
-    logger.info("projection initialised by least squares on %d queries", len(rows))
+    fit = fit_orthogonal_projection if how == "orthogonal" else fit_projection
+    fit(projection, np.concatenate(features), teacher_embeddings[rows])
+    logger.info("projection initialised (%s) on %d queries", how, len(rows))
+
+
+def projection_init(option: str, asymmetric: bool) -> str:
+    """``auto``: least squares for an asymmetric student (only queries go through the projection, and the best
+    linear fit to the teacher is what they need); orthogonal for a symmetric one (documents go through it too, and
+    an orthogonal map keeps the pretrained encoder's own geometry)."""
+    if option != "auto":
+        return option
+    return "lstsq" if asymmetric else "orthogonal"
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------

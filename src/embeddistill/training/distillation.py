@@ -17,8 +17,15 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.config import TrainingConfig
+from embeddistill.evaluation.agreement import TeacherAgreement
 from embeddistill.losses import EmbedDistillLoss
-from embeddistill.models.students import QueryEncoder, is_asymmetric, query_modules, trainable_parameters
+from embeddistill.models.students import (
+    QueryEncoder,
+    is_asymmetric,
+    projection_of,
+    query_modules,
+    trainable_parameters,
+)
 from embeddistill.runtime import forward_context, resolve_device, resolve_precision
 from embeddistill.training import distributed
 from embeddistill.training.batching import (
@@ -31,6 +38,7 @@ from embeddistill.training.batching import (
     embed_by_length,
 )
 from embeddistill.training.loop import LoopSettings, TrainingLoop
+from embeddistill.training.validation import LabelFreeValidation
 
 
 class DistillationTrainer:
@@ -51,6 +59,7 @@ class DistillationTrainer:
         out: Path,
         freeze_word_embeddings: bool = True,
         dropout: bool = False,
+        validation: TeacherAgreement | None = None,
     ):
         self.student, self.queries, self.documents = student, queries, documents
         self.criterion, self.config, self.out = criterion, config, Path(out)
@@ -67,12 +76,15 @@ class DistillationTrainer:
             for module in query_modules(student).modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        groups = parameter_groups(student, self.parameters, config)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         # Under torchrun the query tower runs wrapped in DDP (trainable parameters only); otherwise it is itself.
         example = self.encoder.tokenize(["an example query"], self.device)
         self.tower = distributed.data_parallel(query_modules(student), self.device, example)
         self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
         self.total_steps = self.batcher.steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
         self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
         self.generated = torch.from_numpy(queries.generated).to(self.device)
@@ -90,6 +102,10 @@ class DistillationTrainer:
             name="distill",
             is_main=self.is_main,
         )
+        self.validation = None
+        if validation is not None and self.is_main:
+            every, keep = config.validate_every, config.keep_best
+            self.validation = LabelFreeValidation(validation, student, self.total_steps, every, keep)
 
     def learning_rate(self, step: int) -> float:
         return self.loop.learning_rate(step)
@@ -130,6 +146,9 @@ class DistillationTrainer:
             teacher_documents = self.teacher_documents[documents]
             student_documents = None if self.asymmetric else self._embed_documents(batch["documents"])
             scored_documents = teacher_documents if self.asymmetric else student_documents
+        # Scores and loss in fp32: under bf16 autocast logits of 8-20 would be rounded to steps of 0.06-0.125 and
+        # the teacher's near-ties inside its top 10 would become ties (the embeddings are fp32 already).
+        with torch.autocast(self.device.type, enabled=False):
             parts = self.criterion(
                 student_scores=student_queries @ scored_documents.T,
                 teacher_scores=teacher_queries @ teacher_documents.T,
@@ -182,11 +201,35 @@ class DistillationTrainer:
 
     def train(self) -> dict:
         """Train to the end (or on from the checkpoint, with ``resume``); steps, timing, precision and ranks."""
-        info = self.loop.run(self.step, lambda step: {"epoch": step // self.batcher.steps_per_epoch})
-        return {**info, "precision": self.precision, "world_size": distributed.world_size()}
+        epoch = self.batcher.steps_per_epoch
+        info = self.loop.run(self.step, lambda step: {"epoch": step // epoch}, check=self.validation)
+        rates = {group["name"]: group["peak_lr"] for group in self.optimizer.param_groups}
+        info = {**info, "precision": self.precision, "world_size": distributed.world_size(), "learning_rates": rates}
+        if self.validation is not None:
+            info["validation"] = self.validation.finish()
+        return info
 
     def save_checkpoint(self, step: int) -> None:
         self.loop.save_checkpoint(step)
+
+
+def parameter_groups(student: SentenceTransformer, parameters: list, config: TrainingConfig) -> list[dict]:
+    """AdamW groups: the encoder at ``learning_rate``, the student->teacher projection at its own rate.
+
+    A pretrained encoder already sits near a good solution and loses it at a head's learning rate (recipes for
+    pretrained bodies use 1e-4 or less), while a freshly fitted projection needs a larger one.
+    """
+    if not isinstance(config.learning_rate, float):
+        raise ValueError(f"learning_rate {config.learning_rate!r} must be resolved to a number before training")
+    projection = projection_of(student)
+    head = {id(p) for p in projection.parameters()} if projection is not None else set()
+    encoder = [p for p in parameters if id(p) not in head]
+    groups = [{"name": "encoder", "params": encoder, "peak_lr": config.learning_rate}]
+    in_head = [p for p in parameters if id(p) in head]
+    if in_head:
+        rate = config.projection_learning_rate or config.learning_rate
+        groups.append({"name": "projection", "params": in_head, "peak_lr": rate})
+    return [{**group, "lr": group["peak_lr"]} for group in groups]
 
 
 class CrossEncoderDistillationTrainer(DistillationTrainer):
@@ -236,6 +279,7 @@ class CrossEncoderDistillationTrainer(DistillationTrainer):
             texts = [self.queries.texts[r] for r in rows]
             student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
             student_documents = self._embed_documents(batch["documents"])
+        with torch.autocast(self.device.type, enabled=False):  # scores and loss in fp32 (see DistillationTrainer)
             parts = self.criterion(
                 student_scores=(student_queries @ student_documents.T).gather(1, document_columns),
                 teacher_scores=self.teacher_scores[index].gather(1, columns),

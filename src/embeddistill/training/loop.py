@@ -73,6 +73,7 @@ class LoopSettings:
 
 
 StepFunction = Callable[[int], dict[str, float]]
+Check = Callable[[int], "dict[str, float] | None"]  # steps done -> scores to log, or None when no check is due
 
 
 class TrainingLoop:
@@ -102,14 +103,19 @@ class TrainingLoop:
         self.checkpoint_dir, self.log_path, self.device = Path(checkpoint_dir), Path(log_path), device
         self.name, self.log_prefix, self.is_main, self.final_checkpoint = name, log_prefix, is_main, final_checkpoint
 
-    def learning_rate(self, step: int) -> float:
+    def learning_rate(self, step: int, peak: float | None = None) -> float:
+        """The rate of ``step`` for a group whose peak is ``peak`` (default: the run's ``learning_rate``)."""
         settings = self.settings
-        return warmup_linear(step, settings.total_steps, settings.warmup_ratio, settings.learning_rate)
+        peak = settings.learning_rate if peak is None else peak
+        return warmup_linear(step, settings.total_steps, settings.warmup_ratio, peak)
 
     def optimise(self, parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        """One optimiser step on ``parts["loss"]`` at this step's learning rate; the parts as floats, to log."""
+        """One optimiser step on ``parts["loss"]`` at this step's learning rate; the parts as floats, to log.
+
+        A parameter group with its own ``peak_lr`` (a student's projection, say) follows the same schedule to it.
+        """
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(step)
+            group["lr"] = self.learning_rate(step, group.get("peak_lr"))
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if self.settings.max_grad_norm:
@@ -117,10 +123,12 @@ class TrainingLoop:
         self.optimizer.step()
         return {name: float(value.detach()) for name, value in parts.items()}
 
-    def run(self, step: StepFunction, record: Callable[[int], dict] | None = None) -> dict:
+    def run(self, step: StepFunction, record: Callable[[int], dict] | None = None, check: Check | None = None) -> dict:
         """Train from step 0 (or the checkpoint, with ``resume``) to the end; return steps and timing.
 
         ``record(step)`` adds fields to each log record, between ``step`` and ``lr`` (e.g. the epoch).
+        ``check(done)`` runs before the first step of a fresh run and after every step; where it returns scores
+        (it decides when), they are logged as ``{"step": done, "validation": scores}`` and shown in the bar.
         """
         torch.manual_seed(self.settings.seed)
         start = self.resume() if self.settings.resume else 0
@@ -129,14 +137,24 @@ class TrainingLoop:
             self.log_path.unlink(missing_ok=True)
         self.module.train()
         started = time.perf_counter()
-        self._steps(step, start, record or (lambda _: {}))
+        self.shown: dict[str, str] = {}
+        if check is not None and start == 0:
+            self._check(check, 0)
+        self._steps(step, start, record or (lambda _: {}), check)
         self.module.eval()
         seconds = time.perf_counter() - started
         if self.final_checkpoint and self.is_main:
             self.save_checkpoint(self.settings.total_steps)
         return {"steps": self.settings.total_steps, "resumed_from_step": start, "train_seconds": seconds}
 
-    def _steps(self, step: StepFunction, start: int, record: Callable[[int], dict]) -> None:
+    def _check(self, check: Check, done: int) -> None:
+        scores = check(done)
+        if scores:
+            self._log({"step": done, "validation": scores})
+            name, value = next(iter(scores.items()))
+            self.shown = {name.split("_")[0]: f"{value:.4f}"}  # "agreement": the bar stays one line
+
+    def _steps(self, step: StepFunction, start: int, record: Callable[[int], dict], check: Check | None) -> None:
         total, every = self.settings.total_steps, self.settings.checkpoint_every
         running: dict[str, float] = {}
         bar = tqdm(
@@ -145,7 +163,9 @@ class TrainingLoop:
         for number in bar:
             parts = step(number)
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
-            bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+            if check is not None:
+                self._check(check, number + 1)
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in running.items()}, **self.shown}, refresh=False)
             if number % LOG_EVERY == 0 or number == total - 1:
                 parts = distributed.mean_over_ranks(parts, self.device)  # the global batch's values (all ranks join)
                 self._log({"step": number, **record(number), "lr": self.learning_rate(number), **parts})
