@@ -92,6 +92,19 @@ def paired_permutation_test(
     return float((at_least_as_extreme + 1) / (rounds + 1))
 
 
+def git_commit() -> str | None:
+    """The commit the results come from: $EMBEDDISTILL_GIT_COMMIT (set where the code travels without its .git, as
+    to a GPU machine), else ``git rev-parse HEAD`` here, marked ``-dirty`` when tracked files differ from it."""
+    if os.environ.get("EMBEDDISTILL_GIT_COMMIT"):
+        return os.environ["EMBEDDISTILL_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True, check=False)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode else "")
+
+
 def environment() -> dict:
     """Versions and machine, recorded with every result."""
     import sentence_transformers
@@ -101,6 +114,7 @@ def environment() -> dict:
     from embeddistill.indexing import faiss  # None where it is not installed (exact search then uses torch)
 
     return {
+        "git_commit": git_commit(),
         "versions": {
             "embeddistill": __version__,
             "torch": torch.__version__,

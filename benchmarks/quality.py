@@ -69,6 +69,7 @@ from _common import REPO, environment, local_model, paired_permutation_test, tra
 from embeddistill.config import DistillConfig
 from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
 from embeddistill.evaluation import measure_latency, score_run
+from embeddistill.indexing import FlatIndex
 from embeddistill.pipeline import (
     Prepared,
     evaluate_student,
@@ -80,6 +81,7 @@ from embeddistill.pipeline import (
 from embeddistill.splits import write_group_split, write_merged_split
 from embeddistill.storage import atomic_write_json
 from embeddistill.students import QueryEncoder, count_parameters
+from embeddistill.teachers import load_sentence_transformer
 from embeddistill.training import resolve_device
 
 logger = logging.getLogger("quality")
@@ -90,7 +92,8 @@ METRICS = ("nDCG@10", "RR@10", "R@100")
 DL_METRICS = ("nDCG@10", "RR(rel=2)@10", "R(rel=2)@100")
 EMBEDDISTILL = "embeddistill"
 DEV_CHOSEN = "embeddistill-dev"
-DATASET_ROWS = ("teacher", "bm25")
+OFF_THE_SHELF = "all-MiniLM-L6-v2"  # the small model a user would otherwise pick, used as it comes (its own index)
+DATASET_ROWS = ("teacher", "bm25", OFF_THE_SHELF)
 
 
 @dataclass
@@ -143,11 +146,15 @@ METHODS = {
     EMBEDDISTILL: ("EmbedDistill (score + embedding matching + generated queries)", {}),
     "score-only": ("score distillation only", {"query_em_weight": 0.0, "document_em_weight": 0.0}),
     "peer": ("peer: sentence-transformers EmbedDistillLoss (L2) with its trainer", {}),
-    "untrained": ("student before distillation (projection fitted by least squares)", {}),
+    "untrained": ("student before distillation (projection fitted as training starts it)", {}),
     # Its options come from --dev-choice: settings chosen on held-out training queries, never on this table's split.
     DEV_CHOSEN: ("EmbedDistill, training settings chosen on dev queries for this student", {}),
 }
-DATASET_ROW_LABELS = {"teacher": "teacher", "bm25": "BM25 (the dataset folder's official run)"}
+DATASET_ROW_LABELS = {
+    "teacher": "teacher",
+    "bm25": "BM25 (the dataset folder's official run)",
+    OFF_THE_SHELF: "all-MiniLM-L6-v2 as it comes (its own index, no projection, no training)",
+}
 
 
 # -- the dataset -----------------------------------------------------------------------------------------------
@@ -378,6 +385,27 @@ def teacher_row(context: Context) -> dict:
     return row
 
 
+def off_the_shelf_row(context: Context) -> dict:
+    """all-MiniLM-L6-v2 used as it comes: it embeds the corpus and the queries itself, at its own 256 tokens."""
+    prep = context.prep
+    model = load_sentence_transformer(context.args.minilm, device=str(context.device))
+    encode = {"batch_size": 64, "convert_to_numpy": True, "show_progress_bar": True}
+    index = FlatIndex(model.encode_document(prep.doc_texts, **encode), prep.doc_ids)
+    run = index.retrieve(prep.eval_ids, model.encode_query(prep.eval_texts, **encode), prep.config.evaluation.top_k)
+    row = row_from_scores(score_splits(run, context.qrels, prep.config.evaluation.metrics), context.query_ids)
+    encoder = QueryEncoder(torch.nn.Sequential(*model._modules.values()), model.tokenizer, model.max_seq_length)
+    row.update(
+        method=OFF_THE_SHELF,
+        label=DATASET_ROW_LABELS[OFF_THE_SHELF],
+        model=Path(context.args.minilm).name,
+        query_encoder={
+            "parameters": count_parameters(encoder.modules_),
+            "compute_parameters": count_parameters(encoder.modules_, include_embeddings=False),
+        },
+    )
+    return row
+
+
 def bm25_row(context: Context, runs: dict[str, Path]) -> dict:
     merged: dict[str, dict[str, float]] = {}
     for path in runs.values():
@@ -416,6 +444,7 @@ def settings_of(args: argparse.Namespace, spec: DatasetSpec) -> dict:
         "seed": args.seed,
         "peer_learning_rate": args.peer_learning_rate,
         "overrides": args.overrides,
+        **({"split_seed": args.split_seed} if args.split_seed is not None else {}),
         "metrics": list(spec.metrics),
         "eval_splits": list(spec.eval_splits),
     }
@@ -515,7 +544,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"distill options of the '{DEV_CHOSEN}' method, chosen on dev queries (benchmarks/choose_defaults.py)",
     )
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=42, help="training seed, and the seed of the SQuAD article split")
+    parser.add_argument("--seed", type=int, default=42, help="training seed (and, by default, the SQuAD split's)")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the SQuAD article split (default: --seed); fixed across "
+        "training seeds so that every seed is tested on the same questions",
+    )
     parser.add_argument(
         "--peer-learning-rate",
         type=float,
@@ -547,6 +583,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def split_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.split_seed is None else args.split_seed
+
+
 def base_options(args: argparse.Namespace, spec: DatasetSpec, source: Path, folder: Path, eval_split: str) -> dict:
     return {
         "teacher": args.teacher,
@@ -567,7 +607,7 @@ def base_options(args: argparse.Namespace, spec: DatasetSpec, source: Path, fold
 def start(args: argparse.Namespace, spec: DatasetSpec) -> tuple[Context, dict]:
     """Derive the data folder, prepare the training queries and the teacher's embeddings (cached), load qrels."""
     source = Path(args.dataset_path) if args.dataset_path else resolve_dataset(spec.source)
-    folder, eval_split, derivation = dataset_folder(spec, source, args.work_dir, args.seed)
+    folder, eval_split, derivation = dataset_folder(spec, source, args.work_dir, split_seed(args))
     base = base_options(args, spec, source, folder, eval_split)
     tick = time.perf_counter()
     prep = prepare(DistillConfig.from_dict({**base, "out": str(args.work_dir / "prepare")}), args.work_dir / "prepare")
@@ -593,6 +633,8 @@ def run_row(context: Context, key: str, bm25: dict | str, described: set[str]) -
         return teacher_row(context), None
     if key == "bm25":
         return bm25_row(context, bm25), None
+    if key == OFF_THE_SHELF:
+        return off_the_shelf_row(context), None
     student, method = key.split("/")
     row, model = run_method(context, student, method)
     return row, None if student in described else describe_query_encoder(context, model)
@@ -643,7 +685,12 @@ def main(argv: list[str] | None = None) -> int:
             message = {key: repr(error)}
             record = commit(args, spec, lambda r, message=message: r.setdefault("errors", {}).update(message))
             continue
-        row.update(finished=_now(), device=str(context.device), wall_seconds=time.perf_counter() - started)
+        row.update(
+            finished=_now(),
+            device=str(context.device),
+            wall_seconds=time.perf_counter() - started,
+            git_commit=invocation["git_commit"],
+        )
 
         def add_row(record: dict, key=key, row=row, described=described) -> None:
             record["rows"][key] = row

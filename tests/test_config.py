@@ -37,7 +37,7 @@ def test_defaults():
     assert config.loss.score_weight == 1.0 and config.loss.query_em_weight == 1.0
     assert config.loss.label_weight == 0.0 and config.loss.margin_mse_weight == 0.0
     assert config.loss.em_distance == "l2"
-    assert config.training.learning_rate == 1e-3
+    assert config.training.learning_rate == "auto" and config.training.learning_rate_candidates == [1e-3, 1e-4, 2e-5]
     assert config.training.epochs == 6 and config.training.batch_size == 64
     assert config.evaluation.metrics == ["nDCG@10", "RR@10", "R@100"]
     assert config.evaluation.latency_batch_sizes == [1, 32]
@@ -236,7 +236,7 @@ def test_cli_without_yaml_and_list_flags():
     assert config.model.asymmetric is True
     assert config.evaluation.metrics == ["nDCG@10", "R@100"]
     assert config.evaluation.latency_batch_sizes == [1, 8]
-    assert config.training.learning_rate == 1e-3
+    assert config.training.learning_rate == "auto" and config.training.learning_rate_candidates == [1e-3, 1e-4, 2e-5]
 
 
 def test_cli_bad_values():

@@ -200,3 +200,17 @@ def test_dev_chosen_row_with_other_training_data_prepares_its_own(
     assert 2 * shared["generated"] < row["training_queries"]["generated"] <= 3 * shared["generated"]
     assert row["training_queries"]["labelled"] == shared["labelled"]
     assert 0.0 <= row["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0
+
+
+def test_off_the_shelf_row_is_the_small_model_on_its_own_index(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
+):
+    common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "minilm-sym")
+    assert quality.main([*common, "--methods", "teacher", quality.OFF_THE_SHELF]) == 0
+    record = json.loads((tmp_path / "quality.json").read_text())
+    row = record["rows"][quality.OFF_THE_SHELF]
+    # The tiny student stands in for all-MiniLM-L6-v2: scored by itself, so its retention is its own, not 1.
+    assert row["model"] == Path(tiny_student_path).name and row["query_encoder"]["parameters"] > 0
+    assert 0.0 <= row["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0
+    assert row["evaluations"]["test"]["retention"]["nDCG@10"] != 1.0
+    assert row["git_commit"]

@@ -270,9 +270,23 @@ def prepare_cross_encoder(config: DistillConfig, out: Path) -> CrossEncoderPrepa
     )
 
 
+CE_LEARNING_RATE = 1e-3
+
+
 def effective_config(config: DistillConfig, has_embeddings: bool) -> DistillConfig:
     """The settings CE distillation runs with: a symmetric student, and no EM for a CE without embeddings."""
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model), loss=dataclasses.replace(config.loss))
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model),
+        loss=dataclasses.replace(config.loss),
+        training=dataclasses.replace(config.training),
+    )
+    if config.training.learning_rate == "auto":
+        # The label-free check compares a student with a dual-encoder teacher's rankings; a CE lane has none to
+        # compare with cheaply, so it keeps the learning rate its results were measured at.
+        config.training.learning_rate = CE_LEARNING_RATE
+    if config.model.projection_init == "auto":
+        config.model.projection_init = "lstsq"  # as measured in benchmarks/results/cross_encoder.json
     if config.model.asymmetric:
         logger.warning("a cross-encoder teacher has no document tower to keep: training a symmetric student")
         config.model.asymmetric = False

@@ -44,6 +44,12 @@ class DataConfig:
     roundtrip_top_k: int = option(
         0, "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k"
     )
+    validation_queries: int = option(
+        500,
+        "hold out this many training queries (seeded, at most a tenth of them) for the label-free check: the "
+        "student's agreement with the teacher's own rankings picks the best checkpoint and --learning-rate auto "
+        "(0 = off)",
+    )
 
 
 @dataclass
@@ -55,7 +61,11 @@ class ModelConfig:
     )
     asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
     projection_init: str = option(
-        "lstsq", "init of the student->teacher projection: 'lstsq' or 'random'", choices=["lstsq", "random"]
+        "auto",
+        "init of the student->teacher projection: 'lstsq' (least squares on training queries), 'orthogonal' "
+        "(Procrustes: keeps the student's own cosines), 'random', or 'auto' (orthogonal for symmetric students, "
+        "whose documents go through it too; lstsq for asymmetric ones)",
+        choices=["auto", "lstsq", "orthogonal", "random"],
     )
     freeze_word_embeddings: bool = option(True, "do not train the student's token-embedding table")
     student_dropout: bool = option(
@@ -112,7 +122,22 @@ class LossConfig:
 class TrainingConfig:
     epochs: int = option(6, "passes over the training queries")
     batch_size: int = option(64, "queries per step")
-    learning_rate: float = option(1e-3, "AdamW peak learning rate (chosen on dev splits, see defaults_dev.json)")
+    learning_rate: float = option(
+        "auto",
+        "AdamW peak learning rate of the student's encoder, or 'auto': short runs at each of "
+        "learning_rate_candidates, the best label-free teacher agreement wins (needs validation_queries)",
+        special=("auto",),
+    )
+    learning_rate_candidates: list[float] = option(
+        [1e-3, 1e-4, 2e-5], "what --learning-rate auto chooses among (pretrained encoders need far less than 1e-3)"
+    )
+    tune_steps: int = option(200, "--learning-rate auto: steps of each short run (at most the full run's)")
+    projection_learning_rate: float = option(
+        1e-3, "peak learning rate of the student->teacher projection (0 = the encoder's learning rate)"
+    )
+    max_steps: int = option(0, "stop after this many optimiser steps (0 = run every epoch)")
+    validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)")
+    keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
@@ -213,7 +238,7 @@ def _field_type(section: Any, f: dataclasses.Field) -> Any:
     return hints[f.name]
 
 
-def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
+def _coerce(value: Any, annotation: Any, name: str, source: str, special: tuple = ()) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (list, typing.List):  # noqa: UP006
         (item_type,) = typing.get_args(annotation)
@@ -229,7 +254,10 @@ def _coerce(value: Any, annotation: Any, name: str, source: str) -> Any:
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{source}: option {name!r} expects true/false, got {value!r}")
-    problem = ValueError(f"{source}: option {name!r} expects {annotation.__name__}, got {value!r}")
+    expected = " or ".join([annotation.__name__, *map(repr, special)])
+    problem = ValueError(f"{source}: option {name!r} expects {expected}, got {value!r}")
+    if isinstance(value, str) and value in special:
+        return value
     if isinstance(value, bool | list | dict):  # never silently turn true into 1 or a list into its repr
         raise problem
     try:
@@ -247,7 +275,7 @@ def apply_overrides(config: Any, values: dict, source: str) -> None:
         if name not in leaves:
             raise ValueError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(leaves))}")
         section, f = leaves[name]
-        coerced = _coerce(value, _field_type(section, f), name, source)
+        coerced = _coerce(value, _field_type(section, f), name, source, f.metadata.get("special", ()))
         choices = f.metadata.get("choices")
         if choices and coerced not in choices:
             raise ValueError(f"{source}: option {name!r} must be one of {choices}, got {coerced!r}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import platform
 import random
 import time
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from embeddistill import __version__, distributed
+from embeddistill.agreement import AGREEMENT_METRIC, TeacherAgreement
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset, load_queries, load_query_sources, write_queries_jsonl
 from embeddistill.evaluation import RunResult, evaluate_embeddings, measure_latency
@@ -26,6 +29,7 @@ from embeddistill.students import (
     QueryEncoder,
     build_student,
     count_parameters,
+    fit_orthogonal_projection,
     fit_projection,
     is_asymmetric,
     projection_of,
@@ -155,8 +159,9 @@ def mine_from_teacher(
 
 
 def initialise_projection(
-    student, teacher_embeddings: np.ndarray, texts: list[str], seed: int, sample: int = 4096
+    student, teacher_embeddings: np.ndarray, texts: list[str], seed: int, sample: int = 4096, how: str = "lstsq"
 ) -> None:
+    """Fit the student's projection on a sample of training queries: least squares or orthogonal (``how``)."""
     projection = projection_of(student)
     if projection is None:
         return
@@ -173,8 +178,9 @@ def initialise_projection(
             .numpy()
             for i in range(0, len(rows), 128)
         ]
-    fit_projection(projection, np.concatenate(features), teacher_embeddings[rows])
-    logger.info("projection initialised by least squares on %d queries", len(rows))
+    fit = fit_orthogonal_projection if how == "orthogonal" else fit_projection
+    fit(projection, np.concatenate(features), teacher_embeddings[rows])
+    logger.info("projection initialised (%s) on %d queries", how, len(rows))
 
 
 def resolved_temperatures(config: DistillConfig, teacher_normalized: bool) -> tuple[float, float]:
@@ -199,6 +205,7 @@ class Prepared:
     teacher_eval: np.ndarray
     teacher_index: FlatIndex
     timings: dict[str, float]
+    validation: TeacherAgreement | None = None
 
     @property
     def eval_texts(self) -> list[str]:
@@ -232,6 +239,9 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
         query_set, teacher_train = query_set.subset(keep), teacher_train[keep]
         query_set.counts["generated"] -= int((~keep).sum())
         query_set.counts["roundtrip_dropped"] = int((~keep).sum())
+    query_set, teacher_train, validation = hold_out_validation(
+        config, query_set, teacher_train, teacher_docs, doc_texts
+    )
     logger.info("training queries: %s", query_set.counts)
     if distributed.is_main():
         rows = zip(query_set.ids, query_set.texts, query_set.generated, strict=True)
@@ -251,7 +261,36 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
         teacher_eval,
         teacher_index,
         {"teacher_cache_seconds": time.perf_counter() - tick},
+        validation,
     )
+
+
+def hold_out_validation(
+    config: DistillConfig,
+    query_set: QuerySet,
+    teacher_train: np.ndarray,
+    teacher_docs: np.ndarray,
+    doc_texts: list[str],
+) -> tuple[QuerySet, np.ndarray, TeacherAgreement | None]:
+    """Take a seeded slice of the training queries (at most a tenth) out of training, for the label-free check."""
+    count = min(config.data.validation_queries, len(query_set.ids) // 10)
+    if count < 1:
+        return query_set, teacher_train, None
+    held = np.zeros(len(query_set.ids), dtype=bool)
+    held[np.random.default_rng([config.training.seed, 7]).choice(len(held), count, replace=False)] = True
+    texts = [query_set.texts[i] for i in np.flatnonzero(held)]
+    validation = TeacherAgreement(texts, teacher_train[held], teacher_docs, doc_texts)
+    kept = query_set.subset(~held)
+    kept.counts["validation"] = count
+    for kind in ("labelled", "extra", "generated"):
+        kept.counts[kind] -= sum(1 for i in np.flatnonzero(held) if _kind_of(query_set, i) == kind)
+    return kept, teacher_train[~held], validation
+
+
+def _kind_of(query_set: QuerySet, row: int) -> str:
+    if query_set.generated[row]:
+        return "generated"
+    return "labelled" if query_set.positives[row] else "extra"
 
 
 def make_criterion(config: DistillConfig, teacher_normalized: bool) -> EmbedDistillLoss:
@@ -281,22 +320,57 @@ def initialised_student(prep: Prepared, asymmetric: bool | None = None):
         config.model.trust_remote_code,
         layers=config.model.student_layers,
     )
-    if config.model.projection_init == "lstsq":
-        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed)
+    how = projection_init(config.model.projection_init, config.model.asymmetric)
+    if how != "random":
+        initialise_projection(student, prep.teacher_train, prep.query_set.texts, config.training.seed, how=how)
     return student
 
 
+def projection_init(option: str, asymmetric: bool) -> str:
+    """``auto``: least squares for an asymmetric student (only queries go through the projection, and the best
+    linear fit to the teacher is what they need); orthogonal for a symmetric one (documents go through it too, and
+    an orthogonal map keeps the pretrained encoder's own geometry)."""
+    if option != "auto":
+        return option
+    return "lstsq" if asymmetric else "orthogonal"
+
+
 def train_student(prep: Prepared, out: Path):
-    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``."""
+    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``.
+
+    With ``--learning-rate auto`` the learning rate is chosen first (:func:`choose_learning_rate`).
+    """
     config = prep.config
+    queries = training_queries(prep)
+    search = None
+    if config.training.learning_rate == "auto":
+        search = choose_learning_rate(prep, queries, out / "tune")
+        config = dataclasses.replace(
+            config, training=dataclasses.replace(config.training, learning_rate=search["chosen"])
+        )
     student = initialised_student(prep)
+    training = make_trainer(prep, config, student, queries, out).train()
+    training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
+    if search is not None:
+        training["learning_rate_search"] = search
+    student.to("cpu")
+    return student, training
+
+
+def training_queries(prep: Prepared) -> TrainingQueries:
     anchors, positives, pools = mine_from_teacher(
-        prep.query_set, prep.teacher_train, prep.teacher_index, config.loss.hard_negative_depth
+        prep.query_set, prep.teacher_train, prep.teacher_index, prep.config.loss.hard_negative_depth
     )
     generated = np.asarray(prep.query_set.generated, dtype=bool)
-    trainer = DistillationTrainer(
+    return TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated)
+
+
+def make_trainer(
+    prep: Prepared, config: DistillConfig, student, queries: TrainingQueries, out: Path
+) -> DistillationTrainer:
+    return DistillationTrainer(
         student,
-        TrainingQueries(prep.query_set.texts, prep.teacher_train, anchors, positives, pools, generated),
+        queries,
         Documents(prep.doc_texts, prep.teacher_docs),
         make_criterion(config, prep.teacher.normalized),
         config.training,
@@ -304,11 +378,38 @@ def train_student(prep: Prepared, out: Path):
         out=out,
         freeze_word_embeddings=config.model.freeze_word_embeddings,
         dropout=config.model.student_dropout,
+        validation=prep.validation,
     )
-    training = trainer.train()
-    training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
-    student.to("cpu")
-    return student, training
+
+
+def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path) -> dict:
+    """``--learning-rate auto``: a short run (``tune_steps``, with its own warm-up and decay) at each
+    candidate from the same start; the best label-free agreement at its end wins. No label is read."""
+    config = prep.config
+    if prep.validation is None:
+        raise ValueError(
+            "--learning-rate auto needs the label-free check: set --validation-queries above 0 (and have at least "
+            "10 training queries), or give a number, e.g. --learning-rate 1e-4"
+        )
+    steps_per_epoch = math.ceil(len(queries.texts) / config.training.batch_size)
+    short = min(config.training.tune_steps, steps_per_epoch * config.training.epochs)
+    results = []
+    for rate in config.training.learning_rate_candidates:
+        training = dataclasses.replace(
+            config.training,
+            learning_rate=float(rate),
+            max_steps=short,
+            resume=False,
+            checkpoint_every=0,
+            keep_best=False,
+        )
+        trial, folder = dataclasses.replace(config, training=training), out / f"lr-{rate:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = make_trainer(prep, trial, initialised_student(prep), queries, folder).train()
+        results.append({"learning_rate": float(rate), "steps": short, **info["validation"]["final"]})
+        logger.info("--learning-rate auto: %g -> %s", rate, results[-1])
+    best = max(results, key=lambda r: r[AGREEMENT_METRIC])
+    return {"chosen": best["learning_rate"], "metric": AGREEMENT_METRIC, "trials": results}
 
 
 def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:

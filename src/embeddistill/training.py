@@ -25,11 +25,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from embeddistill import distributed
+from embeddistill.agreement import AGREEMENT_METRIC, TeacherAgreement
 from embeddistill.config import TrainingConfig
 from embeddistill.data import DataError
 from embeddistill.losses import EmbedDistillLoss
 from embeddistill.storage import atomic_write_bytes, atomic_write_json, sha256_file
-from embeddistill.students import QueryEncoder, is_asymmetric, query_modules, trainable_parameters
+from embeddistill.students import QueryEncoder, is_asymmetric, projection_of, query_modules, trainable_parameters
 
 logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
@@ -151,8 +152,10 @@ class DistillationTrainer:
         out: Path,
         freeze_word_embeddings: bool = True,
         dropout: bool = False,
+        validation: TeacherAgreement | None = None,
     ):
         self.student, self.queries, self.documents = student, queries, documents
+        self.validation = validation
         self.criterion, self.config, self.out = criterion, config, Path(out)
         distributed.check_batch_size(config.batch_size)
         self.is_main = distributed.is_main()  # rank 0 alone logs, shows progress and writes checkpoints
@@ -167,25 +170,35 @@ class DistillationTrainer:
             for module in query_modules(student).modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        groups = parameter_groups(student, self.parameters, config)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         # Under torchrun the query tower runs wrapped in DDP (trainable parameters only); otherwise it is itself.
         example = self.encoder.tokenize(["an example query"], self.device)
         self.tower = distributed.data_parallel(query_modules(student), self.device, example)
         self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
         self.total_steps = self.batcher.steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
         self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
         self.generated = torch.from_numpy(queries.generated).to(self.device)
         self.document_tokens = DocumentTokens(documents.texts, self.encoder.tokenizer, self.encoder.max_length)
         self.checkpoint_dir = self.out / "checkpoint"
         self.log_path = self.out / "train_log.jsonl"
+        self.history: list[dict] = []  # label-free checks, in step order
+        self.best: tuple[dict, dict[str, torch.Tensor]] | None = None
 
-    def learning_rate(self, step: int) -> float:
+    def schedule(self, step: int) -> float:
+        """The fraction of each group's peak learning rate at ``step``: linear warm-up, then linear decay to 0."""
         warmup = max(1, int(self.config.warmup_ratio * self.total_steps))
         if step < warmup:
-            return self.config.learning_rate * (step + 1) / warmup
+            return (step + 1) / warmup
         remaining = max(1, self.total_steps - warmup)
-        return self.config.learning_rate * max(0.0, (self.total_steps - step) / remaining)
+        return max(0.0, (self.total_steps - step) / remaining)
+
+    def learning_rate(self, step: int) -> float:
+        """The encoder's learning rate at ``step`` (what the log records)."""
+        return self.optimizer.param_groups[0]["peak_lr"] * self.schedule(step)
 
     def _forward_context(self) -> contextlib.ExitStack:
         return forward_context(self.device, self.precision == "bf16")
@@ -223,6 +236,9 @@ class DistillationTrainer:
             teacher_documents = self.teacher_documents[documents]
             student_documents = None if self.asymmetric else self._embed_documents(batch["documents"])
             scored_documents = teacher_documents if self.asymmetric else student_documents
+        # Scores and loss in fp32: under bf16 autocast logits of 8-20 would be rounded to steps of 0.06-0.125 and
+        # the teacher's near-ties inside its top 10 would become ties (the embeddings are fp32 already).
+        with torch.autocast(self.device.type, enabled=False):
             parts = self.criterion(
                 student_scores=student_queries @ scored_documents.T,
                 teacher_scores=teacher_queries @ teacher_documents.T,
@@ -242,7 +258,7 @@ class DistillationTrainer:
     def _optimise(self, parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         """One optimiser step on ``parts["loss"]`` at this step's learning rate; the parts as floats, to log."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(step)
+            group["lr"] = group["peak_lr"] * self.schedule(step)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if self.config.max_grad_norm:
@@ -309,10 +325,17 @@ class DistillationTrainer:
             total=self.total_steps,
             disable=not self.is_main,
         )
+        if start_step == 0:
+            self._validate(0)
         for step in bar:
             parts = self.step(step)
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
-            bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+            if self._validation_due(step + 1):
+                self._validate(step + 1)
+            shown = {k: f"{v:.4f}" for k, v in running.items()}
+            if self.best is not None:
+                shown["agree"] = f"{self.history[-1][AGREEMENT_METRIC]:.4f}"
+            bar.set_postfix(shown, refresh=False)
             if step % 10 == 0 or step == self.total_steps - 1:
                 parts = distributed.mean_over_ranks(parts, self.device)  # the global batch's values (all ranks join)
                 self._log(
@@ -337,6 +360,49 @@ class DistillationTrainer:
             "train_seconds": seconds,
             "precision": self.precision,
             "world_size": distributed.world_size(),
+            "learning_rates": {group["name"]: group["peak_lr"] for group in self.optimizer.param_groups},
+            **self._finish_validation(),
+        }
+
+    # -- label-free validation: teacher agreement on held-out training queries --------------------------------
+
+    def _validation_due(self, done: int) -> bool:
+        if self.validation is None or not self.is_main:
+            return False
+        every = self.config.validate_every or max(1, math.ceil(self.total_steps / 8))
+        return done % every == 0 or done == self.total_steps
+
+    def _validate(self, done: int) -> None:
+        """Score the student against the teacher; keep a copy of the weights when they are the best so far."""
+        if self.validation is None or not self.is_main:
+            return
+        scores = self.validation.score(self.student)
+        self.history.append({"step": done, **scores})
+        self._log({"step": done, "validation": scores})
+        if self.best is None or scores[AGREEMENT_METRIC] > self.best[0][AGREEMENT_METRIC]:
+            state = {k: v.detach().cpu().clone() for k, v in query_modules(self.student).state_dict().items()}
+            self.best = ({"step": done, **scores}, state)
+        logger.info("step %d: label-free check %s", done, {k: round(v, 4) for k, v in scores.items()})
+
+    def _finish_validation(self) -> dict:
+        """Restore the best checked weights (``keep_best``); the validation record for the run summary."""
+        if self.best is None:
+            return {}
+        best, state = self.best
+        kept = self.config.keep_best and best["step"] != self.history[-1]["step"]
+        if kept:
+            query_modules(self.student).load_state_dict(state)
+            logger.info("kept the weights of step %d (best label-free agreement)", best["step"])
+        return {
+            "validation": {
+                "metric": AGREEMENT_METRIC,
+                "queries": len(self.validation.texts),
+                "start": self.history[0] if self.history[0]["step"] == 0 else None,
+                "final": self.history[-1],
+                "best": best,
+                "kept_step": best["step"] if self.config.keep_best else self.history[-1]["step"],
+                "history": self.history,
+            }
         }
 
     def _log(self, record: dict) -> None:
@@ -364,6 +430,25 @@ class DistillationTrainer:
             return
         kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _log_step(line) < step]
         atomic_write_bytes(self.log_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def parameter_groups(student: SentenceTransformer, parameters: list, config: TrainingConfig) -> list[dict]:
+    """AdamW groups: the encoder at ``learning_rate``, the student->teacher projection at its own rate.
+
+    A pretrained encoder already sits near a good solution and loses it at a head's learning rate (every recipe
+    for pretrained bodies uses 1e-4 or less), while a freshly fitted projection needs a larger one.
+    """
+    if not isinstance(config.learning_rate, float):
+        raise ValueError(f"learning_rate {config.learning_rate!r} must be resolved to a number before training")
+    projection = projection_of(student)
+    head = {id(p) for p in projection.parameters()} if projection is not None else set()
+    encoder = [p for p in parameters if id(p) not in head]
+    groups = [{"name": "encoder", "params": encoder, "peak_lr": config.learning_rate}]
+    in_head = [p for p in parameters if id(p) in head]
+    if in_head:
+        rate = config.projection_learning_rate or config.learning_rate
+        groups.append({"name": "projection", "params": in_head, "peak_lr": rate})
+    return [{**group, "lr": group["peak_lr"]} for group in groups]
 
 
 class DocumentTokens:
@@ -631,6 +716,7 @@ class CrossEncoderDistillationTrainer(DistillationTrainer):
             texts = [self.queries.texts[r] for r in rows]
             student_queries = self.tower(self.encoder.tokenize(texts, self.device))["sentence_embedding"].float()
             student_documents = self._embed_documents(batch["documents"])
+        with torch.autocast(self.device.type, enabled=False):  # scores and loss in fp32 (see DistillationTrainer)
             parts = self.criterion(
                 student_scores=(student_queries @ student_documents.T).gather(1, document_columns),
                 teacher_scores=self.teacher_scores[index].gather(1, columns),

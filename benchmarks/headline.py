@@ -1,0 +1,215 @@
+"""The headline: does each distilled student beat the small model a user would otherwise pick?
+
+    python benchmarks/headline.py --out benchmarks/results/headline.json
+
+Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS].json`` (written by
+``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training seed), and
+``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's defaults):
+
+* ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
+  five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
+  fewer seeds, DL, contributes its one value to every seed's mean: ``seeds`` says how many each set has);
+* ``cpu_speedup_batch1``: the query encoder's speed-up over the teacher's at batch 1 on the CPU (``speed_cpu.json``);
+* ``beats_off_the_shelf``: ``retention_mean`` above all-MiniLM-L6-v2's as it comes (its own index);
+* ``vs_off_the_shelf``: per set, the mean per-query nDCG@10 difference (per-query values averaged over seeds first)
+  and its paired permutation p-value, Holm-corrected over every test this file makes.
+
+``label_free.spearman_vs_test_retention``: across every trained row of every table, the Spearman correlation of
+the label-free teacher agreement the run kept (held-out training queries, no labels) with the row's test
+retention of nDCG@10 (each DL row counted on DL19 and DL20 as one mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, environment, paired_permutation_test
+
+from embeddistill.storage import atomic_write_json
+
+SETS = (("scifact", "test"), ("nfcorpus", "test"), ("squad", "test"), ("msmarco-dl", "dl19"), ("msmarco-dl", "dl20"))
+STUDENTS = ("mpnet-2L-asym", "minilm-asym", "minilm-2L-asym", "minilm-sym")
+OFF_THE_SHELF = "all-MiniLM-L6-v2"
+METHOD = "embeddistill"
+METRIC = "nDCG@10"
+SPEED_CPU_ENCODERS = {
+    "mpnet-2L-asym": "teacher:2 (asymmetric)",
+    "minilm-asym": "all-MiniLM-L6-v2 + projection (asymmetric)",
+    "minilm-2L-asym": "2-layer MiniLM + projection (asymmetric)",
+    "minilm-sym": "all-MiniLM-L6-v2 + projection (symmetric)",
+}
+TABLE_NAME = re.compile(r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?\.json$")
+
+
+def load_tables(folder: Path) -> list[dict]:
+    tables = []
+    for path in sorted(folder.glob("quality_*.json")):
+        match = TABLE_NAME.match(path.name)
+        if match:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            tables.append({"file": path.name, "seed": int(match["seed"]), "epochs": match["epochs"], **table})
+    return tables
+
+
+def per_query(row: dict, split: str, query_ids: list[str]) -> dict[str, float]:
+    values = [float(v) for v in row["per_query"][split][METRIC].split()]
+    return dict(zip(query_ids, values, strict=True))
+
+
+def collect(tables: list[dict], key: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """``{(dataset, split): {seed: {query: nDCG@10}}}`` of one row key across the tables."""
+    found: dict = {}
+    for table in tables:
+        row = table["rows"].get(key)
+        for dataset, split in SETS:
+            if row is None or table["dataset"] != dataset or split not in row.get("per_query", {}):
+                continue
+            found.setdefault((dataset, split), {})[table["seed"]] = per_query(row, split, table["query_ids"][split])
+    return found
+
+
+def five_set_means(found: dict) -> dict[int, float] | None:
+    """Per seed, the mean over the five sets of the mean nDCG@10; a set with one seed lends it to every seed."""
+    if any(s not in found for s in SETS):
+        return None
+    seeds = sorted({seed for by_seed in found.values() for seed in by_seed})
+    means = {}
+    for seed in seeds:
+        values = []
+        for s in SETS:
+            by_seed = found[s]
+            scores = by_seed.get(seed) or by_seed[min(by_seed)]
+            values.append(float(np.mean(list(scores.values()))))
+        means[seed] = float(np.mean(values))
+    return means
+
+
+def seed_averaged(by_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    queries = next(iter(by_seed.values()))
+    return {q: float(np.mean([scores[q] for scores in by_seed.values()])) for q in queries}
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, kept monotone)."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+    rank_x, rank_y = (np.argsort(np.argsort(v)).astype(float) for v in (x, y))
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])
+
+
+def label_free_points(tables: list[dict]) -> list[dict]:
+    """Every trained row: its kept label-free agreement and its test retention of nDCG@10."""
+    points = []
+    for table in tables:
+        for key, row in table["rows"].items():
+            validation = row.get("training", {}).get("validation")
+            if not validation or "/" not in key:
+                continue
+            kept = next(v for v in validation["history"] if v["step"] == validation["kept_step"])
+            retention = [e["retention"][METRIC] for e in row["evaluations"].values()]
+            points.append(
+                {
+                    "table": table["file"],
+                    "row": key,
+                    "agreement": kept[validation["metric"]],
+                    "test_retention": float(np.mean(retention)),
+                }
+            )
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tables", default=str(REPO / "benchmarks" / "results" / "recipe"))
+    parser.add_argument("--speed-cpu", default=str(REPO / "benchmarks" / "results" / "speed_cpu.json"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "headline.json"))
+    parser.add_argument("--permutation-rounds", type=int, default=10000)
+    args = parser.parse_args(argv)
+    tables = load_tables(Path(args.tables))
+    speed = json.loads(Path(args.speed_cpu).read_text()) if Path(args.speed_cpu).exists() else {}
+    teacher = five_set_means(collect(tables, "teacher"))
+    if teacher is None:
+        raise SystemExit(f"{args.tables}: no teacher row on every one of the five sets")
+    teacher_mean = teacher[min(teacher)]
+    shelf_found = collect(tables, OFF_THE_SHELF)
+    shelf = five_set_means(shelf_found)
+    shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
+    students, tests = {}, {}
+    for student in STUDENTS:
+        found = collect(tables, f"{student}/{METHOD}")
+        means = five_set_means(found)
+        entry: dict = {
+            "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
+            "nDCG@10": {
+                f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
+                for d, s in SETS
+                if (d, s) in found
+            },
+        }
+        if means:
+            retentions = [m / teacher_mean for m in means.values()]
+            entry.update(
+                retention_mean=float(np.mean(retentions)),
+                retention_sd=float(statistics.stdev(retentions)) if len(retentions) > 1 else 0.0,
+                retention_by_seed=dict(zip(map(str, means), retentions, strict=True)),
+                beats_off_the_shelf=bool(shelf_retention is not None and np.mean(retentions) > shelf_retention),
+            )
+        encoder = speed.get("encoders", {}).get(SPEED_CPU_ENCODERS[student])
+        entry["cpu_speedup_batch1"] = encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
+        for d, s in SETS:
+            if (d, s) in found and (d, s) in shelf_found:
+                ours, theirs = seed_averaged(found[(d, s)]), seed_averaged(shelf_found[(d, s)])
+                p = paired_permutation_test(ours, theirs, rounds=args.permutation_rounds)
+                tests[f"{student}|{d}/{s}"] = (float(np.mean([ours[q] - theirs[q] for q in ours])), p)
+        students[student] = entry
+    adjusted = holm({name: p for name, (_, p) in tests.items()})
+    for name, (difference, p) in tests.items():
+        student, split = name.split("|")
+        students[student].setdefault("vs_off_the_shelf", {})[split] = {
+            "mean_difference": difference,
+            "p": p,
+            "p_holm": adjusted[name],
+        }
+    points = label_free_points(tables)
+    headline = {
+        "command": "python benchmarks/headline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.date.today().isoformat(),
+        "tables": [t["file"] for t in tables],
+        "teacher": {"mean_nDCG@10": teacher_mean},
+        "off_the_shelf": {
+            OFF_THE_SHELF: {"mean_nDCG@10": shelf[min(shelf)] if shelf else None, "retention_mean": shelf_retention}
+        },
+        "students": students,
+        "label_free": {
+            "metric": "agreement_nDCG@10 of the kept checkpoint on held-out training queries",
+            "spearman_vs_test_retention": spearman(
+                [p["agreement"] for p in points], [p["test_retention"] for p in points]
+            ),
+            "runs": len(points),
+            "points": points,
+        },
+        "significance": "paired permutation test on per-query nDCG@10 averaged over seeds, Holm over all tests here",
+        **environment(),
+    }
+    atomic_write_json(args.out, headline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
