@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.nn.attention import sdpa_kernel
 
 from embeddistill.runtime import TRAINING_ATTENTION
@@ -41,6 +42,17 @@ def local_model(name: str, hub_name: str) -> str:
     return line.split("\t")[1]
 
 
+def same_as_ours(student, training) -> None:
+    """Give the peer what is not the method the same as ours: dropout off and the token-embedding table frozen
+    (our defaults; weight decay, clipping and the schedule go into its trainer's arguments)."""
+    from embeddistill.models.students import trainable_parameters
+
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainable_parameters(student, freeze_word_embeddings=True)
+
+
 def train_peer(student, texts: list[str], targets: np.ndarray, training, learning_rate: float, out: Path) -> float:
     """Train ``student`` with sentence-transformers' ``EmbedDistillLoss`` (L2, the paper's distance) and its trainer.
 
@@ -57,6 +69,7 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
         from sentence_transformers.losses import EmbedDistillLoss
 
     device = str(next(student.parameters()).device)
+    same_as_ours(student, training)
     train = Dataset.from_dict({"text": texts, "label": targets.tolist()})
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "peer"),
@@ -64,6 +77,8 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
         per_device_train_batch_size=training.batch_size,
         learning_rate=learning_rate,
         warmup_ratio=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm or 1e9,
         seed=training.seed,
         bf16=device.startswith("cuda"),
         save_strategy="no",

@@ -88,7 +88,6 @@ def source_line(name: str, data: dict) -> str:
     return f"Source: `benchmarks/results/{name}`, {made_by}" + (f" ({date})." if date else ".")
 
 
-
 # -- generic rendering (layouts this script does not know) -----------------------------------------------------
 
 

@@ -314,7 +314,42 @@ def render_speed_gpu(data: dict) -> list[str]:
     return lines + [f"Ratios: {fmt(data.get('summary'))}.", ""]
 
 
+def render_headline(data: dict) -> list[str]:
+    """Each student's five-set retention (library defaults, seed mean) against all-MiniLM-L6-v2 as it comes."""
+    shelf = data["off_the_shelf"]["all-MiniLM-L6-v2"]
+    lines = [
+        f"Teacher mean nDCG@10 {fmt(data['teacher']['mean_nDCG@10'])}; all-MiniLM-L6-v2 as it comes keeps "
+        f"{percent(shelf['retention_mean'])}. Tables: {', '.join(data['tables'])}.",
+        "",
+    ]
+    body = []
+    for name, student in data["students"].items():
+        seeds = ", ".join(f"{split} {len(s)}" for split, s in student["seeds"].items())
+        beats = student.get("beats_off_the_shelf")
+        body.append(
+            [
+                f"`{name}`",
+                percent(student.get("retention_mean")) or "not all five sets measured",
+                percent(student.get("retention_sd")),
+                times(student.get("cpu_speedup_batch1")),
+                "" if beats is None else ("yes" if beats else "no"),
+                seeds,
+            ]
+        )
+    header = ["student", "retention (5-set mean)", "sd over seeds", "CPU batch-1 speed-up", "beats it", "seeds per set"]
+    lines += table(header, body)
+    label_free = data["label_free"]
+    lines += [
+        f"Label-free agreement of the kept checkpoint against test retention, {label_free['runs']} runs: Spearman "
+        f"{fmt(label_free['spearman_vs_test_retention'])} across sets; within a set "
+        f"{fmt(label_free['spearman_within_dataset'])}.",
+        "",
+    ]
+    return lines
+
+
 KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
+    "headline.json": ("Headline: the library's defaults against all-MiniLM-L6-v2 as it comes", render_headline),
     "quickstart.json": ("Quickstart", render_quickstart),
     "ablation_scifact.json": ("Ablation (SciFact)", render_ablation),
     "defaults_dev.json": ("Choosing the defaults (held-out training queries)", render_defaults),

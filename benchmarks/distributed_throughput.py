@@ -225,6 +225,7 @@ def bench_training(args, student_path: str, teacher_path: str, device: torch.dev
     config = TrainingConfig(
         epochs=1,
         batch_size=args.per_gpu_batch * world,
+        learning_rate=1e-3,
         device=args.device,
         precision="bf16" if device.type == "cuda" else "auto",
         checkpoint_every=0,

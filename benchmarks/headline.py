@@ -136,6 +136,17 @@ def label_free_points(tables: list[dict]) -> list[dict]:
     return points
 
 
+def within_dataset(points: list[dict]) -> dict[str, float | None]:
+    """Spearman per dataset (tables of one dataset, any seed): what choosing settings for one corpus relies on."""
+    by_dataset: dict[str, list[dict]] = {}
+    for point in points:
+        by_dataset.setdefault(TABLE_NAME.match(point["table"])["dataset"], []).append(point)
+    return {
+        dataset: spearman([p["agreement"] for p in group], [p["test_retention"] for p in group])
+        for dataset, group in sorted(by_dataset.items())
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", default=str(REPO / "benchmarks" / "results" / "recipe"))
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 [p["agreement"] for p in points], [p["test_retention"] for p in points]
             ),
             "runs": len(points),
+            "spearman_within_dataset": within_dataset(points),
             "points": points,
         },
         "significance": "paired permutation test on per-query nDCG@10 averaged over seeds, Holm over all tests here",

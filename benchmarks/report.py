@@ -55,7 +55,6 @@ def section(title: str, name: str, data, render: Callable) -> list[str]:
         return lines + render_generic(data)
 
 
-
 def build_document(results: dict[str, dict], charts: dict[str, bool]) -> str:
     lines = [
         "# Benchmarks",

@@ -303,7 +303,11 @@ def unit_vectors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
 def bench_ours(args, teacher, queries: TrainingQueries, documents: Documents, device: str, work: Path) -> dict:
     student = build_student("teacher:2", teacher, asymmetric=True, device=device)
     config = TrainingConfig(
-        epochs=1, batch_size=args.train_batch, device=device, precision="bf16" if device == "cuda" else "fp32"
+        epochs=1,
+        batch_size=args.train_batch,
+        learning_rate=1e-3,
+        device=device,
+        precision="bf16" if device == "cuda" else "fp32",
     )
     config.checkpoint_every = 0
     trainer = DistillationTrainer(
@@ -439,7 +443,8 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
     """Steps/second of our trainer with a symmetric MiniLM-shaped student, PyTorch's attention kernels vs ours."""
     folder = Path(args.configs) / "all-MiniLM-L6-v2"
     random_sentence_transformer(folder, work, "cpu", args.smoke, seed=1)  # saved as work / folder.name
-    config = TrainingConfig(epochs=1, device=device, precision="bf16" if device == "cuda" else "fp32")
+    precision = "bf16" if device == "cuda" else "fp32"
+    config = TrainingConfig(epochs=1, learning_rate=1e-3, device=device, precision=precision)
     config.checkpoint_every = 0
     repeats, n = 2, args.symmetric_steps
     steps = args.warmup_steps + repeats * len(attention_ways()) * n

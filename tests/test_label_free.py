@@ -42,6 +42,19 @@ def test_agreement_is_zero_when_the_student_finds_none_of_the_teachers_top():
     assert agreement_ndcg(np.array([[0.0, 0.1, 0.9, 0.8]]), judged) == pytest.approx([0.0])
 
 
+def test_the_symmetric_pool_holds_the_teachers_top_and_random_documents_from_the_rest():
+    rng = np.random.default_rng(0)
+    documents = rng.normal(size=(500, 8)).astype(np.float32)
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    check = TeacherAgreement(
+        ["a", "b", "c"], queries, documents, [str(i) for i in range(500)], pool_depth=5, distractors=40
+    )
+    top = set(teacher_judgements(queries @ documents.T, 10).ravel())
+    assert top <= set(check.pool.tolist()) and len(check.pool) == len(top) + 40
+    # Judgements point at the same documents inside the pool.
+    assert (check.pool[check.pool_judged] == check.judged).all()
+
+
 def test_orthogonal_projection_keeps_every_cosine_of_the_student():
     rng = np.random.default_rng(0)
     student, teacher = rng.normal(size=(200, 8)), rng.normal(size=(200, 20))

@@ -114,7 +114,9 @@ def cmd_generate_queries(args: argparse.Namespace) -> int:
     from embeddistill.querygen import generate_queries, make_generators
 
     dataset = RetrievalDataset.load(args.dataset)
-    train = dataset.split_queries(args.split) if args.split else {}
+    if args.split and not dataset.has_labels:  # a corpus-only folder: nothing to perturb, generate from documents
+        logger.info("%s has no qrels/: no real queries to perturb (--split %s ignored)", dataset.path, args.split)
+    train = dataset.split_queries(args.split) if args.split and dataset.has_labels else {}
     documents = dataset.corpus
     if 0 < args.max_documents < len(documents):  # a seeded sample: LM generation costs about a second a query
         chosen = set(random.Random(args.seed).sample(sorted(documents), args.max_documents))

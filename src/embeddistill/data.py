@@ -1,7 +1,9 @@
 """Loading and validating retrieval data in the BEIR layout, and plain query files.
 
 A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``)
-and ``qrels/SPLIT.tsv`` (``query-id  corpus-id  score`` with a header). Every problem found while loading is
+and ``qrels/SPLIT.tsv`` (``query-id  corpus-id  score`` with a header); a folder with ``corpus.jsonl`` alone is
+accepted too (corpus-only mode: no labels, so a run trains on generated queries and is checked against the
+teacher's own rankings). Every problem found while loading is
 either a :class:`DataError` naming the file, the line and what is wrong, or - where skipping is safe - a
 counted warning.
 """
@@ -205,16 +207,24 @@ class RetrievalDataset:
 
     @classmethod
     def load(cls, name_or_path: str) -> RetrievalDataset:
+        """Load a BEIR folder. A corpus alone is a dataset too (corpus-only mode: ``queries`` is empty), but a
+        folder with judgements and no ``queries.jsonl`` is broken: the judgements would name unknown queries."""
         path = resolve_dataset(name_or_path)
         logger.info("loading dataset %s from %s", name_or_path, path)
         queries_path = path / "queries.jsonl"
-        if not queries_path.exists():
-            raise DataError(queries_path, None, "file not found (a BEIR folder needs queries.jsonl)")
+        if not queries_path.exists() and _qrels_files(path):
+            raise DataError(queries_path, None, "file not found (a BEIR folder with qrels/ needs queries.jsonl)")
         corpus = load_corpus(path / "corpus.jsonl")
-        return cls(name=Path(name_or_path).name, path=path, corpus=corpus, queries=load_queries(queries_path))
+        queries = load_queries(queries_path) if queries_path.exists() else {}
+        return cls(name=Path(name_or_path).name, path=path, corpus=corpus, queries=queries)
 
     def splits(self) -> list[str]:
-        return sorted(p.stem for p in (self.path / "qrels").glob("*.tsv"))
+        return sorted(p.stem for p in _qrels_files(self.path))
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the folder holds any judgements (``qrels/*.tsv``); without them a run is label-free."""
+        return bool(_qrels_files(self.path))
 
     def qrels(self, split: str) -> dict[str, dict[str, int]]:
         """Judgements of ``split``, restricted to known queries and documents (dropped ones are counted)."""
@@ -240,6 +250,10 @@ class RetrievalDataset:
     def split_queries(self, split: str) -> dict[str, str]:
         """The queries judged in ``split``."""
         return {query_id: self.queries[query_id] for query_id in self.qrels(split)}
+
+
+def _qrels_files(path: Path) -> list[Path]:
+    return sorted((path / "qrels").glob("*.tsv"))
 
 
 def dataset_search_paths(name: str) -> list[Path]:

@@ -8,8 +8,9 @@ teacher's query embeddings (``query_cosine``) is reported beside it.
 An asymmetric student is ranked over the teacher's whole corpus index. A symmetric student's document embeddings
 change as it trains, and embedding the whole corpus at every check would cost as much as a training epoch on a
 large corpus, so it ranks a fixed pool instead: the union of the teacher's top ``pool_depth`` documents of every
-held-out query. The pool holds every judged document and the teacher's near misses, which is where the student's
-ranking can go wrong.
+held-out query, plus ``distractors`` documents drawn at random from the rest of the corpus. The top documents hold
+every judged document and the teacher's near misses; the random ones stand for the rest of the corpus, whose
+documents the student may wrongly pull up once it embeds them itself (a pool of top documents alone cannot see that).
 
 Shapes: ``Q`` held-out queries, ``N`` corpus documents, ``P`` pool documents, ``D`` the teacher's dimension.
 """
@@ -60,6 +61,8 @@ class TeacherAgreement:
         document_texts: list[str],
         k: int = 10,
         pool_depth: int = 30,
+        distractors: int = 2000,
+        seed: int = 0,
     ):
         if not texts:
             raise ValueError("label-free validation needs at least one held-out query")
@@ -69,8 +72,10 @@ class TeacherAgreement:
         teacher_scores = self.teacher_queries @ self.teacher_documents.T
         self.judged = teacher_judgements(teacher_scores, k)
         # The symmetric pool: every query's top pool_depth; judged columns re-indexed into it.
-        pool_top = teacher_judgements(teacher_scores, max(k, pool_depth))
-        self.pool = np.unique(pool_top)
+        top = np.unique(teacher_judgements(teacher_scores, max(k, pool_depth)))
+        rest = np.setdiff1d(np.arange(len(document_texts)), top)
+        drawn = np.random.default_rng(seed).choice(rest, min(distractors, len(rest)), replace=False)
+        self.pool = np.union1d(top, drawn)
         self.pool_texts = [document_texts[i] for i in self.pool]
         self.pool_judged = np.searchsorted(self.pool, self.judged)
 

@@ -4,7 +4,8 @@
 run returns (``RunSummary.from_dict`` reads a ``metrics.json`` back) and works for both lanes: a cross-encoder
 run's card names the CE as the teacher and compares latency with the first stage. The run's ``config.yaml``
 next to the student folder, when present, adds the losses and the full configuration. Loss descriptions come
-from the config's help texts, so a new loss term appears here without an edit.
+from the config's help texts, so a new loss term appears here without an edit. A run without relevance labels
+(a corpus-only folder) shows the student's label-free agreement with the teacher in place of retention.
 """
 
 from __future__ import annotations
@@ -83,6 +84,35 @@ def retention_table(summary: RunSummary) -> str:
     return "\n".join(rows)
 
 
+def agreement_table(summary: RunSummary) -> str:
+    """A run without labels: the student's label-free agreement with the teacher, as it started and as it ended."""
+    agreement = summary.agreement or {"start": None, "kept_step": "?"}
+    start = agreement["start"] or {}
+    rows = [f"| metric | student at start | student (step {agreement['kept_step']}) |", "|---|---|---|"]
+    for metric, value in summary.student.metrics.items():
+        rows.append(f"| {metric} | {_number(start.get(metric, '–'))} | {_number(value)} |")
+    return "\n".join(rows)
+
+
+def _evaluation(summary: RunSummary) -> str:
+    """What the quality numbers were measured on: judged queries, or held-out ones against the teacher."""
+    if summary.labelled:
+        split = f"split `{summary.eval_split}` ({summary.eval_queries} queries)"
+        return f"`{summary.dataset}`, {split}, exact inner-product search"
+    queries = summary.agreement["queries"] if summary.agreement else 0
+    return (
+        f"label-free agreement with the teacher's own top 10 on {queries} held-out training queries "
+        f"(`{summary.dataset}` has no relevance labels)"
+    )
+
+
+def _results(summary: RunSummary) -> str:
+    evaluated = _evaluation(summary)
+    if summary.labelled:
+        return f"Retention (student / teacher) on {evaluated}:\n\n{retention_table(summary)}"
+    return f"Quality: {evaluated}:\n\n{agreement_table(summary)}"
+
+
 def speedup_table(summary: RunSummary) -> str:
     reference, student = summary.latency_reference.latency or {}, summary.student.latency or {}
     name = "first stage" if summary.cross_encoder else "teacher"
@@ -148,8 +178,6 @@ def render_model_card(
     counts, timings, environment = summary.training_queries, summary.timings, summary.environment
     meta = yaml.safe_dump(front_matter(summary, base_model), sort_keys=False, allow_unicode=True).strip()
     configuration = _configuration(config)
-    evaluated = f"`{summary.dataset}`, split `{summary.eval_split}` ({summary.eval_queries} queries)"
-    evaluated += ", exact inner-product search"
     teacher = summary.teacher
     return f"""---
 {meta}
@@ -173,7 +201,7 @@ for information retrieval).
 - dataset: `{summary.dataset}`
 - training queries: {counts.get("labelled", 0)} labelled, {counts.get("extra", 0)} extra unlabeled, \
 {counts.get("generated", 0)} generated
-- evaluation: {evaluated}
+- evaluation: {_evaluation(summary)}
 
 ## Losses
 
@@ -181,9 +209,7 @@ for information retrieval).
 
 ## Results
 
-Retention (student / teacher) on {evaluated}:
-
-{retention_table(summary)}
+{_results(summary)}
 
 Query-encoding CPU latency (median ms per batch, tokenisation included, \
 {environment.threads} threads, torch {environment.torch}):

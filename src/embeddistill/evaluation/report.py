@@ -7,6 +7,7 @@ timed (a CE reranks, it has no query encoder) show a dash.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,14 +31,26 @@ def _size(system: System) -> str:
 
 
 def _systems(summary: RunSummary) -> list[tuple[str, System]]:
-    """The table's rows: the first stage (CE runs), the teacher and the student."""
+    """The table's rows: the first stage (CE runs), the teacher and the student; a label-free run shows the student
+    as it started too (its agreement before training), so the table says what training bought."""
     rows = [("first stage", summary.cross_encoder.first_stage)] if summary.cross_encoder else []
-    return [*rows, (summary.teacher_label, summary.teacher), ("student", summary.student)]
+    rows.append((summary.teacher_label, summary.teacher))
+    agreement = summary.agreement
+    if agreement and agreement["start"]:
+        start = dataclasses.replace(summary.student, metrics=agreement["start"], latency=None)
+        start.query_encoder_parameters = start.query_encoder_compute_parameters = None  # the same encoder: a dash
+        rows.append(("student at start", start))
+    student = f"student (step {agreement['kept_step']})" if agreement else "student"
+    return [*rows, (student, summary.student)]
+
+
+def _value(values: dict[str, float], metric: str) -> str:
+    return f"{values[metric]:.4f}" if metric in values else _DASH
 
 
 def _row(name: str, system: System, metrics: list[str], batches: list[str]) -> list[str]:
     latency = [f"{system.latency[b]:.2f}" if system.latency else _DASH for b in batches]
-    return [name, *(f"{system.metrics[m]:.4f}" for m in metrics), *latency, _size(system)]
+    return [name, *(_value(system.metrics, m) for m in metrics), *latency, _size(system)]
 
 
 def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> list[str]:
@@ -47,7 +60,7 @@ def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> l
     ratio = reference.query_encoder_compute_parameters / student.query_encoder_compute_parameters
     return [
         label,
-        *(f"{100 * summary.retention[m]:.1f}%" for m in metrics),
+        *(f"{100 * summary.retention[m]:.1f}%" if m in summary.retention else _DASH for m in metrics),
         *(f"{summary.speedup[b.removesuffix('_ms')]:.2f}x faster" for b in batches),
         f"{ratio:.1f}x fewer (w/o embeddings)",
     ]
@@ -55,7 +68,7 @@ def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> l
 
 def report_table(summary: RunSummary) -> str:
     """A Markdown table: quality, retention, CPU latency and size of every system of the run."""
-    metrics = list(summary.retention)
+    metrics = list(summary.retention if summary.labelled else summary.student.metrics)
     batches = list(summary.student.latency)
     header = [
         "",
@@ -96,6 +109,20 @@ def _timings_line(summary: RunSummary) -> str:
     )
 
 
+def _evaluated_line(summary: RunSummary) -> str:
+    if summary.labelled:
+        split = f"split `{summary.eval_split}` ({summary.eval_queries} queries)"
+        return f"Evaluated on `{summary.dataset}` {split}, exact search."
+    agreement = summary.agreement
+    if agreement is None:
+        return f"`{summary.dataset}` has no relevance labels and the label-free check was off: quality not measured."
+    return (
+        f"`{summary.dataset}` has no relevance labels: quality is the label-free agreement with the teacher on "
+        f"{agreement['queries']} held-out training queries\n(`{agreement['metric']}`: nDCG of the student's top 10 "
+        "against the teacher's own; `query_cosine`: mean cosine of their query embeddings)."
+    )
+
+
 def write_report(path: Path, summary: RunSummary) -> None:
     """``report.md``: what was distilled into what, the table, and where the time went."""
     counts = summary.training_queries
@@ -104,7 +131,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
     text = f"""# Distillation report
 
 {_run_line(summary)}
-Evaluated on `{summary.dataset}` split `{summary.eval_split}` ({summary.eval_queries} queries), exact search.
+{_evaluated_line(summary)}
 
 {report_table(summary)}
 

@@ -25,7 +25,6 @@ dual-pooling CE (:func:`train_dual_pooling`); ``embeddistill evaluate --reranker
 (:func:`rerank`). Everything is saved as safetensors + JSON; nothing is ever unpickled.
 """
 
-
 from __future__ import annotations
 
 import json

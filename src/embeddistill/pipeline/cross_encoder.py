@@ -253,6 +253,8 @@ def prepare_cross_encoder(config: DistillConfig, out: Path) -> CrossEncoderPrepa
     """Data, candidates from the first stage, and the CE's scores (and embedding targets) over them, cached."""
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
+    if not eval_qrels:  # its report compares the CE with its first stage on judged queries; there is no label-free one
+        raise ValueError(f"cross-encoder distillation needs judged evaluation queries; {dataset.path} has none")
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
     write_training_queries(out, query_set)

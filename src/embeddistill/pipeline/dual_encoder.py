@@ -41,7 +41,7 @@ from embeddistill.pipeline.stages import (
     write_outputs,
     write_training_queries,
 )
-from embeddistill.pipeline.summary import Environment, RunSummary, ratios, speedup
+from embeddistill.pipeline.summary import Environment, RunSummary, kept_agreement, ratios, speedup
 from embeddistill.serving.indexing import FlatIndex
 from embeddistill.training import distributed
 from embeddistill.training.batching import Documents, TrainingQueries
@@ -87,6 +87,8 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     """Load the data, collect training queries and embed everything with the teacher (cached)."""
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
+    if not eval_qrels:
+        announce_label_free(config, dataset)
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
     tick = time.perf_counter()
@@ -112,6 +114,26 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     )  # fmt: skip
 
 
+def announce_label_free(config: DistillConfig, dataset: RetrievalDataset) -> None:
+    """One INFO line saying why the run has no labelled evaluation; refuse one that would have no measure at all.
+
+    Checked before the teacher encodes anything: without labels the label-free agreement is the only quality
+    number the run can report, so turning it off (``--validation-queries 0``) would leave an unmeasured student.
+    """
+    if config.data.validation_queries < 1:
+        raise ValueError(
+            f"{dataset.path} has no relevance labels to evaluate on, so the student is measured by its label-free "
+            "agreement with the teacher: set --validation-queries above 0"
+        )
+    why = f"{dataset.path} has no qrels/" if not dataset.has_labels else "--eval-split is ''"
+    also = [" and labelled"] if dataset.has_labels and config.data.train_split else []
+    also += [" and --extra-queries"] if config.data.extra_queries else []
+    logger.info(
+        "label-free run: %s; training on generated%s queries, reporting agreement with the teacher instead of nDCG",
+        why, "".join(also),
+    )  # fmt: skip
+
+
 def hold_out_validation(
     config: DistillConfig, query_set: QuerySet, teacher_train: np.ndarray, teacher_docs: np.ndarray, doc_texts: list
 ) -> tuple[QuerySet, np.ndarray, TeacherAgreement | None]:
@@ -122,7 +144,8 @@ def hold_out_validation(
     held = np.zeros(len(query_set.ids), dtype=bool)
     held[np.random.default_rng([config.training.seed, 7]).choice(len(held), count, replace=False)] = True
     rows = np.flatnonzero(held)
-    validation = TeacherAgreement([query_set.texts[i] for i in rows], teacher_train[held], teacher_docs, doc_texts)
+    texts = [query_set.texts[i] for i in rows]
+    validation = TeacherAgreement(texts, teacher_train[held], teacher_docs, doc_texts, seed=config.training.seed)
     kept = query_set.subset(~held)
     for row in rows:
         kind = "generated" if query_set.generated[row] else "labelled" if query_set.positives[row] else "extra"
@@ -236,31 +259,52 @@ def evaluate_student(prep: Prepared, student, name: str = "student", own_index: 
 
 
 def evaluate(prep: Prepared, student, training: dict, timings: dict) -> tuple[RunSummary, list[RunResult]]:
-    """Teacher and student side by side: quality, CPU latency and size, as a :class:`RunSummary`."""
-    config = prep.config
-    teacher_result = evaluate_queries(config, "teacher", prep, prep.teacher_eval, prep.teacher_index)
+    """Teacher and student side by side: quality, CPU latency and size, as a :class:`RunSummary`.
+
+    Without labelled evaluation queries the quality is the student's label-free agreement with the teacher (the
+    check training already ran, at the kept step): a corpus-only run has nothing else to measure it by.
+    """
+    if not prep.eval_ids:
+        agreement = kept_agreement(training.get("validation"))
+        return _summary(prep, student, training, timings, ({}, agreement), 0), []
+    teacher_result = evaluate_queries(prep.config, "teacher", prep, prep.teacher_eval, prep.teacher_index)
     student_result = evaluate_student(prep, student)
+    evaluated = len(teacher_result.per_query[next(iter(teacher_result.per_query))])
+    metrics = (teacher_result.metrics, student_result.metrics)
+    return _summary(prep, student, training, timings, metrics, evaluated), [teacher_result, student_result]
+
+
+def _summary(prep: Prepared, student, training: dict, timings: dict, metrics: tuple[dict, dict], evaluated: int):
+    """The :class:`RunSummary` of both systems' metrics (teacher's, student's), their CPU latency and size."""
+    config = prep.config
+    teacher_metrics, student_metrics = metrics
     encoders = {"teacher": teacher_query_encoder(prep.teacher), "student": QueryEncoder.of(student)}
-    latency = query_latency(config, encoders, prep.eval_texts)
-    teacher = described(encoders["teacher"], config.model.teacher, teacher_result.metrics, latency["teacher"])
+    latency = query_latency(config, encoders, _latency_texts(prep))
+    teacher = described(encoders["teacher"], config.model.teacher, teacher_metrics, latency["teacher"])
     student_system = described(
-        encoders["student"], config.model.student, student_result.metrics, latency["student"],
+        encoders["student"], config.model.student, student_metrics, latency["student"],
         asymmetric=config.model.asymmetric,
     )  # fmt: skip
-    summary = RunSummary(
+    return RunSummary(
         str(prep.dataset.path),
-        config.data.eval_split,
-        len(teacher_result.per_query[next(iter(teacher_result.per_query))]),
+        config.data.eval_split if evaluated else "",
+        evaluated,
         teacher,
         student_system,
-        ratios(student_result.metrics, teacher_result.metrics),
+        ratios(student_metrics, teacher_metrics),
         speedup(latency["teacher"], latency["student"]),
         prep.query_set.counts,
         training,
         timings,
         Environment.current(),
     )
-    return summary, [teacher_result, student_result]
+
+
+def _latency_texts(prep: Prepared) -> list[str]:
+    """The evaluation queries; in a label-free run the held-out validation queries (real-looking, unseen)."""
+    if prep.eval_ids:
+        return prep.eval_texts
+    return prep.validation.texts if prep.validation is not None else prep.query_set.texts[:200]
 
 
 def run(config: DistillConfig) -> RunSummary | None:

@@ -98,7 +98,7 @@ def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, e
         counts[kind] += 1
 
     labelled: dict[str, str] = {}
-    if data.train_split:
+    if data.train_split and dataset.has_labels:  # corpus-only: no labelled queries (see evaluation_qrels)
         qrels = dataset.qrels(data.train_split)
         query_ids = sorted(q for q in qrels if q not in eval_ids)
         if data.train_query_fraction < 1.0:
@@ -121,10 +121,8 @@ def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, e
                 add(f"extra:{query_id}", text, [], None, False, "extra")
     generators = make_cheap_generators(data.crops_per_document, data.perturbations_per_query)
     made = from_files + generate_queries(generators, dataset.corpus, labelled, config.training.seed, eval_texts)
-    cap = min(
-        data.max_generated or len(made),
-        round(data.generated_per_real * len(ids)) if data.generated_per_real else len(made),
-    )
+    per_real = data.generated_per_real and ids  # without real queries a per-real ratio would keep nothing
+    cap = min(data.max_generated or len(made), round(data.generated_per_real * len(ids)) if per_real else len(made))
     if len(made) > cap:
         made = random.Random(config.training.seed).sample(made, cap)
     first_positive = {query_id: relevant[0] for query_id, relevant in zip(ids, positives, strict=True) if relevant}
@@ -153,7 +151,14 @@ def roundtrip_keep(query_set: QuerySet, teacher_queries: np.ndarray, index: Flat
 
 
 def evaluation_qrels(config: DistillConfig, dataset: RetrievalDataset) -> dict[str, dict[str, int]]:
-    """The test split's judgements, or a seeded held-out part of the training split (``dev_fraction``)."""
+    """The test split's judgements, or a seeded held-out part of the training split (``dev_fraction``).
+
+    Empty (a label-free run) when the folder has no ``qrels/`` at all, so that a corpus alone distils with the
+    default splits, or when ``eval_split`` is ``''``. A named split missing beside other splits stays an error: that
+    is a typo or a broken folder, not a corpus-only one.
+    """
+    if not dataset.has_labels or not (config.data.eval_split or config.data.dev_fraction):
+        return {}
     if not config.data.dev_fraction:
         return dataset.qrels(config.data.eval_split)
     train = dataset.qrels(config.data.train_split)

@@ -7,7 +7,9 @@ and read it with ``.get(..., '?')``; they now share :class:`RunSummary`. ``metri
 
 Both lanes fill the same shape: a ``teacher`` (the dual-encoder teacher, or the cross-encoder reranking the first
 stage), the ``student``, the student's ``retention`` relative to the teacher and its query-encoding ``speedup``.
-A cross-encoder run adds :class:`CrossEncoderParts` (the first stage and the pairing diagnostics).
+A cross-encoder run adds :class:`CrossEncoderParts` (the first stage and the pairing diagnostics). A run without
+judged queries (a corpus-only folder) has no retention: the student's metrics are its label-free agreement with the
+teacher, and ``metrics.json`` adds ``label_free_agreement`` (:attr:`RunSummary.agreement`).
 """
 
 from __future__ import annotations
@@ -108,8 +110,31 @@ class RunSummary:
     cross_encoder: CrossEncoderParts | None = None
 
     @property
+    def labelled(self) -> bool:
+        """Whether quality was measured on judged queries; else it is the label-free agreement (corpus-only)."""
+        return self.eval_queries > 0
+
+    @property
+    def agreement(self) -> dict | None:
+        """The label-free check of a run without labels: ``metric``, ``queries``, the student's scores at the
+        ``start`` (``None`` when not checked) and at the ``kept`` step; ``None`` for a labelled run."""
+        validation = self.training.get("validation")
+        if self.labelled or not validation:
+            return None
+        start = validation.get("start")
+        return {
+            "metric": validation["metric"],
+            "queries": validation["queries"],
+            "start": _scores(start) if start else None,
+            "kept_step": validation["kept_step"],
+            "kept": kept_agreement(validation),
+        }
+
+    @property
     def trec_runs(self) -> list[str]:
-        """The TREC run files the run wrote next to ``metrics.json``."""
+        """The TREC run files the run wrote next to ``metrics.json`` (none without judged queries)."""
+        if not self.labelled:
+            return []
         systems = ["first_stage", "cross_encoder"] if self.cross_encoder else ["teacher"]
         return [f"{name}.trec" for name in (*systems, "student")]
 
@@ -135,7 +160,8 @@ class RunSummary:
         }
         if self.cross_encoder is None:
             systems = {"teacher": self.teacher.to_dict(), "student": self.student.to_dict()}
-            return {**head, **systems, "retention": self.retention, "speedup": self.speedup, **tail}
+            label_free = {"label_free_agreement": self.agreement} if not self.labelled else {}
+            return {**head, **systems, "retention": self.retention, "speedup": self.speedup, **label_free, **tail}
         ce = self.cross_encoder
         return {
             **head,
@@ -175,6 +201,18 @@ class RunSummary:
             Environment(**values.get("environment", {"embeddistill": "", "torch": ""})),
             cross_encoder,
         )
+
+
+def kept_agreement(validation: dict | None) -> dict[str, float]:
+    """The label-free scores of the weights the run ended with (its ``kept_step``); empty when never checked."""
+    if not validation:
+        return {}
+    kept = next(check for check in validation["history"] if check["step"] == validation["kept_step"])
+    return _scores(kept)
+
+
+def _scores(check: dict) -> dict[str, float]:
+    return {name: value for name, value in check.items() if name != "step"}
 
 
 def _training_dict(training: dict) -> dict:

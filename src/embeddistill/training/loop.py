@@ -131,6 +131,7 @@ class TrainingLoop:
         (it decides when), they are logged as ``{"step": done, "validation": scores}`` and shown in the bar.
         """
         torch.manual_seed(self.settings.seed)
+        self.check = check
         start = self.resume() if self.settings.resume else 0
         distributed.agree(start, "the step to resume from")
         if not self.settings.resume and self.is_main:
@@ -180,23 +181,38 @@ class TrainingLoop:
             handle.write(json.dumps(entry) + "\n")
 
     def save_checkpoint(self, step: int) -> None:
-        write_checkpoint(self.checkpoint_dir, step, self.module, self.optimizer)
+        """A checkpoint of the module, the optimiser and the RNG, plus the check's own state where it has one (the
+        label-free check's history and best weights), so that a resumed run ends exactly as an unbroken one."""
+        stateful = getattr(self, "check", None)
+        extra = stateful.state() if hasattr(stateful, "state") else None
+        write_checkpoint(self.checkpoint_dir, step, self.module, self.optimizer, extra)
         logger.info("%scheckpoint at step %d -> %s", self.log_prefix, step, self.checkpoint_dir)
 
     def resume(self) -> int:
         """Restore the checkpoint (if any) and return its step; log records past it are dropped."""
         step = restore_checkpoint(self.checkpoint_dir, self.module, self.optimizer, self.device)
+        stateful = getattr(self, "check", None)
+        if step and hasattr(stateful, "load_state"):
+            extra = restore_extra(self.checkpoint_dir)
+            if extra is not None:
+                stateful.load_state(*extra)
         if step:
             self._truncate_log(step)
             logger.info("%sresumed from step %d", self.log_prefix, step)
         return step
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log records past the checkpoint: those steps are about to be run again."""
+        """Drop log records past the checkpoint: those steps are about to be run again. The check made at the
+        checkpoint's own step ran before it was saved, so its record stays."""
         if not self.is_main or not self.log_path.exists():
             return
-        kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _log_step(line) < step]
+        kept = [line for line in self.log_path.read_text().splitlines() if line.strip() and _before(line, step)]
         atomic_write_bytes(self.log_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def _before(line: str, step: int) -> bool:
+    number = _log_step(line)
+    return number < step or (number == step and '"validation"' in line)
 
 
 def _log_step(line: str) -> int:
@@ -209,9 +225,15 @@ def _log_step(line: str) -> int:
 # -- checkpoints: safetensors + JSON, never pickle ---------------------------------------------------------------
 
 
-def write_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def write_checkpoint(
+    folder: Path,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> None:
     """Write a resumable checkpoint (safetensors + JSON, never pickle): ``module``'s weights, the optimizer and
-    RNG state. ``restore_checkpoint`` reads it back."""
+    RNG state, and ``extra`` (tensors, JSON) where given. ``restore_checkpoint`` / ``restore_extra`` read it back."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
@@ -222,6 +244,9 @@ def write_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer
         f"optimizer-{step:08d}.safetensors": optimizer_tensors,
         f"rng-{step:08d}.safetensors": {"torch": torch.get_rng_state()},
     }
+    extra_file = f"extra-{step:08d}.safetensors" if extra is not None else None
+    if extra is not None:
+        files[extra_file] = {k: v.detach().cpu().contiguous() for k, v in extra[0].items()}
     checksums = {}
     for name, tensors in files.items():
         tmp = folder / f".{name}.tmp"
@@ -230,11 +255,28 @@ def write_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer
         tmp.unlink()
         checksums[name] = sha256_file(folder / name)
     # state.json is written last and names the files and checksums: a checkpoint is valid only when all match.
-    state = {"step": step, "optimizer": optimizer_meta, "files": list(files), "sha256": checksums}
+    names = [name for name in files if name != extra_file]
+    state = {"step": step, "optimizer": optimizer_meta, "files": names, "sha256": checksums}
+    if extra is not None:
+        state["extra"] = {"file": extra_file, "meta": extra[1]}
     atomic_write_json(folder / "state.json", state)
     for stale in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:
         if stale.name not in files:  # older checkpoints and leftovers of a killed save
             stale.unlink(missing_ok=True)
+
+
+def restore_extra(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The ``extra`` (tensors, JSON) that ``write_checkpoint`` stored beside the weights, checksum checked; None
+    where the checkpoint has none."""
+    state, _ = _read_state(checkpoint_dir)
+    extra = state.get("extra")
+    if not extra:
+        return None
+    path = checkpoint_dir / extra["file"]
+    if not path.is_file() or sha256_file(path) != state["sha256"].get(extra["file"]):
+        problem = "checksum mismatch" if path.is_file() else "missing"
+        raise DataError(path, None, f"{problem}: the checkpoint is corrupt; rerun without --resume")
+    return load_file(str(path)), extra["meta"]
 
 
 def _read_state(checkpoint_dir: Path) -> tuple[dict, list[str]]:

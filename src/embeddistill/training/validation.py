@@ -42,6 +42,14 @@ class LabelFreeValidation:
         logger.info("step %d: label-free check %s", done, {k: round(v, 4) for k, v in scores.items()})
         return scores
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint keeps of the check: the best weights so far, the history and the best scores."""
+        return dict(self.best_state or {}), {"history": self.history, "best": self.best}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.history, self.best = list(meta["history"]), meta["best"]
+        self.best_state = dict(tensors) if tensors else None
+
     def finish(self) -> dict:
         """Restore the best-checked weights (``keep_best``); the record that goes into the run summary."""
         if not self.history:
