@@ -18,6 +18,8 @@ from torch.nn.attention import sdpa_kernel
 from embeddistill.runtime import TRAINING_ATTENTION
 
 REPO = Path(__file__).resolve().parents[1]
+# The benchmarks name the project's datasets by folder name; the library looks names up in $EMBEDDISTILL_DATA only.
+os.environ.setdefault("EMBEDDISTILL_DATA", str(REPO.parent / "shared" / "datasets"))
 GET_MODELS = REPO.parent / "shared" / "models" / "get-models"
 
 

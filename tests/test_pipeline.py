@@ -112,7 +112,9 @@ def test_asymmetric_student_round_trip(asymmetric_run, tiny_teacher_path):
 
 def test_final_checkpoint_is_complete(asymmetric_run):
     state = json.loads((asymmetric_run / "checkpoint" / "state.json").read_text())
-    assert state["step"] > 0 and len(state["sha256"]) == 3
+    # Weights, optimiser and RNG, and the label-free check's history and best weights beside them.
+    assert state["step"] > 0 and len(state["files"]) == 3 and state["extra"]["meta"]["history"]
+    assert set(state["sha256"]) == {*state["files"], state["extra"]["file"]}
     assert all((asymmetric_run / "checkpoint" / name).exists() for name in state["sha256"])
 
 

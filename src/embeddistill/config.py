@@ -33,7 +33,7 @@ def option(default: Any, help: str, **kwargs) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("", "BEIR-layout folder, or a name looked up in $EMBEDDISTILL_DATA and ../shared/datasets")
+    dataset: str = option("", "BEIR-layout folder, or a folder name looked up in $EMBEDDISTILL_DATA")
     train_split: str = option("train", "qrels split whose queries are labelled training queries ('' for none)")
     eval_split: str = option("test", "qrels split to evaluate on")
     dev_fraction: float = option(

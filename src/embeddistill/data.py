@@ -261,8 +261,6 @@ def dataset_search_paths(name: str) -> list[Path]:
     candidates = [Path(name)]
     if os.environ.get(DATA_ENV):
         candidates.append(Path(os.environ[DATA_ENV]) / name)
-    candidates.append(Path.cwd().parent / "shared" / "datasets" / name)
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "datasets" / name)
     return candidates
 
 
