@@ -52,13 +52,13 @@ def corpus_only_folder(labelled: Path, work: Path) -> Path:
     return folder
 
 
-def score(args, labelled: Path, student_folder: Path, cache: Path) -> dict:
+def score(args, labelled: Path, student_folder: Path) -> dict:
     """Teacher and student nDCG@10 etc. on the test split: the student's queries in the teacher's index."""
     dataset = RetrievalDataset.load(labelled)
     qrels = load_qrels(labelled / "qrels" / "test.tsv")
     query_ids = sorted(q for q in qrels if q in dataset.queries)
     texts = [dataset.queries[q] for q in query_ids]
-    teacher = DualEncoderTeacher.load(args.teacher, cache_dir=str(cache), device="cpu")
+    teacher = DualEncoderTeacher.load(args.teacher, cache_dir=args.cache_dir or None, device="cpu")
     doc_ids = list(dataset.corpus)
     index = FlatIndex(teacher.embed_documents([dataset.corpus[d] for d in doc_ids]), doc_ids)
     qrels = {q: qrels[q] for q in query_ids}
@@ -76,9 +76,11 @@ def score(args, labelled: Path, student_folder: Path, cache: Path) -> dict:
 def run_dataset(args, name: str) -> dict:
     work = Path(args.work) / name
     labelled = labelled_folder(name, work)
-    folder, out, cache = corpus_only_folder(labelled, work), work / "run", Path(args.work) / "cache"
+    folder, out = corpus_only_folder(labelled, work), work / "run"
     argv = ["distill", "--teacher", args.teacher, "--student", args.student, "--dataset", str(folder)]
-    argv += ["--out", str(out), "--cache-dir", str(cache), "--latency-repeats", "0", *args.distill_args]
+    argv += ["--out", str(out), "--latency-repeats", "0", *args.distill_args]
+    if args.cache_dir:
+        argv += ["--cache-dir", args.cache_dir]
     started = time.perf_counter()
     if cli(argv) != 0:
         raise SystemExit(f"distill failed on {name}")
@@ -91,7 +93,7 @@ def run_dataset(args, name: str) -> dict:
         "training_queries": metrics.get("training_queries"),
         "learning_rate_search": training.get("learning_rate_search"),
         "validation": {k: v for k, v in training.get("validation", {}).items() if k != "history"},
-        **score(args, labelled, out / "student", cache),
+        **score(args, labelled, out / "student"),
     }
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="")
     parser.add_argument("--student", default="teacher:2")
     parser.add_argument("--work", default=str(REPO / "runs" / "corpus_only"))
+    parser.add_argument("--cache-dir", default="", help="teacher embedding cache (default: the library's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_only.json"))
     parser.add_argument("distill_args", nargs="*", help="more distill flags, after --")
     args = parser.parse_args(argv)
