@@ -243,10 +243,13 @@ def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path) ->
         folder.mkdir(parents=True, exist_ok=True)
         trial = dataclasses.replace(config, training=training)
         info = make_trainer(prep, trial, initialised_student(prep), queries, folder).train()
-        trials.append({"learning_rate": float(rate), "steps": steps, **info["validation"]["final"]})
-        logger.info("--learning-rate auto: %g -> %s", rate, trials[-1])
-    best = max(trials, key=lambda trial: trial[AGREEMENT_METRIC])
-    return {"chosen": best["learning_rate"], "metric": AGREEMENT_METRIC, "trials": trials}
+        if distributed.is_main():  # under torchrun every rank trains, rank 0 alone checks
+            trials.append({"learning_rate": float(rate), "steps": steps, **info["validation"]["final"]})
+            logger.info("--learning-rate auto: %g -> %s", rate, trials[-1])
+    if distributed.is_main():
+        best = max(trials, key=lambda trial: trial[AGREEMENT_METRIC])
+        search = {"chosen": best["learning_rate"], "metric": AGREEMENT_METRIC, "trials": trials}
+    return distributed.from_main(search if distributed.is_main() else None)
 
 
 def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:

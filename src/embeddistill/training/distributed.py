@@ -233,6 +233,15 @@ def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu"
     return {name: means[name] for name in values}
 
 
+def from_main(value):
+    """Rank 0's ``value`` on every rank (a collective; a single process gets its own back)."""
+    if world_size() == 1:
+        return value
+    values: list = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values[0]
+
+
 def agree(value, what: str) -> None:
     """Fail clearly when ranks disagree on ``value`` (e.g. the step a resumed run starts from)."""
     if world_size() == 1:
