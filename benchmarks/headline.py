@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import REPO, git_commit
+from _report_format import SPEED_CPU_ENCODERS
 
 from embeddistill.evaluation.significance import paired_permutation_test
 from embeddistill.runtime import environment_record
@@ -41,12 +42,6 @@ STUDENTS = ("mpnet-2L-asym", "minilm-asym", "minilm-2L-asym", "minilm-sym")
 OFF_THE_SHELF = "all-MiniLM-L6-v2"
 METHOD = "embeddistill"
 METRIC = "nDCG@10"
-SPEED_CPU_ENCODERS = {
-    "mpnet-2L-asym": "teacher:2 (asymmetric)",
-    "minilm-asym": "all-MiniLM-L6-v2 + projection (asymmetric)",
-    "minilm-2L-asym": "2-layer MiniLM + projection (asymmetric)",
-    "minilm-sym": "all-MiniLM-L6-v2 + projection (symmetric)",
-}
 TABLE_NAME = re.compile(r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?\.json$")
 
 

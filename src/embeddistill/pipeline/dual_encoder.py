@@ -6,6 +6,7 @@ documents and the hard-negative pools all come from one cached dual encoder) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -186,12 +187,12 @@ def train_student(prep: Prepared, out: Path):
     With ``--learning-rate auto`` the learning rate is chosen first, without labels (:func:`choose_learning_rate`).
     """
     config, queries = prep.config, training_queries(prep)
+    student = initialised_student(prep)  # built and its projection fitted once; every trial starts from a copy
     search = None
     if config.training.learning_rate == "auto":
-        search = choose_learning_rate(prep, queries, out / "tune")
+        search = choose_learning_rate(prep, queries, out / "tune", student)
         chosen = dataclasses.replace(config.training, learning_rate=search["chosen"])
         config = dataclasses.replace(config, training=chosen)
-    student = initialised_student(prep)
     training = make_trainer(prep, config, student, queries, out).train()
     training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
     if search is not None:
@@ -223,9 +224,9 @@ def make_trainer(prep: Prepared, config: DistillConfig, student, queries: Traini
     )
 
 
-def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path) -> dict:
+def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path, start) -> dict:
     """``--learning-rate auto``: a short run (``tune_steps``, with its own warm-up and decay) at each candidate from
-    the same start; the best label-free agreement at its end wins. No label is read."""
+    the same start (copies of ``start``); the best label-free agreement at its end wins. No label is read."""
     config = prep.config
     if prep.validation is None:
         raise ValueError(
@@ -242,7 +243,7 @@ def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path) ->
         folder = out / f"lr-{rate:g}"
         folder.mkdir(parents=True, exist_ok=True)
         trial = dataclasses.replace(config, training=training)
-        info = make_trainer(prep, trial, initialised_student(prep), queries, folder).train()
+        info = make_trainer(prep, trial, copy.deepcopy(start), queries, folder).train()
         if distributed.is_main():  # under torchrun every rank trains, rank 0 alone checks
             trials.append({"learning_rate": float(rate), "steps": steps, **info["validation"]["final"]})
             logger.info("--learning-rate auto: %g -> %s", rate, trials[-1])
