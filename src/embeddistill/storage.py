@@ -13,20 +13,50 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: the lock keeps two threads from racing)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0644 under umask 022."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode ``mkdir`` would give a new folder: 0755 under umask 022."""
+    return 0o777 & ~current_umask()
+
+
+def private_temp_file(folder: Path, name: str) -> tuple[int, str]:
+    """``mkstemp`` in ``folder`` for a file that will become ``name``, with the mode an ordinary file would get
+    (``mkstemp`` alone creates 0600, and the rename would carry that to a result file other users must read)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
+    return fd, tmp
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    A reader (or a rerun after ``kill -9``) sees either the old file or the complete new one.
+    A reader (or a rerun after ``kill -9``) sees either the old file or the complete new one. The file gets the
+    mode an ordinary write would give it (the umask's), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = private_temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

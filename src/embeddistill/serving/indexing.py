@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -240,15 +239,14 @@ class SearchIndex:
         return cls(index, ids, info)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        from embeddistill.storage import atomic_write_json
+        from embeddistill.storage import atomic_write_json, private_temp_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{INDEX_FILE}.", suffix=".tmp")
+        fd, tmp = private_temp_file(folder, INDEX_FILE)  # the umask's mode: a served index is read by others
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a served index is usually read by another user
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, folder / INDEX_FILE)
