@@ -20,11 +20,17 @@ from typing import Any
 
 import yaml
 
+MIN_BATCH_SIZE = 2  # distill: one query and its in-batch negatives from at least one other
+
 
 def option(default: Any, help: str, **kwargs) -> Any:
     """A config field: its default, its help text and argparse extras (``choices``, ``required``, ``flag``).
 
-    Keeping the flag's description on the field is what lets one builder serve every command.
+    Keeping the flag's description on the field is what lets one builder serve every command. The field's limits
+    are declared here too and checked, with every other rule between options, by :mod:`embeddistill.checks`:
+    ``minimum`` / ``maximum`` (inclusive), ``above`` (exclusive), applied to each item of a list; ``why`` explains
+    a limit in the error. ``shapes=False`` marks a setting that cannot change a run's result (threads, cache
+    folder, evaluation depth): ``--resume`` lets it differ from the checkpoint's.
     """
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
@@ -40,23 +46,34 @@ class DataConfig:
         0.0,
         "hold out this fraction of the labelled training queries as the evaluation set (to choose settings "
         "without touching the test split); eval_split is then ignored",
+        minimum=0.0,
+        maximum=0.9,
     )
     extra_queries: list[str] = option([], "extra unlabeled query files (.jsonl with _id/text, or .tsv id<TAB>text)")
-    train_query_fraction: float = option(1.0, "use this fraction of the labelled training queries (sparse-data runs)")
-    crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document")
-    perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real training query")
-    max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)")
+    train_query_fraction: float = option(
+        1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
+    )
+    crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document", minimum=0)
+    perturbations_per_query: int = option(
+        2, "cheap generated queries: perturbed copies per real training query", minimum=0
+    )
+    max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)", minimum=0)
     generated_per_real: float = option(
-        0.0, "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)"
+        0.0,
+        "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)",
+        minimum=0.0,
     )
     roundtrip_top_k: int = option(
-        0, "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k"
+        0,
+        "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k",
+        minimum=0,
     )
     validation_queries: int = option(
         500,
         "hold out this many training queries (seeded, at most a tenth of them) for the label-free check: the "
         "student's agreement with the teacher's own rankings picks the best checkpoint and --learning-rate auto "
         "(0 = off)",
+        minimum=0,
     )
 
 
@@ -65,7 +82,9 @@ class ModelConfig:
     teacher: str = option("", "teacher: a sentence-transformers model name or local path")
     student: str = option("teacher:2", "query encoder: 'teacher:N' (teacher's first N layers) or a model name/path")
     student_layers: int = option(
-        0, "keep only the first N transformer layers of the student model (0 = all; for 'teacher:N' say N there)"
+        0,
+        "keep only the first N transformer layers of the student model (0 = all; for 'teacher:N' say N there)",
+        minimum=0,
     )
     asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
     projection_init: str = option(
@@ -79,69 +98,94 @@ class ModelConfig:
     student_dropout: bool = option(
         False, "keep the student's dropout during distillation (off: match the teacher exactly)"
     )
-    teacher_batch_size: int = option(32, "batch size when the teacher encodes texts")
-    max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)")
-    cache_dir: str = option("", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)")
-    trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")
+    teacher_batch_size: int = option(32, "batch size when the teacher encodes texts", minimum=1, shapes=False)
+    max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)", minimum=0)
+    cache_dir: str = option(
+        "", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)", shapes=False
+    )
+    trust_remote_code: bool = option(
+        False, "allow models that execute code from their repository (off unless asked)", shapes=False
+    )
 
 
 @dataclass
 class LossConfig:
-    score_weight: float = option(1.0, "weight of score distillation (softmax cross-entropy over candidates)")
-    query_em_weight: float = option(1.0, "weight of query embedding matching")
-    document_em_weight: float = option(1.0, "weight of document embedding matching (symmetric students)")
-    label_weight: float = option(0.0, "weight of the one-hot in-batch label loss on labelled positives")
-    margin_mse_weight: float = option(0.0, "weight of Margin-MSE against the anchor document")
+    score_weight: float = option(
+        1.0, "weight of score distillation (softmax cross-entropy over candidates)", minimum=0.0
+    )
+    query_em_weight: float = option(1.0, "weight of query embedding matching", minimum=0.0)
+    document_em_weight: float = option(1.0, "weight of document embedding matching (symmetric students)", minimum=0.0)
+    label_weight: float = option(0.0, "weight of the one-hot in-batch label loss on labelled positives", minimum=0.0)
+    margin_mse_weight: float = option(0.0, "weight of Margin-MSE against the anchor document", minimum=0.0)
     em_distance: str = option("l2", "embedding-matching distance", choices=["l2", "squared_l2", "cosine"])
-    teacher_temperature: float = option(0.0, "teacher softmax temperature (0 = 0.05 for normalised teachers, else 1)")
-    student_temperature: float = option(0.0, "student softmax temperature (0 = same as the teacher's)")
-    hard_negatives: int = option(8, "hard negatives per query, sampled from the teacher's top documents")
+    teacher_temperature: float = option(
+        0.0, "teacher softmax temperature (0 = 0.05 for normalised teachers, else 1)", minimum=0.0
+    )
+    student_temperature: float = option(0.0, "student softmax temperature (0 = same as the teacher's)", minimum=0.0)
+    hard_negatives: int = option(8, "hard negatives per query, sampled from the teacher's top documents", minimum=0)
     hard_negative_depth: int = option(
-        50, "sample hard negatives from the teacher's top-k (labelled positives excluded)"
+        50, "sample hard negatives from the teacher's top-k (labelled positives excluded)", minimum=1
     )
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = option(6, "passes over the training queries")
-    batch_size: int = option(64, "queries per step")
+    epochs: int = option(6, "passes over the training queries", minimum=1)
+    batch_size: int = option(
+        64,
+        "queries per step",
+        minimum=MIN_BATCH_SIZE,
+        why="in-batch negatives: each query is scored against the other queries' documents in its batch",
+    )
     learning_rate: float = option(
         "auto",
         "AdamW peak learning rate of the student's encoder, or 'auto': short runs at each of "
         "learning_rate_candidates, the best label-free teacher agreement wins (needs validation_queries)",
         special=("auto",),
+        above=0.0,
     )
     learning_rate_candidates: list[float] = option(
-        [1e-3, 1e-4, 2e-5], "what --learning-rate auto chooses among (pretrained encoders need far less than 1e-3)"
+        [1e-3, 1e-4, 2e-5],
+        "what --learning-rate auto chooses among (pretrained encoders need far less than 1e-3)",
+        above=0.0,
     )
-    tune_steps: int = option(200, "--learning-rate auto: steps of each short run (at most the full run's)")
+    tune_steps: int = option(200, "--learning-rate auto: steps of each short run (at most the full run's)", minimum=1)
     projection_learning_rate: float = option(
-        1e-3, "peak learning rate of the student->teacher projection (0 = the encoder's learning rate)"
+        1e-3, "peak learning rate of the student->teacher projection (0 = the encoder's learning rate)", minimum=0.0
     )
-    max_steps: int = option(0, "stop after this many optimiser steps (0 = run every epoch)")
-    validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)")
+    max_steps: int = option(0, "stop after this many optimiser steps (0 = run every epoch)", minimum=0)
+    validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)", minimum=0)
     keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0.0)
+    warmup_ratio: float = option(
+        0.1, "fraction of steps with linear warm-up (then linear decay)", minimum=0.0, maximum=1.0
+    )
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", minimum=0.0)
     seed: int = option(42, "seed for sampling, generation and initialisation")
-    checkpoint_every: int = option(200, "save a resumable checkpoint every N steps (0 = only at the end)")
-    resume: bool = option(False, "resume training from the last checkpoint in the output folder")
-    device: str = option("auto", "'auto', 'cpu' or 'cuda'")
+    checkpoint_every: int = option(
+        200, "save a resumable checkpoint every N steps (0 = only at the end)", minimum=0, shapes=False
+    )
+    resume: bool = option(False, "resume training from the last checkpoint in the output folder", shapes=False)
+    overwrite: bool = option(
+        False, "start again in an output folder that holds an earlier run's checkpoint (deleting it)", shapes=False
+    )
+    device: str = option("auto", "'auto', 'cpu' or 'cuda'", shapes=False)
     precision: str = option(
         "auto",
         "autocast: 'auto' (bf16 where the hardware has it natively, else fp32), 'fp32' or 'bf16'",
         choices=["auto", "fp32", "bf16"],
     )
-    threads: int = option(0, "CPU threads for torch (0 = torch's default)")
+    threads: int = option(0, "CPU threads for torch (0 = torch's default)", minimum=0, shapes=False)
 
 
 @dataclass
 class EvaluationConfig:
-    top_k: int = option(100, "documents retrieved per query")
-    metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names")
-    latency_repeats: int = option(50, "timed repeats per batch size for CPU query latency (median reported)")
-    latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency")
+    top_k: int = option(100, "documents retrieved per query", minimum=1, shapes=False)
+    metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names", shapes=False)
+    latency_repeats: int = option(
+        50, "timed repeats per batch size for CPU query latency (median reported)", minimum=1, shapes=False
+    )
+    latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency", minimum=1, shapes=False)
 
 
 @dataclass
@@ -154,14 +198,18 @@ class CrossEncoderConfig:
 
     cross_encoder: str = option(
         "",
-        "cross-encoder teacher (a dual-pooling CE folder from `train-teacher`, or any HF sequence-classification / "
+        "cross-encoder teacher (a dual-pooling CE folder from 'train-teacher', or any HF sequence-classification / "
         "sentence-transformers CrossEncoder); the student is then symmetric and --teacher is not needed",
     )
     first_stage: str = option(
         "", "cross-encoder teachers: the dual encoder whose top documents are the candidates (default: --teacher)"
     )
-    cross_encoder_batch_size: int = option(64, "pairs per batch when the cross-encoder scores candidates")
-    cross_encoder_max_length: int = option(0, "cross-encoder maximum tokens per pair (0 = the model's own setting)")
+    cross_encoder_batch_size: int = option(
+        64, "pairs per batch when the cross-encoder scores candidates", minimum=1, shapes=False
+    )
+    cross_encoder_max_length: int = option(
+        0, "cross-encoder maximum tokens per pair (0 = the model's own setting)", minimum=0
+    )
     ce_query_target: str = option(
         "anchor",
         "cross-encoder EM target of a query: its segment embedding paired with its anchor document, or the mean "
@@ -175,14 +223,18 @@ class CrossEncoderConfig:
         choices=["mean", "anchor"],
     )
     ce_random_negatives: int = option(
-        4, "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)"
+        4,
+        "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)",
+        minimum=0,
     )
-    rerank_depth: int = option(100, "cross-encoder teachers: rerank this many first-stage documents per query")
+    rerank_depth: int = option(
+        100, "cross-encoder teachers: rerank this many first-stage documents per query", minimum=1
+    )
 
 
 @dataclass
 class DistillConfig:
-    out: str = option("", "output folder")
+    out: str = option("", "output folder", shapes=False)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -347,28 +399,44 @@ class TeacherTrainingConfig:
     base: str = option("", "pretrained encoder or cross-encoder checkpoint (name or path)", required=True)
     datasets: list[str] = option([], "one or more BEIR datasets", required=True, flag="--dataset")
     split: str = option("train", "qrels split with the labelled training queries")
-    out: str = option("", "output folder (safetensors weights, tokenizer, JSON config)", required=True)
+    out: str = option("", "output folder (safetensors weights, tokenizer, JSON config)", required=True, shapes=False)
     negatives_from: str = option("", "dual encoder whose top documents are hard negatives (default: random documents)")
     positives_in_pool: bool = option(
         True, "positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)"
     )
     distill_from: str = option("", "a standard cross-encoder whose scores are also distilled")
-    distill_weight: float = option(1.0, "weight of score distillation from --distill-from")
-    label_weight: float = option(1.0, "weight of the label loss (softmax cross-entropy against the positive)")
-    group_size: int = option(8, "documents per query: 1 positive and group-size - 1 hard negatives")
-    hard_negative_depth: int = option(50, "hard negatives come from the first stage's top-k documents")
-    epochs: int = option(3, "passes over the training queries")
-    batch_size: int = option(32, "queries per step")
-    learning_rate: float = option(3e-5, "AdamW peak learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_ratio: float = option(0.1, "fraction of steps with linear warm-up (then linear decay)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
-    temperature: float = option(0.05, "softmax temperature of the normalised (cosine) scores")
+    distill_weight: float = option(1.0, "weight of score distillation from --distill-from", minimum=0.0)
+    label_weight: float = option(
+        1.0, "weight of the label loss (softmax cross-entropy against the positive)", minimum=0.0
+    )
+    group_size: int = option(
+        8,
+        "documents per query: 1 positive and group-size - 1 hard negatives",
+        minimum=2,
+        why="a positive and a negative",
+    )
+    hard_negative_depth: int = option(50, "hard negatives come from the first stage's top-k documents", minimum=1)
+    epochs: int = option(3, "passes over the training queries", minimum=1)
+    batch_size: int = option(32, "queries per step", minimum=1)
+    learning_rate: float = option(3e-5, "AdamW peak learning rate", above=0.0)
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0.0)
+    warmup_ratio: float = option(
+        0.1, "fraction of steps with linear warm-up (then linear decay)", minimum=0.0, maximum=1.0
+    )
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", minimum=0.0)
+    temperature: float = option(0.05, "softmax temperature of the normalised (cosine) scores", above=0.0)
     normalize: bool = option(True, "L2-normalise the pooled segment embeddings")
-    max_length: int = option(256, "tokens per (query, document) pair")
+    max_length: int = option(256, "tokens per (query, document) pair", minimum=8)
     seed: int = option(42, "seed for sampling and initialisation")
-    device: str = option("auto", "'auto', 'cpu' or 'cuda'")
-    checkpoint_every: int = option(200, "save a resumable checkpoint every N steps (0 = only at the end)")
-    resume: bool = option(False, "continue from OUT.checkpoint/")
-    cache_dir: str = option("", "embedding cache of --negatives-from")
-    trust_remote_code: bool = option(False, "allow models that execute code from their repository (off unless asked)")
+    device: str = option("auto", "'auto', 'cpu' or 'cuda'", shapes=False)
+    checkpoint_every: int = option(
+        200, "save a resumable checkpoint every N steps (0 = only at the end)", minimum=0, shapes=False
+    )
+    resume: bool = option(False, "continue from OUT.checkpoint/", shapes=False)
+    overwrite: bool = option(
+        False, "start again although OUT.checkpoint/ holds an earlier run's checkpoint", shapes=False
+    )
+    cache_dir: str = option("", "embedding cache of --negatives-from", shapes=False)
+    trust_remote_code: bool = option(
+        False, "allow models that execute code from their repository (off unless asked)", shapes=False
+    )

@@ -7,14 +7,24 @@ from :mod:`~embeddistill.pipeline.stages` and return a :class:`~embeddistill.pip
 
 from __future__ import annotations
 
+import logging
+
+from embeddistill.checks import check_distill
 from embeddistill.config import DistillConfig
 from embeddistill.pipeline import cross_encoder, dual_encoder
 from embeddistill.pipeline.summary import RunSummary
 
 __all__ = ["RunSummary", "distill"]
 
+logger = logging.getLogger(__name__)
+
 
 def distill(config: DistillConfig) -> RunSummary | None:
-    """The whole run; ``None`` on the non-main ranks of a torchrun dual-encoder run (rank 0 writes the outputs)."""
+    """The whole run; ``None`` on the non-main ranks of a torchrun dual-encoder run (rank 0 writes the outputs).
+
+    The options are checked first (:func:`embeddistill.checks.check_distill`), before anything is loaded.
+    """
+    for warning in check_distill(config):
+        logger.warning("%s", warning)
     lane = cross_encoder if config.ce.cross_encoder else dual_encoder
     return lane.run(config)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embeddistill.checks import check_teacher_training, record_settings
 from embeddistill.config import TeacherTrainingConfig
 from embeddistill.losses import LabelLoss, ScoreDistillationLoss
 from embeddistill.models.cross_encoders import DUAL_POOLING_CONFIG, CrossEncoderTeacher, DualPoolingCrossEncoder
@@ -184,8 +185,7 @@ def train_dual_pooling(config: TeacherTrainingConfig) -> tuple[DualPoolingCrossE
     """``embeddistill train-teacher``: fine-tune a dual-pooling CE and save it to ``config.out``."""
     if not config.base or not config.datasets or not config.out:
         raise ValueError("train-teacher needs --base, --dataset and --out")
-    if config.group_size < 2:
-        raise ValueError(f"--group-size must be at least 2 (a positive and a negative), got {config.group_size}")
+    check_teacher_training(config)  # before any model is loaded; --resume compares with the recorded settings
     device = str(resolve_device(config.device))
     seed_everything(config.seed)
     if (Path(config.base) / DUAL_POOLING_CONFIG).is_file():
@@ -203,6 +203,7 @@ def train_dual_pooling(config: TeacherTrainingConfig) -> tuple[DualPoolingCrossE
         )
     examples = collect_teacher_examples(config, device)
     trainer = DualPoolingTrainer(model, examples, config, distill_teacher)
+    record_settings(config, trainer.checkpoint_dir / "config.yaml")
     info = trainer.train()
     model.config.base_model = config.base
     model.config.training = {**{k: v for k, v in asdict(config).items() if k not in ("resume",)}, **info}
