@@ -28,6 +28,7 @@ try:  # sentence-transformers >= 6 moved the modules; 5.x keeps them in `models`
 except ImportError:  # pragma: no cover - depends on the installed version
     from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
 
+from embeddistill.models.encoding import embedding_dimension
 from embeddistill.models.teachers import is_normalized, load_sentence_transformer
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def build_student(
     ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them).
     """
     tower = query_tower_modules(spec, teacher, device, trust_remote_code, layers)
-    student_dim, teacher_dim = _output_dimension(tower), teacher.get_sentence_embedding_dimension()
+    student_dim, teacher_dim = _output_dimension(tower), embedding_dimension(teacher)
     if student_dim != teacher_dim:
         logger.info("student: adding a %d -> %d projection into the teacher's space", student_dim, teacher_dim)
         tower.append(make_projection(student_dim, teacher_dim))

@@ -24,7 +24,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from embeddistill.models.encoding import DOCUMENT, QUERY, encode_chunks
+from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks
 from embeddistill.storage import ShardedCache, fingerprint, text_key, weights_hash
 from embeddistill.training import distributed
 
@@ -87,7 +87,7 @@ class TeacherIdentity:
             pooling=json.dumps(pooling, sort_keys=True),
             normalized=is_normalized(model),
             max_seq_length=int(model.max_seq_length or 0),
-            dimension=int(model.get_sentence_embedding_dimension()),
+            dimension=embedding_dimension(model),
             prompts=dict(getattr(model, "prompts", {}) or {}),
         )
 

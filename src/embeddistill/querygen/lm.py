@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from embeddistill.extras import require
 from embeddistill.querygen.base import GeneratedQuery
 from embeddistill.storage import atomic_write_json, check_settings, fingerprint, read_manifest
 
@@ -99,6 +100,7 @@ def _load_gguf_without_accelerate(model_class: Any, folder: str, gguf_file: str,
     """
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    require("lm", "gguf", purpose=f"reading the GGUF file {gguf_file}")
     model = model_class.from_config(config, dtype=dtype)
     parsed = load_gguf_checkpoint(
         str(Path(folder) / gguf_file), return_tensors=True, model_to_load=model, torch_dtype=dtype

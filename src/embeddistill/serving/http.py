@@ -24,6 +24,7 @@ from typing import Annotated
 
 import numpy as np
 
+from embeddistill.extras import require
 from embeddistill.serving.search import Searcher
 
 logger = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ def _results(queries: list[str], hits: list) -> list[dict]:
 
 def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
     """The FastAPI application (wrapped in the body-size limit) serving ``searcher``."""
+    require("serve", "fastapi", "pydantic", purpose="the HTTP service")
     from fastapi import FastAPI
 
     limits = limits or ServiceLimits()
@@ -311,6 +313,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, limits: ServiceLimits | None = None) -> None:
     """Run the service with uvicorn until interrupted."""
+    require("serve", "uvicorn", purpose="embeddistill serve")
     import uvicorn
 
     if not is_loopback(host):

@@ -19,9 +19,12 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from embeddistill.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,11 @@ def _export_file(wrapper, args: tuple, input_names: list[str], path: Path, opset
     dynamic_axes[OUTPUT_NAME] = {0: "batch"}
     common = {"input_names": input_names, "output_names": [OUTPUT_NAME], "opset_version": opset}
     errors = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about every Python branch on a tensor's shape (transformers' masks, the pooling) and about
+        # how advanced indexing is exported: the parity check after the export is what tells whether it is right.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         try:
             torch.onnx.export(
                 wrapper, args, str(path), dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False, **common
@@ -111,7 +118,9 @@ def _export_info(model, encoder, input_names: list[str], opset: int, exporter: s
 
 def _replace_folder(staging: Path, out_dir: Path) -> None:
     """Rename the finished ``staging`` folder to ``out_dir``; a previous export is removed only after the swap."""
-    os.chmod(staging, 0o755)  # mkdtemp creates 0700
+    from embeddistill.storage import folder_mode
+
+    os.chmod(staging, folder_mode())  # mkdtemp creates 0700; the export gets the umask's mode, like a mkdir
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -127,6 +136,7 @@ def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts:
     The folder is assembled next to ``out_dir`` and renamed into place at the end, so a failed export leaves
     any previous export untouched. Returns the export info (with the parity on a few sample texts).
     """
+    require("serve", "onnx", "onnxruntime", purpose="ONNX export")
     import onnx
 
     if opset < 17:
@@ -182,6 +192,7 @@ class OnnxQueryEncoder:
         providers: list[str] | None = None,
         spin: bool = False,
     ):
+        require("serve", "onnxruntime", purpose=f"the ONNX query encoder in {folder}")
         import onnxruntime as ort
         from transformers import AutoTokenizer
 

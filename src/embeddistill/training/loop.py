@@ -10,13 +10,18 @@ must do the same way whatever it trains lives here, once:
 * a progress bar with the loss parts smoothed over about ten steps;
 * ``train_log.jsonl``: one record every 10 steps and at the last step (the mean over ranks under torchrun);
 * checkpoints (safetensors + JSON, never pickle) every ``checkpoint_every`` steps; ``--resume`` restores the
-  weights, the optimiser and the RNG, and drops the log records of steps that are about to run again.
+  weights, the optimiser and the RNG, and drops the log records of steps that are about to run again;
+* Ctrl-C (SIGINT) or SIGTERM: the step under way finishes, a checkpoint of it is written and
+  :class:`TrainingInterrupted` is raised (a second Ctrl-C stops at once); resuming then ends exactly as an
+  uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +75,49 @@ class LoopSettings:
             seed=config.seed,
             resume=config.resume,
         )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped at a signal (SIGINT, SIGTERM) after step ``step``, whose checkpoint is in ``checkpoint``."""
+
+    def __init__(self, signal_name: str, step: int, total: int, checkpoint: Path):
+        super().__init__(f"{signal_name} after step {step} of {total}; checkpoint in {checkpoint}")
+        self.signal_name, self.step, self.total, self.checkpoint = signal_name, step, total, checkpoint
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only ask training to stop after the step under way (a second one stops at
+    once). Installed only in the main thread (elsewhere Python cannot); under torchrun the ranks stop together."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, device: torch.device):
+        self.device, self.name, self.previous = device, "", {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number: int, frame) -> None:
+        if self.name:  # asked twice: stop now, without a checkpoint of the step under way
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.name = signal.Signals(number).name
+        logger.warning("%s: stopping after this step and writing a checkpoint (again: stop at once)", self.name)
+
+    def requested(self) -> bool:
+        """Whether a signal asked to stop (on any rank: every rank must stop after the same step)."""
+        if distributed.world_size() == 1:
+            return bool(self.name)
+        asked = distributed.mean_over_ranks({"stop": float(bool(self.name))}, self.device)["stop"] > 0
+        self.name = self.name or ("SIGTERM" if asked else "")
+        return asked
 
 
 StepFunction = Callable[[int], dict[str, float]]
@@ -158,21 +206,33 @@ class TrainingLoop:
     def _steps(self, step: StepFunction, start: int, record: Callable[[int], dict], check: Check | None) -> None:
         total, every = self.settings.total_steps, self.settings.checkpoint_every
         running: dict[str, float] = {}
-        bar = tqdm(
-            range(start, total), desc=self.name, unit="step", initial=start, total=total, disable=not self.is_main
-        )
-        for number in bar:
-            parts = step(number)
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
-            if check is not None:
-                self._check(check, number + 1)
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in running.items()}, **self.shown}, refresh=False)
-            if number % LOG_EVERY == 0 or number == total - 1:
-                parts = distributed.mean_over_ranks(parts, self.device)  # the global batch's values (all ranks join)
-                self._log({"step": number, **record(number), "lr": self.learning_rate(number), **parts})
-            done = number + 1
-            if self.is_main and every and done % every == 0 and done < total:
-                self.save_checkpoint(done)
+        quiet = {} if self.is_main else {"disable": True}  # on rank 0, $TQDM_DISABLE (embeddistill -q) decides
+        bar = tqdm(range(start, total), desc=self.name, unit="step", initial=start, total=total, **quiet)
+        with StopSignals(self.device) as stop:
+            for number in bar:
+                parts = step(number)
+                running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in parts.items()}
+                if check is not None:
+                    self._check(check, number + 1)
+                bar.set_postfix({**{k: f"{v:.4f}" for k, v in running.items()}, **self.shown}, refresh=False)
+                if number % LOG_EVERY == 0 or number == total - 1:
+                    parts = distributed.mean_over_ranks(parts, self.device)  # the global batch's (all ranks join)
+                    self._log({"step": number, **record(number), "lr": self.learning_rate(number), **parts})
+                done = number + 1
+                saved = self.is_main and every and done % every == 0 and done < total
+                if saved:
+                    self.save_checkpoint(done)
+                if done < total and stop.requested():
+                    bar.close()
+                    self._stop(stop.name, done, already_saved=bool(saved))
+
+    def _stop(self, signal_name: str, done: int, already_saved: bool) -> None:
+        """Write the checkpoint of step ``done`` (where the schedule did not just write it) and stop."""
+        if self.is_main and not already_saved:
+            self.save_checkpoint(done)
+        total = self.settings.total_steps
+        logger.warning("%sstopped by %s after step %d of %d", self.log_prefix, signal_name, done, total)
+        raise TrainingInterrupted(signal_name, done, total, self.checkpoint_dir)
 
     def _log(self, entry: dict) -> None:
         if not self.is_main:
@@ -306,7 +366,15 @@ def restore_checkpoint(checkpoint_dir: Path, module: torch.nn.Module, optimizer,
         logger.warning("--resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         return 0
     state, (weights_name, optimizer_name, rng_name) = _read_state(checkpoint_dir)
-    module.load_state_dict(load_file(str(checkpoint_dir / weights_name), device=str(device)))
+    try:
+        module.load_state_dict(load_file(str(checkpoint_dir / weights_name), device=str(device)))
+    except RuntimeError as error:  # another architecture: missing, unexpected or differently shaped tensors
+        first = str(error).splitlines()[1:2] or [str(error)[:200]]
+        raise DataError(
+            checkpoint_dir / weights_name, None,
+            f"the checkpoint's weights do not fit this model ({first[0].strip()}); resume with the settings that "
+            "made it, or start again with --overwrite",
+        ) from None  # fmt: skip
     _restore_optimizer(optimizer, load_file(str(checkpoint_dir / optimizer_name)), state["optimizer"])
     torch.set_rng_state(load_file(str(checkpoint_dir / rng_name))["torch"])
     return int(state["step"])
