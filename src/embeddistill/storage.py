@@ -48,6 +48,21 @@ def private_temp_file(folder: Path, name: str) -> tuple[int, str]:
     return fd, tmp
 
 
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the mode the umask allows (0644 / 0755 under umask 022).
+
+    For folders written by other libraries: transformers writes ``model.safetensors`` through a 0600 temporary file,
+    which would leave a saved model unreadable to every other user.
+    """
+    files, folders = file_mode(), folder_mode()
+    for root, _subfolders, names in os.walk(folder):
+        os.chmod(root, folders)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embeddistill.models.pooling import masked_mean, segment_masks
-from embeddistill.storage import ShardedCache, atomic_write_json, fingerprint, text_key, weights_hash
+from embeddistill.storage import ShardedCache, atomic_write_json, fingerprint, honour_umask, text_key, weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +348,7 @@ class DualPoolingCrossEncoder(nn.Module, _PairScorer):
         self.encoder.save_pretrained(str(staging), safe_serialization=True)
         self.tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / DUAL_POOLING_CONFIG, asdict(self.config))
+        honour_umask(staging)  # transformers writes the weights 0600
         old = path.parent / f".{path.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():

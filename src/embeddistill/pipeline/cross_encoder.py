@@ -66,6 +66,7 @@ from embeddistill.pipeline.stages import (
 from embeddistill.pipeline.summary import CrossEncoderParts, Environment, RunSummary, System, ratios, speedup
 from embeddistill.runtime import seed_everything
 from embeddistill.serving.indexing import FlatIndex
+from embeddistill.storage import honour_umask
 from embeddistill.training.batching import CandidateScores, Documents, TrainingQueries
 from embeddistill.training.distillation import CrossEncoderDistillationTrainer
 
@@ -408,6 +409,7 @@ def run(config: DistillConfig) -> RunSummary:
     prep = prepare_cross_encoder(config, out)
     student, training = train_cross_encoder_student(prep, out)
     student.save(str(out / "student"))
+    honour_umask(out / "student")  # transformers writes the weights 0600
     tick = time.perf_counter()
     first, reranker, rerank_seconds = evaluate_first_stage_and_reranker(prep)
     student_result = evaluate_cross_encoder_student(prep, student)

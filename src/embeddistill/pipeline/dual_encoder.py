@@ -44,6 +44,7 @@ from embeddistill.pipeline.stages import (
 )
 from embeddistill.pipeline.summary import Environment, RunSummary, kept_agreement, ratios, speedup
 from embeddistill.serving.indexing import FlatIndex
+from embeddistill.storage import honour_umask
 from embeddistill.training import distributed
 from embeddistill.training.batching import Documents, TrainingQueries
 from embeddistill.training.distillation import DistillationTrainer
@@ -326,6 +327,7 @@ def run(config: DistillConfig) -> RunSummary | None:
         return None
     timings = {**prep.timings, "train_seconds": training["train_seconds"]}
     student.save(str(out / "student"))
+    honour_umask(out / "student")  # transformers writes the weights 0600
     tick = time.perf_counter()
     summary, results = evaluate(prep, student, training, timings)
     timings["evaluation_seconds"] = time.perf_counter() - tick
