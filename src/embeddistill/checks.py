@@ -238,9 +238,9 @@ def settings_differences(recorded: Path, config: Any) -> list[str]:
         earlier = kind.from_yaml(recorded) if hasattr(kind, "from_yaml") else _from_yaml(kind, recorded)
     except ValueError as error:
         raise OptionError(f"--resume: cannot read the checkpoint's settings: {error}") from None
-    before, now = shaping_settings(earlier), shaping_settings(config)
+    before, now, fields = shaping_settings(earlier), shaping_settings(config), leaf_fields(config)
     return [
-        f"{flag(name)}: checkpoint {before[name]!r}, now {now[name]!r}"
+        f"{flag(name, fields[name][1].metadata)}: checkpoint {before[name]!r}, now {now[name]!r}"
         for name in before
         if before[name] != now.get(name)
     ]
