@@ -82,6 +82,23 @@ def test_train_teacher_refuses_impossible_options_before_loading(tmp_path):
         assert says in err  # every problem at once
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["search", "ix", "--model", "m", "q", "--k", "0"], "argument --k/--top-k: must be at least 1, got 0"),
+        (["index", "--model", "m", "--dataset", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size"),
+        (["evaluate", "m", "--dataset", "d", "--top-k", "-5"], "argument --top-k: must be at least 1, got -5"),
+        (["generate-queries", "--dataset", "d", "--out", "o", "--n", "0"], "argument --n: must be at least 1"),
+        (["serve", "ix", "--model", "m", "--max-batch", "0"], "argument --max-batch: must be at least 1"),
+        (["export", "m", "--onnx", "o", "--repeats", "0"], "argument --repeats: must be at least 1"),
+    ],
+)
+def test_the_other_commands_refuse_impossible_numbers_by_their_flag(args, says):
+    result = run_cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"embeddistill {args[0]}: error: {says}" in result.stderr
+
+
 def test_every_numeric_option_declares_its_limits():
     """A sibling guard: a new numeric option must say what values it accepts (only a seed takes any integer)."""
     unlimited = []

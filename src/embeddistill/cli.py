@@ -12,7 +12,7 @@ from pathlib import Path
 
 from embeddistill.cli_serving import add_serving_commands
 from embeddistill.config import DistillConfig, add_config_arguments, config_from_args
-from embeddistill.console import VERBOSITY, add_command, common_options
+from embeddistill.console import VERBOSITY, add_command, at_least, common_options
 from embeddistill.console import setup_logging as _setup_logging
 from embeddistill.data import DataError
 from embeddistill.extras import MissingExtra
@@ -171,14 +171,16 @@ def _add_evaluate_command(commands) -> None:
     evaluate.add_argument("--split", default="test", help="qrels split whose queries are evaluated")
     evaluate.add_argument("--out", default="runs/evaluate", help="folder for the TREC run and metrics")
     evaluate.add_argument("--metrics", nargs="*", default=["nDCG@10", "RR@10", "R@100"], help="ir_measures names")
-    evaluate.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
+    evaluate.add_argument("--top-k", type=at_least(1), default=100, help="documents retrieved per query")
     evaluate.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow models that execute code from their repository (off unless asked)",
     )
     evaluate.add_argument("--reranker", default="", help="cross-encoder that reranks the model's top documents")
-    evaluate.add_argument("--rerank-depth", type=int, default=100, help="documents per query the reranker rescores")
+    evaluate.add_argument(
+        "--rerank-depth", type=at_least(1), default=100, help="documents per query the reranker rescores"
+    )
     evaluate.add_argument("--cache-dir", default="", help="cross-encoder score cache (default ~/.cache/embeddistill)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -195,16 +197,25 @@ def _add_generate_command(commands) -> None:
     generate.add_argument(
         "--generator", nargs="+", default=["crop"], choices=list(GENERATORS), help="query generators to run"
     )
-    generate.add_argument("--n", type=int, default=1, help="queries per document (crop, lm) or per query (perturb)")
+    generate.add_argument(
+        "--n", type=at_least(1), default=1, help="queries per document (crop, lm) or per query (perturb)"
+    )
     generate.add_argument("--split", default="train", help="real queries to perturb ('' for none)")
     generate.add_argument("--lm-model", default="", help="causal LM / doc2query model name, path or .gguf file (lm)")
-    generate.add_argument("--max-documents", type=int, default=0, help="generate from a seeded sample of N documents")
-    generate.add_argument("--lm-batch-size", type=int, default=8, help="documents per LM generation batch")
-    generate.add_argument("--lm-dtype", default="", help="LM weights dtype, e.g. bfloat16 (default: fp32 on CPU)")
-    generate.add_argument("--lm-temperature", type=float, default=0.7, help="LM sampling temperature")
-    generate.add_argument("--lm-max-document-words", type=int, default=200, help="document words in the LM prompt")
     generate.add_argument(
-        "--lm-max-seconds", type=float, default=0, help="stop LM generation after this long (0 = no limit; resumable)"
+        "--max-documents", type=at_least(0), default=0, help="generate from a seeded sample of N documents"
+    )
+    generate.add_argument("--lm-batch-size", type=at_least(1), default=8, help="documents per LM generation batch")
+    generate.add_argument("--lm-dtype", default="", help="LM weights dtype, e.g. bfloat16 (default: fp32 on CPU)")
+    generate.add_argument("--lm-temperature", type=at_least(0.0, float), default=0.7, help="LM sampling temperature")
+    generate.add_argument(
+        "--lm-max-document-words", type=at_least(1), default=200, help="document words in the LM prompt"
+    )
+    generate.add_argument(
+        "--lm-max-seconds",
+        type=at_least(0.0, float),
+        default=0,
+        help="stop LM generation after this long (0 = no limit; resumable)",
     )
     generate.add_argument("--seed", type=int, default=42, help="seed for sampling documents and generation")
     generate.add_argument("--out", required=True, help="output .jsonl")

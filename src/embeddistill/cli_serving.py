@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from embeddistill.console import IntermixedArgumentParser, add_command, setup_logging
+from embeddistill.console import IntermixedArgumentParser, add_command, at_least, setup_logging
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -150,15 +150,17 @@ def _add_index(commands) -> None:
     index.add_argument(
         "--type", default="flat", choices=["flat", "hnsw", "ivfpq"], help="exact (flat) or approximate index"
     )
-    index.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
-    index.add_argument("--ef-construction", type=int, default=200, help="hnsw: build beam width")
-    index.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam width")
-    index.add_argument("--nlist", type=int, default=None, help="ivfpq: coarse cells (default ~sqrt(documents))")
-    index.add_argument("--pq-m", type=int, default=None, help="ivfpq: sub-quantizers (default dimension/8)")
-    index.add_argument("--pq-nbits", type=int, default=None, help="ivfpq: bits per sub-quantizer code (default 8)")
-    index.add_argument("--nprobe", type=int, default=None, help="ivfpq: cells searched per query (default 16)")
+    index.add_argument("--hnsw-m", type=at_least(2), default=32, help="hnsw: links per node")
+    index.add_argument("--ef-construction", type=at_least(1), default=200, help="hnsw: build beam width")
+    index.add_argument("--ef-search", type=at_least(1), default=128, help="hnsw: search beam width")
+    index.add_argument("--nlist", type=at_least(1), default=None, help="ivfpq: coarse cells (default ~sqrt(documents))")
+    index.add_argument("--pq-m", type=at_least(1), default=None, help="ivfpq: sub-quantizers (default dimension/8)")
+    index.add_argument(
+        "--pq-nbits", type=at_least(1), default=None, help="ivfpq: bits per sub-quantizer code (default 8)"
+    )
+    index.add_argument("--nprobe", type=at_least(1), default=None, help="ivfpq: cells searched per query (default 16)")
     index.add_argument("--seed", type=int, default=0, help="seed of the ivfpq training sample")
-    index.add_argument("--batch-size", type=int, default=32, help="documents encoded together")
+    index.add_argument("--batch-size", type=at_least(1), default=32, help="documents encoded together")
     index.add_argument("--cache-dir", default="", help="teacher embedding cache (default ~/.cache/embeddistill)")
     index.add_argument(
         "--trust-remote-code",
@@ -181,7 +183,7 @@ def _add_search(commands) -> None:
     search.add_argument("query", nargs="*", help="query texts")
     search.add_argument("--model", required=True, help="query encoder: student, teacher or ONNX export folder")
     search.add_argument("--queries", dest="queries_file", help="query file (.jsonl _id/text or .tsv id<TAB>text)")
-    search.add_argument("--k", "--top-k", type=int, default=10, help="hits per query")
+    search.add_argument("--k", "--top-k", type=at_least(1), default=10, help="hits per query")
     search.add_argument("--out", help="write a TREC run file")
     search.add_argument("--tag", default="embeddistill", help="run tag in the TREC file")
     search.add_argument(
@@ -202,12 +204,12 @@ def _add_export(commands) -> None:
     )
     export.add_argument("model", help="student (or any sentence-transformers model) folder or name")
     export.add_argument("--onnx", required=True, help="output folder (model.onnx, tokenizer, export_info.json)")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    export.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset version")
     export.add_argument("--check-dataset", help="compare ONNX and PyTorch on this dataset's queries")
     export.add_argument("--check-split", default="test", help="queries of this qrels split ('' for all)")
     export.add_argument("--check-index", help="index folder: also compare the top-k documents")
-    export.add_argument("--check-k", type=int, default=10, help="top-k documents compared with --check-index")
-    export.add_argument("--repeats", type=int, default=30, help="latency repeats per batch size")
+    export.add_argument("--check-k", type=at_least(1), default=10, help="top-k documents compared with --check-index")
+    export.add_argument("--repeats", type=at_least(1), default=30, help="latency repeats per batch size")
     export.add_argument("--report", help="write the comparison as JSON")
     export.set_defaults(handler=cmd_export)
 
@@ -223,13 +225,17 @@ def _add_serve(commands) -> None:
     serve.add_argument("index", help="index folder from 'embeddistill index'")
     serve.add_argument("--model", required=True, help="query encoder: student, teacher or ONNX export folder")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port")
-    serve.add_argument("--max-batch", type=int, default=64, help="queries encoded together by the micro-batcher")
-    serve.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    serve.add_argument("--port", type=at_least(0), default=8000, help="TCP port")
+    serve.add_argument(
+        "--max-batch", type=at_least(1), default=64, help="queries encoded together by the micro-batcher"
+    )
+    serve.add_argument(
+        "--batch-wait-ms", type=at_least(0.0, float), default=2.0, help="how long a batch waits for more requests"
+    )
     serve.add_argument("--max-request-bytes", default="1MB", help="request body limit (413 above it)")
-    serve.add_argument("--max-queries", type=int, default=256, help="queries per request")
-    serve.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for")
-    serve.add_argument("--max-query-chars", type=int, default=2048, help="longest query text accepted")
+    serve.add_argument("--max-queries", type=at_least(1), default=256, help="queries per request")
+    serve.add_argument("--max-k", type=at_least(1), default=1000, help="largest k a request may ask for")
+    serve.add_argument("--max-query-chars", type=at_least(1), default=2048, help="longest query text accepted")
     serve.add_argument(
         "--trust-remote-code",
         action="store_true",

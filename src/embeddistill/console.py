@@ -82,3 +82,19 @@ class IntermixedArgumentParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._parsing = False
+
+
+def at_least(minimum: float, kind: type = int):
+    """An argparse ``type`` that also checks a lower bound: ``--k 0`` is an error naming the flag, not a crash later."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
