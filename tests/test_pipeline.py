@@ -106,6 +106,8 @@ def test_asymmetric_student_round_trip(asymmetric_run, tiny_teacher_path):
     np.testing.assert_allclose(student.encode_document(texts), teacher.encode(texts), atol=1e-5)
     # Queries go through the small tower: what the trainer evaluated is what a user gets after loading.
     np.testing.assert_allclose(student.encode_query(texts), QueryEncoder.of(student).encode(texts), atol=1e-5)
+    # A plain encode (BEIR wrappers, most user code) is the query side too, not the teacher under another name.
+    np.testing.assert_allclose(student.encode(texts), student.encode_query(texts), atol=1e-6)
     layers = query_modules(student)[0].auto_model.config.num_hidden_layers
     assert layers == 2
 

@@ -139,7 +139,9 @@ def _architecture(summary: RunSummary, name: str) -> str:
             f'model = SentenceTransformer("{name}")\n'
             'queries = model.encode_query(["does vitamin D prevent fractures?"])  # small query tower\n'
             'documents = model.encode_document(["Vitamin D and bone health ..."])  # the teacher\'s tower\n'
-            "scores = model.similarity(queries, documents)\n```"
+            "scores = model.similarity(queries, documents)\n```\n\n"
+            "A plain `model.encode(...)` is the query side (the `Router`'s default route), as BEIR's wrappers "
+            "and most code expect of a query encoder; embed documents with `encode_document`."
         )
     space = "distilled from the cross-encoder" if summary.cross_encoder else "in the embedding space of the teacher"
     return (

@@ -99,6 +99,16 @@ class TeacherIdentity:
         return fingerprint(self.embedding_settings())
 
 
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # what encode_document looks for, in its order
+
+
+def document_prompt(model: SentenceTransformer) -> str:
+    """The prompt ``model.encode_document`` puts before a document ("" for none)."""
+    prompts = getattr(model, "prompts", None) or {}
+    name = next((n for n in DOCUMENT_PROMPT_NAMES if n in prompts), getattr(model, "default_prompt_name", None))
+    return (prompts.get(name) or "") if name else ""
+
+
 def is_normalized(model: torch.nn.Module) -> bool:
     return any(type(module).__name__ == "Normalize" for module in model.modules())
 
