@@ -119,11 +119,15 @@ class Searcher:
         return [[Hit(doc_id, score) for doc_id, score in hits] for hits in self.index.ranked(embeddings, k)]
 
     def search(self, texts: list[str] | str, k: int = 10) -> list[list[Hit]]:
-        """The top ``k`` documents of every query text, best first."""
+        """The top ``k`` documents of every query text, best first; a blank text is a ``ValueError`` (it has
+        nothing to search for, and its "hits" would be whatever the encoder makes of padding)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             return []
+        blank = [number for number, text in enumerate(texts, 1) if not str(text).strip()]
+        if blank:
+            raise ValueError(f"query {', '.join(map(str, blank))} of {len(texts)} is blank: nothing to search for")
         return self.search_embeddings(self.encode(texts), k)
 
     def retrieve(self, queries: dict[str, str], k: int = 100, batch_size: int = 256) -> dict[str, dict[str, float]]:
