@@ -354,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.add_argument("--reranker", default="", help="cross-encoder that reranks the model's top documents")
     evaluate.add_argument("--rerank-depth", type=int, default=100, help="documents per query the reranker rescores")
-    evaluate.add_argument("--cache-dir", default="", help="cross-encoder score cache (default ~/.cache/embeddistill)")
+    evaluate.add_argument(
+        "--cache-dir",
+        default="",
+        help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     generate = commands.add_parser("generate-queries", help="write unlabeled training queries generated from a corpus")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ir_measures
 import numpy as np
+import yaml
 
 from embeddistill.data import RetrievalDataset, write_trec_run
 from embeddistill.serving.indexing import FlatIndex
@@ -80,20 +81,26 @@ def evaluate_model(
 ) -> dict:
     """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run.
 
+    Embeddings come through the teacher-embedding cache (:class:`~embeddistill.serving.search.CachedEncoder`)
+    under ``cache_dir``, by default the cache of the run whose ``student/`` folder ``model_path`` is (its
+    ``config.yaml`` says where), else ``$EMBEDDISTILL_CACHE`` or ``~/.cache/embeddistill``: evaluating a run's
+    teacher or asymmetric student after ``distill`` encodes no document again.
+
     With ``reranker`` (a cross-encoder), its rescoring of the model's top ``rerank_depth`` documents is evaluated
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
     """
     from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.serving.search import CachedEncoder
 
     model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
     qrels = dataset.qrels(split)
     queries = {qid: dataset.queries[qid] for qid in qrels}
     doc_ids = list(dataset.corpus)
-    logger.info("encoding %d documents and %d queries with %s", len(doc_ids), len(queries), model_path)
-    documents = model.encode_document(
-        [dataset.corpus[d] for d in doc_ids], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True
-    )
-    query_embeddings = model.encode_query(list(queries.values()), batch_size=batch_size, convert_to_numpy=True)
+    cache_dir = cache_dir or run_cache_dir(model_path)
+    logger.info("embedding %d documents and %d queries with %s", len(doc_ids), len(queries), model_path)
+    encoder = CachedEncoder(model, model_path, cache_dir or None, batch_size)
+    documents = encoder.documents([dataset.corpus[d] for d in doc_ids])
+    query_embeddings = encoder.queries(list(queries.values()))
     result = evaluate_embeddings(
         "model", list(queries), query_embeddings, FlatIndex(documents, doc_ids), qrels, metrics, k
     )
@@ -106,6 +113,20 @@ def evaluate_model(
         )
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def run_cache_dir(model_path: str) -> str:
+    """The cache folder recorded by the run whose ``student/`` folder ``model_path`` is ("" if none is)."""
+    folder = Path(model_path).expanduser()
+    config = folder.resolve().parent / "config.yaml"
+    if not folder.is_dir() or not config.is_file():
+        return ""
+    try:
+        recorded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        return str(recorded.get("model", {}).get("cache_dir") or "")
+    except (yaml.YAMLError, AttributeError, OSError) as error:
+        logger.warning("%s: unreadable (%s); using the default cache folder", config, error)
+        return ""
 
 
 def evaluate_reranker(

@@ -185,6 +185,15 @@ def query_modules(student: SentenceTransformer) -> nn.Sequential:
     return nn.Sequential(*_modules_of(student))
 
 
+def document_view(student: SentenceTransformer) -> SentenceTransformer:
+    """An asymmetric student's document route as a model of its own: the teacher's modules (shared, not copied)
+    with the prompt the student's ``encode_document`` uses, so it embeds documents, and finds them in the
+    teacher-embedding cache (:meth:`EmbeddingCache.find_for_documents`), as the teacher does."""
+    route = student[0].sub_modules[DOCUMENT_ROUTE]
+    prompts = {"document": document_prompt(student)}
+    return SentenceTransformer(modules=list(route), device=str(student.device), prompts=prompts).eval()
+
+
 def is_asymmetric(student: SentenceTransformer) -> bool:
     return isinstance(student[0], Router)
 
