@@ -112,6 +112,14 @@ def test_asymmetric_student_round_trip(asymmetric_run, tiny_teacher_path):
     assert layers == 2
 
 
+def test_the_students_model_card_records_no_local_path(asymmetric_run, tiny_teacher_path, scifact_slice):
+    card = (asymmetric_run / "student" / "README.md").read_text()
+    for local in (tiny_teacher_path, str(scifact_slice), str(asymmetric_run), str(asymmetric_run.parent)):
+        assert local not in card
+    assert "an EmbedDistill student of `tiny-teacher`" in card
+    assert "base_model" not in card.split("---\n")[1]  # the tiny teacher is a local folder of unknown origin
+
+
 def test_final_checkpoint_is_complete(asymmetric_run):
     state = json.loads((asymmetric_run / "checkpoint" / "state.json").read_text())
     # Weights, optimiser and RNG, and the label-free check's history and best weights beside them.
