@@ -80,6 +80,8 @@ def test_distill_writes_every_output(asymmetric_run, scifact_slice):
         assert 0.0 <= metrics["student"][metric] <= 1.0
         assert metrics["retention"][metric] == pytest.approx(metrics["student"][metric] / metrics["teacher"][metric])
     assert set(metrics["speedup"]) == {"batch1", "batch32"}
+    latency = metrics["student"]["latency"]  # the median of the repeats and their spread
+    assert latency["batch1_p10_ms"] <= latency["batch1_ms"] <= latency["batch1_p90_ms"]
     assert metrics["training_queries"]["labelled"] > 0 and metrics["training_queries"]["generated"] > 0
     # The student has 2 of the teacher's 4 layers.
     assert metrics["student"]["query_encoder_parameters"] < metrics["teacher"]["query_encoder_parameters"]

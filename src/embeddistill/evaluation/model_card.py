@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from embeddistill.config import DistillConfig, LossConfig
+from embeddistill.evaluation.latency import SPREAD_PERCENTILES
 from embeddistill.losses import TERMS
 from embeddistill.storage import atomic_write_text
 
@@ -179,10 +180,17 @@ def speedup_table(summary: RunSummary) -> str:
     for batch, speedup in summary.speedup.items():
         key = f"{batch}_ms"
         rows.append(
-            f"| {batch.removeprefix('batch')} | {_number(reference.get(key), 2)} | "
-            f"{_number(student.get(key), 2)} | {_number(speedup, 2)}x |"
+            f"| {batch.removeprefix('batch')} | {_milliseconds(reference, key)} | "
+            f"{_milliseconds(student, key)} | {_number(speedup, 2)}x |"
         )
     return "\n".join(rows)
+
+
+def _milliseconds(latency: dict, key: str) -> str:
+    """The median, and the p10-p90 spread of the repeats in brackets where the run recorded it."""
+    low, high = (f"{key.removesuffix('_ms')}_p{p}_ms" for p in SPREAD_PERCENTILES)
+    median = _number(latency.get(key), 2)
+    return f"{median} ({latency[low]:.2f}-{latency[high]:.2f})" if low in latency and high in latency else median
 
 
 def _architecture(summary: RunSummary, name: str) -> str:
@@ -272,7 +280,7 @@ for information retrieval).
 
 {_results(summary)}
 
-Query-encoding CPU latency (median ms per batch, tokenisation included, \
+Query-encoding CPU latency (median ms per batch, tokenisation included, p10-p90 of the repeats in brackets, \
 {environment.threads} threads, torch {environment.torch}):
 
 {speedup_table(summary)}
