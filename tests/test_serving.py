@@ -81,6 +81,8 @@ def test_health_and_openapi(service, searcher):
     body = health.json()
     assert body["status"] == "ok" and body["documents"] == 300 and body["dimension"] == 32
     assert body["limits"]["max_queries"] == 8
+    # Local models by folder name only: any client may ask, where the files lie on the server is not its business.
+    assert body["query_model"] == "student" and body["index_model"] == "tiny-teacher"
     spec = client.get("/openapi.json").json()
     assert "/search" in spec["paths"] and "/health" in spec["paths"]
     request_schema = json.dumps(spec["components"]["schemas"])

@@ -286,15 +286,19 @@ def _schemas(limits: ServiceLimits) -> tuple[type, type]:
 
 
 def _health(searcher: Searcher, batcher: MicroBatcher, limits: ServiceLimits) -> dict:
-    """``GET /health``: what is being served and how much the micro-batcher has gathered so far."""
+    """``GET /health``: what is being served and how much the micro-batcher has gathered so far. Models are named
+    as a model card names them (a local folder by its name only): any client may ask, and where the files lie on
+    the server is none of its business."""
+    from embeddistill.evaluation.model_card import public_name
+
     info = searcher.info
     return {
         "status": "ok",
         "documents": len(searcher.index),
         "index_type": info.get("type"),
         "dimension": searcher.index.dimension,
-        "index_model": info.get("model"),
-        "query_model": searcher.model_name,
+        "index_model": public_name(info.get("model")),
+        "query_model": public_name(searcher.model_name),
         "batches": batcher.batches,
         "batched_queries": batcher.batched_queries,
         "limits": asdict(limits),
