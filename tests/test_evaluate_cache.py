@@ -72,9 +72,9 @@ def test_evaluating_the_teacher_after_distill_encodes_nothing(run, tiny_teacher_
 
 
 def test_indexing_with_a_runs_student_reads_the_teachers_documents(run, scifact_slice, tmp_path, encoded):
-    out, cache = run
+    out, _ = run
     argv = ["index", "--model", str(out / "student"), "--dataset", str(scifact_slice), "--out", str(tmp_path / "i")]
-    assert main([*argv, "--cache-dir", str(cache)]) == 0
+    assert main(argv) == 0  # no --cache-dir: the run's config.yaml says where its cache is
     assert encoded == {"document": 0, "query": 0, "encode_document": 0}
 
 

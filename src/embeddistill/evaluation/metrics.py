@@ -12,7 +12,6 @@ from pathlib import Path
 
 import ir_measures
 import numpy as np
-import yaml
 
 from embeddistill.data import RetrievalDataset, write_trec_run
 from embeddistill.serving.indexing import FlatIndex
@@ -90,7 +89,7 @@ def evaluate_model(
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
     """
     from embeddistill.models.teachers import load_sentence_transformer
-    from embeddistill.serving.search import CachedEncoder
+    from embeddistill.serving.search import CachedEncoder, run_cache_dir
 
     model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
     qrels = dataset.qrels(split)
@@ -113,20 +112,6 @@ def evaluate_model(
         )
     atomic_write_json(out / "metrics.json", summary)
     return summary
-
-
-def run_cache_dir(model_path: str) -> str:
-    """The cache folder recorded by the run whose ``student/`` folder ``model_path`` is ("" if none is)."""
-    folder = Path(model_path).expanduser()
-    config = folder.resolve().parent / "config.yaml"
-    if not folder.is_dir() or not config.is_file():
-        return ""
-    try:
-        recorded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        return str(recorded.get("model", {}).get("cache_dir") or "")
-    except (yaml.YAMLError, AttributeError, OSError) as error:
-        logger.warning("%s: unreadable (%s); using the default cache folder", config, error)
-        return ""
 
 
 def evaluate_reranker(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
+import yaml
 
 from embeddistill.serving.indexing import SearchIndex
 
@@ -140,6 +141,20 @@ class Searcher:
         return run
 
 
+def run_cache_dir(model_path: str) -> str:
+    """The cache folder recorded by the run whose ``student/`` folder ``model_path`` is ("" if none is)."""
+    folder = Path(model_path).expanduser()
+    config = folder.resolve().parent / "config.yaml"
+    if not folder.is_dir() or not config.is_file():
+        return ""
+    try:
+        recorded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        return str(recorded.get("model", {}).get("cache_dir") or "")
+    except (yaml.YAMLError, AttributeError, OSError) as error:
+        logger.warning("%s: unreadable (%s); using the default cache folder", config, error)
+        return ""
+
+
 class CachedEncoder:
     """``encode_document`` / ``encode_query`` of a loaded model, from the teacher-embedding cache wherever it holds
     them, so that ``index`` and ``evaluate`` after ``distill`` encode nothing the run already encoded.
@@ -199,10 +214,10 @@ def encode_corpus(
     trust_remote_code: bool = False,
 ) -> tuple[list[str], np.ndarray]:
     """Document ids and embeddings from ``model.encode_document``, through the teacher-embedding cache
-    (:class:`CachedEncoder`): a second index of the same corpus, or one after ``embeddistill distill`` with the
-    teacher or its asymmetric student, encodes nothing."""
+    (:class:`CachedEncoder`; by default the run's, for a run's ``student/``): a second index of the same corpus,
+    or one after ``embeddistill distill`` with the teacher or its asymmetric student, encodes nothing."""
     from embeddistill.models.teachers import load_sentence_transformer
 
     st = load_sentence_transformer(model, device=device, trust_remote_code=trust_remote_code)
     ids, texts = list(corpus), list(corpus.values())
-    return ids, CachedEncoder(st, model, cache_dir, batch_size).documents(texts)
+    return ids, CachedEncoder(st, model, cache_dir or run_cache_dir(model) or None, batch_size).documents(texts)
