@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,13 +40,14 @@ def exported(student_dir, tmp_path_factory):
     return out, info
 
 
-def test_export_folder(exported):
+def test_export_folder(exported, student_dir):
     out, info = exported
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", EXPORT_INFO, "tokenizer.json", "tokenizer_config.json"} <= names
     saved = json.loads((out / EXPORT_INFO).read_text())
     assert saved["opset"] >= 17 and saved["dimension"] == 32 and saved["normalized"] is True
     assert saved["inputs"][:2] == ["input_ids", "attention_mask"] and saved["output"] == "sentence_embedding"
+    assert saved["source"] == Path(student_dir).name  # the export travels: no local path in it
     assert saved["parity_max_abs_diff_sample"] < 1e-4
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # staging folder renamed away
 
@@ -86,6 +88,9 @@ def test_identical_top10_and_latency(exported, student_dir, scifact_slice, slice
     assert result["identical_top10_fraction"] > 0.95 and result["top10_set_overlap"] > 0.99
     assert set(result["latency"]) == {"batch1", "batch4"}
     assert result["latency"]["batch1"]["onnxruntime_ms"] > 0
+    for engine in ("pytorch", "onnxruntime"):  # the median of the repeats and their spread
+        timed = result["latency"]["batch4"]
+        assert timed[f"{engine}_p10_ms"] <= timed[f"{engine}_ms"] <= timed[f"{engine}_p90_ms"]
 
 
 def test_searcher_accepts_an_onnx_folder(exported, student_dir, slice_index):

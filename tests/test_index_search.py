@@ -10,6 +10,7 @@ import pytest
 from embeddistill.cli import main
 from embeddistill.data import RetrievalDataset, read_trec_run
 from embeddistill.serving.indexing import FlatIndex, SearchIndex
+from embeddistill.serving.search import Searcher
 
 
 def _unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
@@ -122,7 +123,6 @@ def test_index_command_uses_teacher_cache(tiny_index, tiny_teacher_path, scifact
 
 def test_searcher_matches_exact_search(tiny_index, tiny_teacher_path, scifact_slice):
     from embeddistill.models.teachers import load_sentence_transformer
-    from embeddistill.serving.search import Searcher
 
     folder, _ = tiny_index
     dataset = RetrievalDataset.load(str(scifact_slice))
@@ -186,3 +186,12 @@ def test_search_errors(tiny_index, tiny_teacher_path, tmp_path):
     with pytest.raises(SystemExit):
         main(["search", str(folder), "--model", tiny_teacher_path])
     assert main(["search", str(tmp_path), "--model", tiny_teacher_path, "q"]) == 2  # not an index folder
+
+
+def test_a_blank_query_is_refused_not_searched(tiny_index, tiny_teacher_path, capsys):
+    folder, _ = tiny_index
+    searcher = Searcher(folder, tiny_teacher_path)
+    with pytest.raises(ValueError, match="query 2 of 3 is blank"):
+        searcher.search(["vitamin D", "  \t", "coral reefs"], 5)
+    assert main(["search", str(folder), "--model", tiny_teacher_path, " "]) == 2
+    assert "blank" in capsys.readouterr().err

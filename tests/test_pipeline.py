@@ -80,6 +80,8 @@ def test_distill_writes_every_output(asymmetric_run, scifact_slice):
         assert 0.0 <= metrics["student"][metric] <= 1.0
         assert metrics["retention"][metric] == pytest.approx(metrics["student"][metric] / metrics["teacher"][metric])
     assert set(metrics["speedup"]) == {"batch1", "batch32"}
+    latency = metrics["student"]["latency"]  # the median of the repeats and their spread
+    assert latency["batch1_p10_ms"] <= latency["batch1_ms"] <= latency["batch1_p90_ms"]
     assert metrics["training_queries"]["labelled"] > 0 and metrics["training_queries"]["generated"] > 0
     # The student has 2 of the teacher's 4 layers.
     assert metrics["student"]["query_encoder_parameters"] < metrics["teacher"]["query_encoder_parameters"]
@@ -106,8 +108,18 @@ def test_asymmetric_student_round_trip(asymmetric_run, tiny_teacher_path):
     np.testing.assert_allclose(student.encode_document(texts), teacher.encode(texts), atol=1e-5)
     # Queries go through the small tower: what the trainer evaluated is what a user gets after loading.
     np.testing.assert_allclose(student.encode_query(texts), QueryEncoder.of(student).encode(texts), atol=1e-5)
+    # A plain encode (BEIR wrappers, most user code) is the query side too, not the teacher under another name.
+    np.testing.assert_allclose(student.encode(texts), student.encode_query(texts), atol=1e-6)
     layers = query_modules(student)[0].auto_model.config.num_hidden_layers
     assert layers == 2
+
+
+def test_the_students_model_card_records_no_local_path(asymmetric_run, tiny_teacher_path, scifact_slice):
+    card = (asymmetric_run / "student" / "README.md").read_text()
+    for local in (tiny_teacher_path, str(scifact_slice), str(asymmetric_run), str(asymmetric_run.parent)):
+        assert local not in card
+    assert "an EmbedDistill student of `tiny-teacher`" in card
+    assert "base_model" not in card.split("---\n")[1]  # the tiny teacher is a local folder of unknown origin
 
 
 def test_final_checkpoint_is_complete(asymmetric_run):

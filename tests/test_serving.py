@@ -81,6 +81,8 @@ def test_health_and_openapi(service, searcher):
     body = health.json()
     assert body["status"] == "ok" and body["documents"] == 300 and body["dimension"] == 32
     assert body["limits"]["max_queries"] == 8
+    # Local models by folder name only: any client may ask, where the files lie on the server is not its business.
+    assert body["query_model"] == "student" and body["index_model"] == "tiny-teacher"
     spec = client.get("/openapi.json").json()
     assert "/search" in spec["paths"] and "/health" in spec["paths"]
     request_schema = json.dumps(spec["components"]["schemas"])
@@ -133,6 +135,11 @@ def test_concurrent_requests_are_micro_batched(service, searcher):
         (json.dumps({"queries": ["q"], "k": 0}).encode(), 422, "greater than or equal to 1"),
         (json.dumps({"queries": ["x" * 301]}).encode(), 422, "at most 300 characters"),
         (json.dumps({"queries": [""]}).encode(), 422, "at least 1 character"),
+        (json.dumps({"queries": ["q", " \t\n "]}).encode(), 422, "the query is blank"),
+        (json.dumps({"queries": ["\u200b\u00a0"]}).encode(), 422, "the query is blank"),  # invisible only
+        (b'{"queries": ["\\ud800"]}', 422, "valid string"),  # a lone surrogate: a 422, not a 500
+        (json.dumps({"queries": ["q"], "k": True}).encode(), 422, "valid integer"),
+        (json.dumps({"queries": ["q"], "k": "3"}).encode(), 422, "valid integer"),
         (json.dumps({"queries": [3]}).encode(), 422, "valid string"),
         (json.dumps({"queries": ["q"], "extra": 1}).encode(), 422, "Extra inputs"),
     ],
@@ -142,6 +149,18 @@ def test_bad_requests(service, payload, status, message):
     response = client.post("/search", content=payload, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert message in response.text
+
+
+@pytest.mark.slow
+def test_a_422_echoes_only_the_start_of_a_huge_input_and_says_its_length(service):
+    client, _ = service
+    response = client.post("/search", json={"queries": ["x" * 15_000]})  # under the 20 kB body limit
+    assert response.status_code == 422 and "at most 300 characters" in response.text
+    assert len(response.content) < 1000
+    echoed = response.json()["detail"][0]["input"]
+    assert echoed.startswith("x" * 200) and "15000 characters" in echoed
+    too_many = client.post("/search", json={"queries": ["y" * 250] * 60})  # 60 queries, the limit is 8
+    assert too_many.status_code == 422 and "at most 8" in too_many.text and len(too_many.content) < 1000
 
 
 @pytest.mark.slow

@@ -80,20 +80,26 @@ def evaluate_model(
 ) -> dict:
     """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run.
 
+    Embeddings come through the teacher-embedding cache (:class:`~embeddistill.serving.search.CachedEncoder`)
+    under ``cache_dir``, by default the cache of the run whose ``student/`` folder ``model_path`` is (its
+    ``config.yaml`` says where), else ``$EMBEDDISTILL_CACHE`` or ``~/.cache/embeddistill``: evaluating a run's
+    teacher or asymmetric student after ``distill`` encodes no document again.
+
     With ``reranker`` (a cross-encoder), its rescoring of the model's top ``rerank_depth`` documents is evaluated
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
     """
     from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.serving.search import CachedEncoder, run_cache_dir
 
     model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
     qrels = dataset.qrels(split)
     queries = {qid: dataset.queries[qid] for qid in qrels}
     doc_ids = list(dataset.corpus)
-    logger.info("encoding %d documents and %d queries with %s", len(doc_ids), len(queries), model_path)
-    documents = model.encode_document(
-        [dataset.corpus[d] for d in doc_ids], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True
-    )
-    query_embeddings = model.encode_query(list(queries.values()), batch_size=batch_size, convert_to_numpy=True)
+    cache_dir = cache_dir or run_cache_dir(model_path)
+    logger.info("embedding %d documents and %d queries with %s", len(doc_ids), len(queries), model_path)
+    encoder = CachedEncoder(model, model_path, cache_dir or None, batch_size)
+    documents = encoder.documents([dataset.corpus[d] for d in doc_ids])
+    query_embeddings = encoder.queries(list(queries.values()))
     result = evaluate_embeddings(
         "model", list(queries), query_embeddings, FlatIndex(documents, doc_ids), qrels, metrics, k
     )

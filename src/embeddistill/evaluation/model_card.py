@@ -11,14 +11,17 @@ from the config's help texts, so a new loss term appears here without an edit. A
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
 from embeddistill.config import DistillConfig, LossConfig
+from embeddistill.evaluation.latency import SPREAD_PERCENTILES
 from embeddistill.losses import TERMS
 from embeddistill.storage import atomic_write_text
 
@@ -51,26 +54,83 @@ def _load_config(student_dir: Path, config: dict | None) -> dict:
     return {}
 
 
-def hub_name(teacher: str) -> str:
-    """The teacher as a Hub-style name.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "org/name", as the Hub spells them
+DECLARED_NAME_KEY = "model_id"  # in a local folder's config_sentence_transformers.json: the Hub id it declares
 
-    A Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/HASH``) becomes ``ORG/NAME``; any other local
-    folder (e.g. an offline copy) its folder name (pass ``base_model=`` to :func:`write_model_card` to say more).
-    """
-    looks_local = teacher.startswith(("/", ".", "~")) or Path(teacher).expanduser().exists()
-    if not looks_local:
-        return teacher
-    for part in reversed(Path(teacher).parts):
+
+def is_local_path(value: str) -> bool:
+    """Whether ``value`` names something on this machine rather than a Hub id (what the loaders would do too)."""
+    return bool(value) and (value.startswith(("/", "~", ".", "\\")) or Path(value).expanduser().exists())
+
+
+def _snapshot_id(path: str) -> str | None:
+    """``ORG/NAME`` of a Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/HASH``), else None."""
+    for part in reversed(Path(path).parts):
         if part.startswith("models--"):
             return part.removeprefix("models--").replace("--", "/")
-    return Path(teacher.rstrip("/")).name
+    return None
+
+
+def public_name(value: str) -> str:
+    """A model, dataset or folder as a published card may name it: a Hub id as it is; a local path by its folder
+    name (a Hugging Face cache snapshot by its Hub id), never by where it lies on this machine."""
+    if not isinstance(value, str) or not is_local_path(value):
+        return value
+    return _snapshot_id(value) or Path(value.rstrip("/\\")).expanduser().name
+
+
+def _declared_name(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    declared = config.get(DECLARED_NAME_KEY) if isinstance(config, dict) else None
+    return declared if isinstance(declared, str) and "/" in declared and HUB_ID.match(declared) else None
+
+
+def base_model_of(teacher: str) -> str | None:
+    """The card's ``base_model``: only ever a Hub id. The teacher's own name when it is one, the Hub id of a Hugging
+    Face cache snapshot, the ``model_id`` a local folder's ``config_sentence_transformers.json`` declares; else None
+    (a local folder of unknown origin: pass ``base_model=`` to :func:`write_model_card` to say what it is)."""
+    if not teacher:
+        return None
+    if not is_local_path(teacher):
+        return teacher if HUB_ID.match(teacher) else None
+    return _snapshot_id(teacher) or _declared_name(Path(teacher).expanduser())
 
 
 def front_matter(summary: RunSummary, base_model: str | None = None) -> dict:
     meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": list(TAGS)}
-    if base_model or summary.teacher.model:
-        meta["base_model"] = base_model or hub_name(summary.teacher.model)
+    base_model = base_model or base_model_of(summary.teacher.model)
+    if base_model:
+        meta["base_model"] = base_model
     return meta
+
+
+def public_config(value):
+    """The run's configuration with every local path replaced by :func:`public_name`."""
+    if isinstance(value, dict):
+        return {key: public_config(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_config(item) for item in value]
+    return public_name(value)
+
+
+def public_summary(summary: RunSummary) -> RunSummary:
+    """The summary with its models and dataset named by :func:`public_name`."""
+
+    def system(described):
+        return dataclasses.replace(described, model=public_name(described.model))
+
+    ce = summary.cross_encoder
+    ce = dataclasses.replace(ce, first_stage=system(ce.first_stage)) if ce else None
+    return dataclasses.replace(
+        summary,
+        dataset=public_name(summary.dataset),
+        teacher=system(summary.teacher),
+        student=system(summary.student),
+        cross_encoder=ce,
+    )
 
 
 def retention_table(summary: RunSummary) -> str:
@@ -120,10 +180,17 @@ def speedup_table(summary: RunSummary) -> str:
     for batch, speedup in summary.speedup.items():
         key = f"{batch}_ms"
         rows.append(
-            f"| {batch.removeprefix('batch')} | {_number(reference.get(key), 2)} | "
-            f"{_number(student.get(key), 2)} | {_number(speedup, 2)}x |"
+            f"| {batch.removeprefix('batch')} | {_milliseconds(reference, key)} | "
+            f"{_milliseconds(student, key)} | {_number(speedup, 2)}x |"
         )
     return "\n".join(rows)
+
+
+def _milliseconds(latency: dict, key: str) -> str:
+    """The median, and the p10-p90 spread of the repeats in brackets where the run recorded it."""
+    low, high = (f"{key.removesuffix('_ms')}_p{p}_ms" for p in SPREAD_PERCENTILES)
+    median = _number(latency.get(key), 2)
+    return f"{median} ({latency[low]:.2f}-{latency[high]:.2f})" if low in latency and high in latency else median
 
 
 def _architecture(summary: RunSummary, name: str) -> str:
@@ -139,7 +206,9 @@ def _architecture(summary: RunSummary, name: str) -> str:
             f'model = SentenceTransformer("{name}")\n'
             'queries = model.encode_query(["does vitamin D prevent fractures?"])  # small query tower\n'
             'documents = model.encode_document(["Vitamin D and bone health ..."])  # the teacher\'s tower\n'
-            "scores = model.similarity(queries, documents)\n```"
+            "scores = model.similarity(queries, documents)\n```\n\n"
+            "A plain `model.encode(...)` is the query side (the `Router`'s default route), as BEIR's wrappers "
+            "and most code expect of a query encoder; embed documents with `encode_document`."
         )
     space = "distilled from the cross-encoder" if summary.cross_encoder else "in the embedding space of the teacher"
     return (
@@ -175,9 +244,9 @@ def render_model_card(
 ) -> str:
     config = config or {}
     typed = DistillConfig.from_dict(config) if config else None
-    counts, timings, environment = summary.training_queries, summary.timings, summary.environment
     meta = yaml.safe_dump(front_matter(summary, base_model), sort_keys=False, allow_unicode=True).strip()
-    configuration = _configuration(config)
+    summary, configuration = public_summary(summary), _configuration(public_config(config))
+    counts, timings, environment = summary.training_queries, summary.timings, summary.environment
     teacher = summary.teacher
     return f"""---
 {meta}
@@ -211,7 +280,7 @@ for information retrieval).
 
 {_results(summary)}
 
-Query-encoding CPU latency (median ms per batch, tokenisation included, \
+Query-encoding CPU latency (median ms per batch, tokenisation included, p10-p90 of the repeats in brackets, \
 {environment.threads} threads, torch {environment.torch}):
 
 {speedup_table(summary)}
@@ -243,8 +312,10 @@ def write_model_card(
     """Write ``README.md`` into ``student_dir`` (replacing sentence-transformers' generic card); return its path.
 
     ``config``: the run configuration as a dict; by default read from ``config.yaml`` beside ``student_dir``.
-    ``base_model``: the Hub name of the teacher for the front matter (default: the teacher's name, or the folder
-    name of a local teacher path).
+    ``base_model``: the Hub id of the teacher for the front matter (default: :func:`base_model_of` the teacher;
+    none for a local folder of unknown origin). The card names local models, datasets and folders by their folder
+    name only (:func:`public_name`): it is published with the student, and where files lay on the machine that
+    trained it is no one else's business and no use to them.
     """
     student_dir = Path(student_dir)
     if not student_dir.is_dir():

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embeddistill.evaluation.latency import SPREAD_PERCENTILES, medians
 from embeddistill.storage import atomic_write_text
 
 if TYPE_CHECKING:  # the summary type only: evaluation never imports the pipeline at run time
@@ -66,10 +67,34 @@ def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> l
     ]
 
 
+def _spread(latency: dict | None) -> list[str]:
+    """``"1: 9.80-11.02"`` per batch size whose repeats' spread (p10 and p90 ms) the result holds."""
+    low, high = SPREAD_PERCENTILES
+    ranges = []
+    for key in medians(latency or {}):
+        stem = key.removesuffix("_ms")
+        if f"{stem}_p{low}_ms" in latency and f"{stem}_p{high}_ms" in latency:
+            size = stem.removeprefix("batch")
+            ranges.append(f"{size}: {latency[f'{stem}_p{low}_ms']:.2f}-{latency[f'{stem}_p{high}_ms']:.2f}")
+    return ranges
+
+
+def _spread_line(summary: RunSummary) -> str:
+    """The spread of the latency repeats per system, where the run recorded it."""
+    name = "first stage" if summary.cross_encoder else "teacher"
+    parts = [
+        f"{label} (batch {', '.join(ranges)})"
+        for label, system in ((name, summary.latency_reference), ("student", summary.student))
+        if (ranges := _spread(system.latency))
+    ]
+    low, high = SPREAD_PERCENTILES
+    return f"\nSpread of the repeats, p{low}-p{high} ms: {'; '.join(parts)}." if parts else ""
+
+
 def report_table(summary: RunSummary) -> str:
     """A Markdown table: quality, retention, CPU latency and size of every system of the run."""
     metrics = list(summary.retention if summary.labelled else summary.student.metrics)
-    batches = list(summary.student.latency)
+    batches = list(medians(summary.student.latency or {}))
     header = [
         "",
         *metrics,
@@ -136,7 +161,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
 {report_table(summary)}
 
 CPU latency: median milliseconds to embed a batch of queries (tokenisation included),
-{summary.environment.threads} threads.
+{summary.environment.threads} threads.{_spread_line(summary)}
 
 Training queries: {counts["labelled"]} labelled, {counts["extra"]} extra unlabeled,
 {counts["generated"]} generated{roundtrip}.

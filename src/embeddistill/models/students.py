@@ -3,7 +3,10 @@
 * **Asymmetric** (docs/METHOD.md, 3): a small trainable query tower and the teacher's own document tower, frozen.
   Saved as a standard sentence-transformers model whose ``Router`` sends ``encode_query`` through the small
   tower (+ projection) and ``encode_document`` through the teacher, so the student searches the teacher's
-  index and only the cheap query side runs online.
+  index and only the cheap query side runs online. A plain ``encode`` (what BEIR wrappers and most user code
+  call) takes the query route too: the Router's ``default_route`` is ``"query"``. The student keeps the prompt
+  the teacher's ``encode_document`` uses, so its documents are the teacher's; its query tower was trained on
+  plain queries and has none.
 * **Symmetric**: one small tower for both sides, both trained; document embedding matching applies.
 
 A query tower is either any sentence-transformers / Hugging Face model, or ``teacher:N``: the teacher's
@@ -29,11 +32,12 @@ except ImportError:  # pragma: no cover - depends on the installed version
     from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
 
 from embeddistill.models.encoding import embedding_dimension
-from embeddistill.models.teachers import is_normalized, load_sentence_transformer
+from embeddistill.models.teachers import document_prompt, is_normalized, load_sentence_transformer
 
 logger = logging.getLogger(__name__)
 
 _TEACHER_PREFIX = re.compile(r"^teacher:(\d+)$")
+QUERY_ROUTE, DOCUMENT_ROUTE = "query", "document"
 
 
 def _transformer_layers(model: nn.Module) -> tuple[nn.Module, str]:
@@ -163,8 +167,12 @@ def build_student(
     if asymmetric:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-        router = Router.for_query_document(query_modules=tower, document_modules=_modules_of(teacher))
-        model = SentenceTransformer(modules=[router], device=device)
+        # The query route is the default: a plain ``encode`` is the cheap side, not the teacher under another name.
+        router = Router.for_query_document(
+            query_modules=tower, document_modules=_modules_of(teacher), default_route=QUERY_ROUTE
+        )
+        prompts = {"query": "", "document": document_prompt(teacher)}
+        model = SentenceTransformer(modules=[router], device=device, prompts=prompts)
     else:
         model = SentenceTransformer(modules=tower, device=device)
     return model
@@ -174,8 +182,17 @@ def query_modules(student: SentenceTransformer) -> nn.Sequential:
     """The modules that embed a query: the Router's query route, or the whole model."""
     first = student[0]
     if isinstance(first, Router):
-        return first.sub_modules["query"]
+        return first.sub_modules[QUERY_ROUTE]
     return nn.Sequential(*_modules_of(student))
+
+
+def document_view(student: SentenceTransformer) -> SentenceTransformer:
+    """An asymmetric student's document route as a model of its own: the teacher's modules (shared, not copied)
+    with the prompt the student's ``encode_document`` uses, so it embeds documents, and finds them in the
+    teacher-embedding cache (:meth:`EmbeddingCache.find_for_documents`), as the teacher does."""
+    route = student[0].sub_modules[DOCUMENT_ROUTE]
+    prompts = {"document": document_prompt(student)}
+    return SentenceTransformer(modules=list(route), device=str(student.device), prompts=prompts).eval()
 
 
 def is_asymmetric(student: SentenceTransformer) -> bool:

@@ -25,7 +25,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks
-from embeddistill.storage import ShardedCache, fingerprint, text_key, weights_hash
+from embeddistill.storage import ShardedCache, fingerprint, read_manifest, text_key, weights_hash
 from embeddistill.training import distributed
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,20 @@ class TeacherIdentity:
         return fingerprint(self.embedding_settings())
 
 
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # what encode_document looks for, in its order
+
+
+def document_prompt(model: SentenceTransformer) -> str:
+    """The prompt ``model.encode_document`` puts before a document ("" for none)."""
+    return prompt_for_documents(getattr(model, "prompts", None) or {}, getattr(model, "default_prompt_name", None))
+
+
+def prompt_for_documents(prompts: dict, default_name: str | None = None) -> str:
+    """The document prompt of a ``prompts`` dict, looked up as ``encode_document`` looks it up."""
+    name = next((n for n in DOCUMENT_PROMPT_NAMES if n in prompts), default_name)
+    return (prompts.get(name) or "") if name else ""
+
+
 def is_normalized(model: torch.nn.Module) -> bool:
     return any(type(module).__name__ == "Normalize" for module in model.modules())
 
@@ -125,6 +139,30 @@ class EmbeddingCache(ShardedCache):
 
     def _comparable(self, stored: dict) -> dict:
         return {k: v for k, v in stored.items() if k != "name"}  # one model may have many paths
+
+    @classmethod
+    def find_for_documents(
+        cls, root: str | os.PathLike, model: SentenceTransformer, shard_size: int = DEFAULT_SHARD_SIZE
+    ) -> EmbeddingCache | None:
+        """The cache under ``root`` whose teacher embeds documents exactly as ``model`` does, or None.
+
+        Same weights, pooling, normalisation, maximum length, dimension and document prompt; the name and the query
+        prompt may differ. This is how an asymmetric student's document route (the teacher's own tower, saved
+        inside the student) finds the documents its teacher's run cached: only its ``document`` rows are to be
+        read from the cache it returns.
+        """
+        wanted = TeacherIdentity.of("", model).embedding_settings()
+        wanted_prompt = prompt_for_documents(wanted.pop("prompts"))
+        for manifest in sorted(Path(root).expanduser().glob("*/manifest.json")):
+            try:  # other caches (cross-encoder scores, generated queries) share the root and have no teacher
+                stored = read_manifest(manifest, cls.identity_field)
+                identity = TeacherIdentity(**stored)
+            except (ValueError, TypeError):
+                continue
+            settings = identity.embedding_settings()
+            if prompt_for_documents(settings.pop("prompts")) == wanted_prompt and settings == wanted:
+                return cls(root, identity, shard_size=shard_size)
+        return None
 
     def _serialise(self, payload: np.ndarray) -> bytes:
         buffer = io.BytesIO()

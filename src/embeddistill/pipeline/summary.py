@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from embeddistill.evaluation.latency import medians
 from embeddistill.runtime import environment_record
 
 # metrics.json keeps the loss-weight names committed cross-encoder results use (training.loss_weights).
@@ -228,5 +229,5 @@ def ratios(numerators: dict[str, float], denominators: dict[str, float]) -> dict
 
 
 def speedup(reference: dict[str, float], student: dict[str, float]) -> dict[str, float]:
-    """Reference latency over student latency per batch size (``batch1_ms`` -> ``batch1``)."""
-    return {key.removesuffix("_ms"): value for key, value in ratios(reference, student).items()}
+    """Reference latency over student latency per batch size (``batch1_ms`` -> ``batch1``), of the medians."""
+    return {key.removesuffix("_ms"): value for key, value in ratios(reference, medians(student)).items()}

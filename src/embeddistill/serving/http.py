@@ -9,7 +9,9 @@ thread, so the event loop stays free and the encoder runs on batches instead of 
 
 Limits: the body size (``max_request_bytes`` -> 413, checked on the bytes actually received, not only on
 Content-Length), the number of queries, ``k`` and the query length (-> 422, from the request schema, which the
-OpenAPI spec documents). The default bind address is loopback.
+OpenAPI spec documents). A query of whitespace only is refused like an empty one, and ``k`` must be a JSON
+integer (not ``true`` or ``"10"``). A 422 names what is wrong and echoes at most ``ECHO_CHARS`` characters of the
+offending input, with its full length. The default bind address is loopback.
 """
 
 import asyncio
@@ -28,6 +30,8 @@ from embeddistill.extras import require
 from embeddistill.serving.search import Searcher
 
 logger = logging.getLogger(__name__)
+
+ECHO_CHARS = 200  # what a 422 repeats of a rejected value; the rest is summarised by its length
 
 
 @dataclass
@@ -213,18 +217,58 @@ class MicroBatcher:
                 start += len(item_texts)
 
 
+def _searchable(query: str) -> str:
+    """A query with something to search for (an empty one is the schema's ``min_length``)."""
+    if not any(char.isprintable() and not char.isspace() for char in query):
+        raise ValueError("the query is blank (only whitespace or invisible characters): there is nothing to search for")
+    return query
+
+
+def clipped(value):
+    """What a 422 echoes of a rejected value: short ones as they are, long ones cut, with their full length.
+
+    Text that is not valid Unicode (a lone surrogate, ``"\\ud800"``, which JSON allows) is echoed escaped: as it
+    is, the response itself could not be encoded and the client got a 500 instead of the 422.
+    """
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(safe) <= ECHO_CHARS:
+        return value if safe == text else safe
+    return f"{safe[:ECHO_CHARS]}... (cut: {len(text)} characters in all)"
+
+
+async def _validation_error(request, error):
+    """422 with every problem the schema found, each with at most ``ECHO_CHARS`` characters of its input."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+
+    details = []
+    for problem in error.errors():
+        problem = dict(problem)
+        if "input" in problem:
+            problem["input"] = clipped(problem["input"])
+        if "ctx" in problem:  # a validator's exception is in ctx; its message is already in msg
+            problem["ctx"] = {k: v for k, v in problem["ctx"].items() if not isinstance(v, Exception)} or None
+            if problem["ctx"] is None:
+                del problem["ctx"]
+        details.append(problem)
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(details)})
+
+
 def _schemas(limits: ServiceLimits) -> tuple[type, type]:
     """The request and response models; built per app because the limits are part of the request schema."""
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-    Query = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_query_chars)]
+    Query = Annotated[
+        str, StringConstraints(min_length=1, max_length=limits.max_query_chars), AfterValidator(_searchable)
+    ]
 
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         queries: list[Query] = Field(
             min_length=1, max_length=limits.max_queries, description="query texts, searched independently"
         )
-        k: int = Field(10, ge=1, le=limits.max_k, description="documents per query")
+        k: int = Field(10, ge=1, le=limits.max_k, strict=True, description="documents per query")
 
     class SearchHit(BaseModel):
         id: str
@@ -243,15 +287,19 @@ def _schemas(limits: ServiceLimits) -> tuple[type, type]:
 
 
 def _health(searcher: Searcher, batcher: MicroBatcher, limits: ServiceLimits) -> dict:
-    """``GET /health``: what is being served and how much the micro-batcher has gathered so far."""
+    """``GET /health``: what is being served and how much the micro-batcher has gathered so far. Models are named
+    as a model card names them (a local folder by its name only): any client may ask, and where the files lie on
+    the server is none of its business."""
+    from embeddistill.evaluation.model_card import public_name
+
     info = searcher.info
     return {
         "status": "ok",
         "documents": len(searcher.index),
         "index_type": info.get("type"),
         "dimension": searcher.index.dimension,
-        "index_model": info.get("model"),
-        "query_model": searcher.model_name,
+        "index_model": public_name(info.get("model")),
+        "query_model": public_name(searcher.model_name),
         "batches": batcher.batches,
         "batched_queries": batcher.batched_queries,
         "limits": asdict(limits),
@@ -270,6 +318,7 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
     """The FastAPI application (wrapped in the body-size limit) serving ``searcher``."""
     require("serve", "fastapi", "pydantic", purpose="the HTTP service")
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
 
     limits = limits or ServiceLimits()
     SearchRequest, SearchResponse = _schemas(limits)
@@ -292,6 +341,7 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
         lifespan=lifespan,
     )
     app.state.searcher, app.state.batcher, app.state.limits = searcher, batcher, limits
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
     @app.get("/health")
     async def health() -> dict:

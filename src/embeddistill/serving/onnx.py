@@ -96,11 +96,13 @@ def _export_info(model, encoder, input_names: list[str], opset: int, exporter: s
     """``export_info.json``: what was exported and how, so a loader can check the folder before serving it."""
     import torch
 
+    from embeddistill.evaluation.model_card import public_name  # the export travels: no local path in it
+
     with torch.inference_mode():
         probe = encoder(encoder.tokenize(["x"]))
     return {
         "format": "embeddistill-onnx-query-encoder/1",
-        "source": str(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
+        "source": public_name(str(model)) if isinstance(model, str | os.PathLike) else type(model).__name__,
         "onnx": ONNX_FILE,
         "inputs": input_names,
         "output": OUTPUT_NAME,
@@ -244,14 +246,17 @@ class OnnxQueryEncoder:
         return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def _median_ms(function, batches: list[list[str]], warmup: int) -> float:
+def _timed_ms(name: str, function, batches: list[list[str]], warmup: int) -> dict[str, float]:
+    """``{name}_ms``: the median milliseconds of ``function`` over the batches after ``warmup``; ``{name}_p10_ms``
+    and ``{name}_p90_ms``: the spread of those repeats."""
     timings = []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         function(batch)
         if i >= warmup:
             timings.append((time.perf_counter() - start) * 1000)
-    return statistics.median(timings)
+    low, high = np.percentile(timings, [10, 90])
+    return {f"{name}_ms": statistics.median(timings), f"{name}_p10_ms": float(low), f"{name}_p90_ms": float(high)}
 
 
 def compare_with_pytorch(
@@ -268,7 +273,7 @@ def compare_with_pytorch(
 
     Parity: max abs difference of the embeddings and, given a :class:`~embeddistill.serving.indexing.SearchIndex`,
     how many queries get the identical top-``k`` list (same ids, same order). Latency: median milliseconds per
-    batch, tokenisation included for both, ONNX Runtime with as many threads as torch.
+    batch and the p10/p90 of the repeats, tokenisation included for both, ONNX Runtime with as many threads as torch.
     """
     import torch
 
@@ -302,9 +307,9 @@ def compare_with_pytorch(
     with torch.inference_mode():
         for size in batch_sizes:
             batches = [[texts[(i * size + j) % len(texts)] for j in range(size)] for i in range(repeats + warmup)]
-            torch_ms = _median_ms(lambda b: encoder(encoder.tokenize(b)), batches, warmup)
-            onnx_ms = _median_ms(lambda b: runtime.run(runtime.tokenize(b)), batches, warmup)
-            latency[f"batch{size}"] = {"pytorch_ms": torch_ms, "onnxruntime_ms": onnx_ms, "speedup": torch_ms / onnx_ms}
+            timed = _timed_ms("pytorch", lambda b: encoder(encoder.tokenize(b)), batches, warmup)
+            timed |= _timed_ms("onnxruntime", lambda b: runtime.run(runtime.tokenize(b)), batches, warmup)
+            latency[f"batch{size}"] = {**timed, "speedup": timed["pytorch_ms"] / timed["onnxruntime_ms"]}
     result["latency"] = latency
     result["threads"] = threads
     result["repeats"] = repeats

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
+import yaml
 
 from embeddistill.serving.indexing import SearchIndex
 
@@ -119,11 +120,15 @@ class Searcher:
         return [[Hit(doc_id, score) for doc_id, score in hits] for hits in self.index.ranked(embeddings, k)]
 
     def search(self, texts: list[str] | str, k: int = 10) -> list[list[Hit]]:
-        """The top ``k`` documents of every query text, best first."""
+        """The top ``k`` documents of every query text, best first; a blank text is a ``ValueError`` (it has
+        nothing to search for, and its "hits" would be whatever the encoder makes of padding)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             return []
+        blank = [number for number, text in enumerate(texts, 1) if not str(text).strip()]
+        if blank:
+            raise ValueError(f"query {', '.join(map(str, blank))} of {len(texts)} is blank: nothing to search for")
         return self.search_embeddings(self.encode(texts), k)
 
     def retrieve(self, queries: dict[str, str], k: int = 100, batch_size: int = 256) -> dict[str, dict[str, float]]:
@@ -136,6 +141,70 @@ class Searcher:
         return run
 
 
+def run_cache_dir(model_path: str) -> str:
+    """The cache folder recorded by the run whose ``student/`` folder ``model_path`` is ("" if none is)."""
+    folder = Path(model_path).expanduser()
+    config = folder.resolve().parent / "config.yaml"
+    if not folder.is_dir() or not config.is_file():
+        return ""
+    try:
+        recorded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        return str(recorded.get("model", {}).get("cache_dir") or "")
+    except (yaml.YAMLError, AttributeError, OSError) as error:
+        logger.warning("%s: unreadable (%s); using the default cache folder", config, error)
+        return ""
+
+
+class CachedEncoder:
+    """``encode_document`` / ``encode_query`` of a loaded model, from the teacher-embedding cache wherever it holds
+    them, so that ``index`` and ``evaluate`` after ``distill`` encode nothing the run already encoded.
+
+    * An asymmetric student: documents go through its document route, the teacher's tower, and are looked up in
+      the cache its teacher filled (:meth:`EmbeddingCache.find_for_documents`; when none matches they are
+      encoded, with a log line saying so); queries go through its small query tower, uncached (it is cheap).
+    * Any other model (a teacher, a symmetric student): documents and queries through its own cache, made on
+      first use, as the teacher's is during ``distill``.
+    """
+
+    def __init__(self, model, name: str, cache_dir: str | os.PathLike | None = None, batch_size: int = 32):
+        from embeddistill.models.students import document_view, is_asymmetric
+        from embeddistill.models.teachers import EmbeddingCache, TeacherIdentity, cache_shard_size, default_cache_dir
+
+        self.model, self.batch_size = model.eval(), batch_size
+        root = Path(cache_dir or default_cache_dir()).expanduser()
+        self.asymmetric = is_asymmetric(model)
+        if self.asymmetric:
+            self.document_model = document_view(model)
+            self.cache = EmbeddingCache.find_for_documents(root, self.document_model, cache_shard_size())
+            if self.cache is None:
+                logger.info("%s: no teacher-embedding cache under %s holds its document tower; encoding", name, root)
+            else:
+                logger.info("%s: documents from its teacher's embedding cache %s", name, self.cache.dir)
+        else:
+            self.document_model = model
+            self.cache = EmbeddingCache(root, TeacherIdentity.of(name, model), shard_size=cache_shard_size())
+
+    def documents(self, texts: list[str], desc: str = "corpus") -> np.ndarray:
+        from embeddistill.models.encoding import DOCUMENT
+
+        if self.cache is None:
+            embeddings = self.model.encode_document(
+                texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=True
+            )
+        else:
+            embeddings = self.cache.embed(self.document_model, texts, DOCUMENT, self.batch_size, desc)
+        return np.asarray(embeddings, dtype=np.float32)
+
+    def queries(self, texts: list[str], desc: str = "queries") -> np.ndarray:
+        from embeddistill.models.encoding import QUERY
+
+        if self.asymmetric:
+            embeddings = self.model.encode_query(texts, batch_size=self.batch_size, convert_to_numpy=True)
+        else:
+            embeddings = self.cache.embed(self.model, texts, QUERY, self.batch_size, desc)
+        return np.asarray(embeddings, dtype=np.float32)
+
+
 def encode_corpus(
     model: str,
     corpus: dict[str, str],
@@ -144,28 +213,11 @@ def encode_corpus(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[list[str], np.ndarray]:
-    """Document ids and embeddings from ``model.encode_document``.
+    """Document ids and embeddings from ``model.encode_document``, through the teacher-embedding cache
+    (:class:`CachedEncoder`; by default the run's, for a run's ``student/``): a second index of the same corpus,
+    or one after ``embeddistill distill`` with the teacher or its asymmetric student, encodes nothing."""
+    from embeddistill.models.teachers import load_sentence_transformer
 
-    A plain teacher goes through the teacher-embedding cache (a second index of the same corpus, or one after
-    ``embeddistill distill``, encodes nothing). An asymmetric student encodes with its document route, which is
-    the teacher's tower: indexing with the teacher's own path gives the same embeddings and uses the cache.
-    """
-    from embeddistill.models.students import is_asymmetric
-    from embeddistill.models.teachers import (
-        DualEncoderTeacher,
-        EmbeddingCache,
-        TeacherIdentity,
-        default_cache_dir,
-        load_sentence_transformer,
-    )
-
-    st = load_sentence_transformer(model, device=device, trust_remote_code=trust_remote_code).eval()
+    st = load_sentence_transformer(model, device=device, trust_remote_code=trust_remote_code)
     ids, texts = list(corpus), list(corpus.values())
-    if is_asymmetric(st):
-        logger.info("asymmetric student: encoding %d documents with its document (teacher) route", len(texts))
-        embeddings = st.encode_document(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True)
-    else:
-        cache = EmbeddingCache(cache_dir or default_cache_dir(), TeacherIdentity.of(model, st))
-        teacher = DualEncoderTeacher(name=model, model=st, cache=cache, batch_size=batch_size)
-        embeddings = teacher.embed_documents(texts, desc="corpus")
-    return ids, np.asarray(embeddings, dtype=np.float32)
+    return ids, CachedEncoder(st, model, cache_dir or run_cache_dir(model) or None, batch_size).documents(texts)
