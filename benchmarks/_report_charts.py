@@ -136,3 +136,56 @@ def chart_speed(points: list[tuple[str, float, float]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# The off-the-shelf model's query encoder is all-MiniLM-L6-v2 without a projection; its CPU speed-up is taken from
+# the symmetric MiniLM student's measurement (the same six layers plus a 384x768 projection: a lower bound).
+SHELF_SPEED_FROM = "minilm-sym"
+
+
+def frontier_points(headline: dict | None) -> dict[str, list[tuple[str, float, float, float]]]:
+    """``{"students": [(name, speed-up, retention, sd)], "off_the_shelf": [...]}`` from ``headline.json``: the
+    five-set seed-mean retention against the CPU batch-1 speed-up of the query encoder."""
+    if not headline:
+        return {}
+    students = [
+        (name, s["cpu_speedup_batch1"], s["retention_mean"], s.get("retention_sd") or 0.0)
+        for name, s in headline["students"].items()
+        if s.get("retention_mean") is not None and s.get("cpu_speedup_batch1")
+    ]
+    shelf_speed = headline["students"].get(SHELF_SPEED_FROM, {}).get("cpu_speedup_batch1")
+    shelf = [("teacher (all-mpnet-base-v2)", 1.0, 1.0, 0.0)]
+    if shelf_speed:
+        shelf += [
+            (f"{name} as it comes", shelf_speed, entry["retention_mean"], 0.0)
+            for name, entry in headline["off_the_shelf"].items()
+        ]
+    return {"students": students, "off_the_shelf": shelf}
+
+
+def chart_frontier(points: dict[str, list[tuple[str, float, float, float]]], path: Path) -> bool:
+    """Students (seed mean, sd bars) beside the off-the-shelf models and their frontier: a student is worth
+    using only where it lies above the frontier's step line."""
+    plt = _pyplot()
+    if plt is None or not points.get("students"):
+        return False
+    fig, axis = plt.subplots(figsize=(8, 5))
+    shelf = sorted(points["off_the_shelf"], key=lambda p: p[1])
+    steps_x = [p[1] for p in shelf] + [max(p[1] for p in points["students"] + shelf) * 1.1]
+    steps_y = [100 * p[2] for p in shelf] + [100 * shelf[-1][2]]
+    axis.step(steps_x, steps_y, where="post", color="grey", linestyle="--", label="off-the-shelf frontier")
+    for label, speedup, value, _ in shelf:
+        axis.scatter(speedup, 100 * value, marker="s", color="black")
+        axis.annotate(label, (speedup, 100 * value), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    for label, speedup, value, spread in points["students"]:
+        axis.errorbar(speedup, 100 * value, yerr=100 * spread, fmt="o", capsize=3)
+        axis.annotate(label, (speedup, 100 * value), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("query-encoder speed-up over the teacher (CPU, batch 1, log scale)")
+    axis.set_ylabel("five-set mean nDCG@10, % of teacher")
+    axis.set_title("Distilled students (library defaults, seed mean) against off-the-shelf models")
+    axis.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

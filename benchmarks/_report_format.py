@@ -31,6 +31,7 @@ SPEED_CPU_ENCODERS = {
 }
 RETENTION_CHART = "chart_retention.png"
 SPEED_CHART = "chart_quality_vs_speed.png"
+FRONTIER_CHART = "chart_frontier.png"
 
 
 # -- formatting ------------------------------------------------------------------------------------------------

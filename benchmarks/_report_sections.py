@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from _report_format import fmt, millions, p_value, percent, table, times
+from _report_format import FRONTIER_CHART, fmt, millions, p_value, percent, table, times
 
 
 def render_quickstart(data: dict) -> list[str]:
@@ -343,6 +343,8 @@ def render_headline(data: dict) -> list[str]:
         f"Label-free agreement of the kept checkpoint against test retention, {label_free['runs']} runs: Spearman "
         f"{fmt(label_free['spearman_vs_test_retention'])} across sets; within a set "
         f"{fmt(label_free['spearman_within_dataset'])}.",
+        "",
+        f"![students against the off-the-shelf frontier](benchmarks/results/{FRONTIER_CHART})",
         "",
     ]
     return lines

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _common import REPO
-from _report_charts import chart_retention, chart_speed, retention_series, speed_points
-from _report_format import RETENTION_CHART, SPEED_CHART, render_generic, source_line
+from _report_charts import chart_frontier, chart_retention, chart_speed, frontier_points, retention_series, speed_points
+from _report_format import FRONTIER_CHART, RETENTION_CHART, SPEED_CHART, render_generic, source_line
 from _report_quality import quality_section
 from _report_sections import EXPECTED, KNOWN, render_ann
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         SPEED_CHART: chart_speed(
             speed_points(quality, results.get("quickstart.json"), results.get("speed_cpu.json")), folder / SPEED_CHART
         ),
+        FRONTIER_CHART: chart_frontier(frontier_points(results.get("headline.json")), folder / FRONTIER_CHART),
     }
     atomic_write_text(args.out, build_document(results, charts))
     logger.info("wrote %s from %d result files; charts: %s", args.out, len(results), charts)
