@@ -181,7 +181,11 @@ def _add_evaluate_command(commands) -> None:
     evaluate.add_argument(
         "--rerank-depth", type=at_least(1), default=100, help="documents per query the reranker rescores"
     )
-    evaluate.add_argument("--cache-dir", default="", help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)")
+    evaluate.add_argument(
+        "--cache-dir",
+        default="",
+        help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
 

@@ -161,7 +161,11 @@ def _add_index(commands) -> None:
     index.add_argument("--nprobe", type=at_least(1), default=None, help="ivfpq: cells searched per query (default 16)")
     index.add_argument("--seed", type=int, default=0, help="seed of the ivfpq training sample")
     index.add_argument("--batch-size", type=at_least(1), default=32, help="documents encoded together")
-    index.add_argument("--cache-dir", default="", help="teacher embedding cache (default: a run's own for its student/, else ~/.cache/embeddistill)")
+    index.add_argument(
+        "--cache-dir",
+        default="",
+        help="teacher embedding cache (default: a run's own for its student/, else ~/.cache/embeddistill)",
+    )
     index.add_argument(
         "--trust-remote-code",
         action="store_true",
