@@ -113,6 +113,26 @@ def test_agreement_of_an_asymmetric_student_ranks_the_teachers_corpus(tiny_teach
     assert scores[AGREEMENT_METRIC] == pytest.approx(1.0) and scores["query_cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_agreement_is_also_reported_for_each_kind_of_held_out_query(tiny_teacher_path):
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    texts = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa"]
+    documents = teacher.encode(texts, convert_to_numpy=True)
+    wrong = documents[[1, 0, 2]]  # the teacher's query embeddings of the first two are swapped: 0 for those
+    generated = np.array([False, False, True])
+    check = TeacherAgreement(
+        texts[:3], wrong, documents, texts, k=1, groups={"real": ~generated, "generated": generated}
+    )
+    scores = check.score(build_student("teacher:4", teacher, asymmetric=True))
+    assert scores["agreement_nDCG@10_real"] == pytest.approx(0.0)
+    assert scores["agreement_nDCG@10_generated"] == pytest.approx(1.0)
+    assert scores[AGREEMENT_METRIC] == pytest.approx(1 / 3)
+    only_real = TeacherAgreement(texts[:3], wrong, documents, texts, k=1, groups={"real": np.ones(3, dtype=bool)})
+    assert set(only_real.score(build_student("teacher:4", teacher, asymmetric=True))) == {
+        AGREEMENT_METRIC,
+        "query_cosine",
+    }
+
+
 RUN = [
     "--batch-size", "16", "--crops-per-document", "1", "--perturbations-per-query", "1", "--latency-repeats", "1",
     "--checkpoint-every", "0", "--threads", "2", "--validation-queries", "30", "--hard-negatives", "4",
@@ -141,10 +161,11 @@ def test_training_raises_teacher_agreement_above_its_start(
     assert [r["step"] for r in log if "validation" in r][0] == 0  # the start is checked, and logged
 
 
-def test_a_zero_learning_rate_is_caught_by_the_agreement_check(
+def test_a_vanishing_learning_rate_is_caught_by_the_agreement_check(
     tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
 ):
-    zero = ["--epochs", "1", "--learning-rate", "0", "--projection-learning-rate", "0"]
+    # A learning rate of 0 is refused before anything loads (test_misuse); one too small to move is caught here.
+    zero = ["--epochs", "1", "--learning-rate", "1e-12", "--projection-learning-rate", "1e-12"]
     validation = _distill(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, *zero)["training"][
         "validation"
     ]
@@ -157,15 +178,15 @@ def test_a_zero_learning_rate_is_caught_by_the_agreement_check(
 def test_auto_learning_rate_tries_each_candidate_and_keeps_the_best(
     tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
 ):
-    # The projection follows the encoder's rate, so that the zero candidate trains nothing at all.
-    extra = ["--epochs", "1", "--learning-rate-candidates", "2e-3", "0", "--tune-steps", "8"]
-    extra += ["--projection-learning-rate", "0"]
+    # The projection follows the encoder's rate, so that the vanishing candidate trains (next to) nothing.
+    extra = ["--epochs", "1", "--learning-rate-candidates", "2e-3", "1e-12", "--tune-steps", "8"]
+    extra += ["--projection-learning-rate", "1e-12"]
     training = _distill(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, *extra)["training"]
     search = training["learning_rate_search"]
-    assert [t["learning_rate"] for t in search["trials"]] == [2e-3, 0.0]
+    assert [t["learning_rate"] for t in search["trials"]] == [2e-3, 1e-12]
     assert all(t["steps"] == 8 for t in search["trials"])
     best = max(search["trials"], key=lambda t: t[AGREEMENT_METRIC])
     assert search["chosen"] == best["learning_rate"] == training["learning_rates"]["encoder"]
-    # The zero-rate trial is the untrained start: the full run's first check sees the same agreement.
+    # The vanishing-rate trial is the untrained start: the full run's first check sees the same agreement.
     zero = search["trials"][1][AGREEMENT_METRIC]
     assert zero == pytest.approx(training["validation"]["history"][0][AGREEMENT_METRIC], abs=1e-6)

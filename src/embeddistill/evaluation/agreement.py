@@ -3,7 +3,9 @@
 No relevance labels are needed. For a seeded slice of the training queries (held out of training), the teacher's
 top ``k`` documents are graded judgements (the teacher's first gets ``k``, its ``k``-th gets 1), and the student
 is scored with nDCG@k against them (``agreement_nDCG@10``). The mean cosine between the student's and the
-teacher's query embeddings (``query_cosine``) is reported beside it.
+teacher's query embeddings (``query_cosine``) is reported beside it, and, where the held-out queries are of
+several kinds (``groups``: real and generated, say), the agreement on each kind (``agreement_nDCG@10_real``...):
+a student can come to agree with the teacher on generated queries while it drifts on real ones.
 
 An asymmetric student is ranked over the teacher's whole corpus index. A symmetric student's document embeddings
 change as it trains, and embedding the whole corpus at every check would cost as much as a training epoch on a
@@ -63,10 +65,13 @@ class TeacherAgreement:
         pool_depth: int = 30,
         distractors: int = 2000,
         seed: int = 0,
+        groups: dict[str, np.ndarray] | None = None,
     ):
         if not texts:
             raise ValueError("label-free validation needs at least one held-out query")
         self.texts, self.k = texts, k
+        # [Q] boolean masks by kind; a kind with no query, or the only kind there is, adds nothing to report.
+        self.groups = {name: mask for name, mask in (groups or {}).items() if 0 < mask.sum() < len(texts)}
         self.teacher_queries = teacher_queries.astype(np.float32)
         self.teacher_documents = teacher_documents.astype(np.float32)
         teacher_scores = self.teacher_queries @ self.teacher_documents.T
@@ -95,7 +100,10 @@ class TeacherAgreement:
         finally:
             tower.train(was_training)
         cosine = _row_cosine(queries, self.teacher_queries)
-        return {AGREEMENT_METRIC: float(per_query.mean()), "query_cosine": float(cosine.mean())}
+        scores = {AGREEMENT_METRIC: float(per_query.mean()), "query_cosine": float(cosine.mean())}
+        for name, mask in self.groups.items():
+            scores[f"{AGREEMENT_METRIC}_{name}"] = float(per_query[mask].mean())
+        return scores
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

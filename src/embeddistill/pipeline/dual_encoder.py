@@ -147,7 +147,11 @@ def hold_out_validation(
     held[np.random.default_rng([config.training.seed, 7]).choice(len(held), count, replace=False)] = True
     rows = np.flatnonzero(held)
     texts = [query_set.texts[i] for i in rows]
-    validation = TeacherAgreement(texts, teacher_train[held], teacher_docs, doc_texts, seed=config.training.seed)
+    generated = np.array([bool(query_set.generated[i]) for i in rows])
+    validation = TeacherAgreement(
+        texts, teacher_train[held], teacher_docs, doc_texts, seed=config.training.seed,
+        groups={"real": ~generated, "generated": generated},
+    )  # fmt: skip
     kept = query_set.subset(~held)
     for row in rows:
         kind = "generated" if query_set.generated[row] else "labelled" if query_set.positives[row] else "extra"
