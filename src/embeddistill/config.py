@@ -182,6 +182,12 @@ class TrainingConfig:
 class EvaluationConfig:
     top_k: int = option(100, "documents retrieved per query", minimum=1, shapes=False)
     metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names", shapes=False)
+    keep_identical_ids: bool = option(
+        False,
+        "count a document whose id is the query's own id as a hit (off: BEIR's and MTEB's ignore_identical_ids, "
+        "which duplicate-question and counter-argument sets need to match published scores)",
+        shapes=False,
+    )
     latency_repeats: int = option(
         50, "timed repeats per batch size for CPU query latency (median reported)", minimum=1, shapes=False
     )

@@ -262,7 +262,14 @@ def evaluate_queries(
     """Search ``index`` with embeddings of ``prep``'s evaluation queries and score the run."""
     evaluation = config.evaluation
     return evaluate_embeddings(
-        name, prep.eval_ids, query_embeddings, index, prep.eval_qrels, evaluation.metrics, k or evaluation.top_k
+        name,
+        prep.eval_ids,
+        query_embeddings,
+        index,
+        prep.eval_qrels,
+        evaluation.metrics,
+        k or evaluation.top_k,
+        ignore_identical_ids=not evaluation.keep_identical_ids,
     )
 
 
