@@ -19,7 +19,10 @@ from embeddistill.extras import MissingExtra
 from embeddistill.querygen import GENERATORS
 
 logger = logging.getLogger("embeddistill")
-DATASET_HELP = "BEIR-layout folder, or a folder name looked up in $EMBEDDISTILL_DATA"
+DATASET_HELP = (
+    "BEIR-layout folder, or a name: looked up in $EMBEDDISTILL_DATA, else on the Hugging Face hub (mteb/NAME, "
+    "BeIR/NAME; converted once into ~/.cache/embeddistill/datasets/NAME)"
+)
 KEEP_IDENTICAL_HELP = (
     "count a document whose id is the query's own id as a hit (default: dropped, as BEIR's and MTEB's "
     "ignore_identical_ids)"
