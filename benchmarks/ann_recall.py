@@ -76,7 +76,13 @@ def main() -> int:
     def ndcg(rows: np.ndarray) -> float | None:
         if not judged:
             return None
-        run = {query_ids[i]: {doc_ids[r]: float(-rank) for rank, r in enumerate(rows[i]) if r >= 0} for i in judged}
+        # BEIR's ignore_identical_ids: a query's own id is no hit (it matters where queries are also documents).
+        run = {
+            query_ids[i]: {
+                doc_ids[r]: float(-rank) for rank, r in enumerate(rows[i]) if r >= 0 and doc_ids[r] != query_ids[i]
+            }
+            for i in judged
+        }
         return score_run(run, qrels, ["nDCG@10"])[0]["nDCG@10"]
 
     k = args.k

@@ -12,7 +12,7 @@ from embeddistill import storage
 from embeddistill.evaluation.metrics import score_run
 from embeddistill.evaluation.significance import paired_permutation_test
 from embeddistill.serving import indexing
-from embeddistill.serving.indexing import FlatIndex
+from embeddistill.serving.indexing import FlatIndex, SearchIndex
 from embeddistill.storage import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 
 
@@ -192,6 +192,28 @@ def test_flat_index_small_batches_and_k_above_size(search_backend):
     assert rows.shape == (9, 5)
     np.testing.assert_array_equal(rows, np.argsort(-(queries @ documents.T), axis=1))
     assert all(len(docs) == 5 for docs in index.retrieve([str(i) for i in range(9)], queries, k=50).values())
+
+
+def test_a_query_s_own_id_is_no_hit_unless_kept_and_the_scores_follow_by_hand(search_backend):
+    # Duplicate-question data: query "a" is also document "a". Scores of q·d: a 1.0, b 0.8, c 0.6, d 0.4.
+    documents = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.4, 0.9]], dtype=np.float32)
+    index = FlatIndex(documents, ["a", "b", "c", "d"])
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    qrels = {"a": {"c": 1}}
+    dropped = index.retrieve(["a"], query, k=2)
+    assert list(dropped["a"]) == ["b", "c"]  # k hits remain after the drop: the search went one deeper
+    kept = index.retrieve(["a"], query, k=2, ignore_identical_ids=False)
+    assert list(kept["a"]) == ["a", "b"]
+    # Relevant c: rank 2 without the self hit (nDCG@10 = 1/log2(3), RR 1/2), rank 3 with it (1/log2(4) = 0.5, RR 1/3).
+    aggregate, _ = score_run(index.retrieve(["a"], query, k=10), qrels, ["nDCG@10", "RR@10"])
+    assert aggregate == pytest.approx({"nDCG@10": 1 / math.log2(3), "RR@10": 0.5})
+    aggregate, _ = score_run(
+        index.retrieve(["a"], query, k=10, ignore_identical_ids=False), qrels, ["nDCG@10", "RR@10"]
+    )
+    assert aggregate == pytest.approx({"nDCG@10": 0.5, "RR@10": 1 / 3})
+    saved = SearchIndex.build(documents, ["a", "b", "c", "d"], "flat")
+    assert saved.retrieve(["a"], query, k=2) == dropped
+    assert list(saved.retrieve(["a"], query, k=2, ignore_identical_ids=False)["a"]) == ["a", "b"]
 
 
 def test_flat_index_rejects_mismatched_ids():

@@ -19,7 +19,14 @@ from embeddistill.extras import MissingExtra
 from embeddistill.querygen import GENERATORS
 
 logger = logging.getLogger("embeddistill")
-DATASET_HELP = "BEIR-layout folder, or a folder name looked up in $EMBEDDISTILL_DATA"
+DATASET_HELP = (
+    "BEIR-layout folder, or a name: looked up in $EMBEDDISTILL_DATA, else on the Hugging Face hub (mteb/NAME, "
+    "BeIR/NAME; converted once into ~/.cache/embeddistill/datasets/NAME)"
+)
+KEEP_IDENTICAL_HELP = (
+    "count a document whose id is the query's own id as a hit (default: dropped, as BEIR's and MTEB's "
+    "ignore_identical_ids)"
+)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -74,6 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reranker=args.reranker,
         rerank_depth=args.rerank_depth,
         cache_dir=args.cache_dir,
+        ignore_identical_ids=not args.keep_identical_ids,
     )
     for name, value in summary["metrics"].items():
         print(f"{name}\t{value:.4f}")
@@ -186,6 +194,7 @@ def _add_evaluate_command(commands) -> None:
         default="",
         help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)",
     )
+    evaluate.add_argument("--keep-identical-ids", action="store_true", help=KEEP_IDENTICAL_HELP)
     evaluate.set_defaults(handler=cmd_evaluate)
 
 

@@ -43,7 +43,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SystemExit("embeddistill search: give query texts or --queries FILE (one of the two)")
     searcher = Searcher(args.index, args.model, trust_remote_code=args.trust_remote_code)
     if args.queries_file:
-        run = searcher.retrieve(load_queries(args.queries_file), args.k)
+        run = searcher.retrieve(
+            load_queries(args.queries_file), args.k, ignore_identical_ids=not args.keep_identical_ids
+        )
         if args.out:
             write_trec_run(args.out, run, tag=args.tag)
             print(f"{len(run)} queries searched; run written to {args.out}")
@@ -190,6 +192,11 @@ def _add_search(commands) -> None:
     search.add_argument("--k", "--top-k", type=at_least(1), default=10, help="hits per query")
     search.add_argument("--out", help="write a TREC run file")
     search.add_argument("--tag", default="embeddistill", help="run tag in the TREC file")
+    search.add_argument(
+        "--keep-identical-ids",
+        action="store_true",
+        help="--queries: count a document whose id is the query's own id as a hit (default: dropped, as in BEIR)",
+    )
     search.add_argument(
         "--trust-remote-code",
         action="store_true",

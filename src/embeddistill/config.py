@@ -39,7 +39,11 @@ def option(default: Any, help: str, **kwargs) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("", "BEIR-layout folder, or a folder name looked up in $EMBEDDISTILL_DATA")
+    dataset: str = option(
+        "",
+        "BEIR-layout folder, or a name: looked up in $EMBEDDISTILL_DATA, else on the Hugging Face hub (mteb/NAME, "
+        "BeIR/NAME; converted once into ~/.cache/embeddistill/datasets/NAME)",
+    )
     train_split: str = option("train", "qrels split whose queries are labelled training queries ('' for none)")
     eval_split: str = option("test", "qrels split to evaluate on")
     dev_fraction: float = option(
@@ -97,6 +101,27 @@ class ModelConfig:
     freeze_word_embeddings: bool = option(True, "do not train the student's token-embedding table")
     student_dropout: bool = option(
         False, "keep the student's dropout during distillation (off: match the teacher exactly)"
+    )
+    query_prompt: str = option(
+        "",
+        "prompt put before every query the teacher embeds, e.g. 'query: ' (default: the one in the teacher's "
+        "sentence-transformers config; 'none' for no prompt); part of the teacher-cache key",
+    )
+    document_prompt: str = option(
+        "",
+        "prompt put before every document the teacher embeds, e.g. 'passage: ' (default: the teacher's own; 'none' "
+        "for no prompt); part of the teacher-cache key, and kept by an asymmetric student's document side",
+    )
+    student_query_prompt: str = option(
+        "auto",
+        "prompt the student is trained and saved with before every query: 'auto' (the teacher's query prompt for a "
+        "'teacher:N' student, none for another model), 'none', or the prompt itself",
+    )
+    truncate_dim: int = option(
+        0,
+        "Matryoshka teachers: keep the first N dimensions of the teacher's embeddings, renormalised (0 = all); "
+        "part of the teacher-cache key, and the student's projection outputs N",
+        minimum=0,
     )
     teacher_batch_size: int = option(32, "batch size when the teacher encodes texts", minimum=1, shapes=False)
     max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)", minimum=0)
@@ -182,6 +207,12 @@ class TrainingConfig:
 class EvaluationConfig:
     top_k: int = option(100, "documents retrieved per query", minimum=1, shapes=False)
     metrics: list[str] = option(["nDCG@10", "RR@10", "R@100"], "ir_measures metric names", shapes=False)
+    keep_identical_ids: bool = option(
+        False,
+        "count a document whose id is the query's own id as a hit (off: BEIR's and MTEB's ignore_identical_ids, "
+        "which duplicate-question and counter-argument sets need to match published scores)",
+        shapes=False,
+    )
     latency_repeats: int = option(
         50, "timed repeats per batch size for CPU query latency (median reported)", minimum=1, shapes=False
     )

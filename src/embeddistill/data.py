@@ -265,14 +265,25 @@ def dataset_search_paths(name: str) -> list[Path]:
 
 
 def resolve_dataset(name: str) -> Path:
+    """The BEIR folder of ``--dataset NAME``: a folder, ``$EMBEDDISTILL_DATA/NAME``, else a Hugging Face hub dataset
+    of that name (``mteb/NAME``, ``BeIR/NAME``: :mod:`embeddistill.hub`), converted once into a local folder."""
     candidates = dataset_search_paths(name)
     for candidate in candidates:
         if (candidate / "corpus.jsonl").is_file():
             return candidate.resolve()
+    from embeddistill.hub import HubDatasetError, fetch_dataset, hub_candidates
+
+    hub_problem = ""
+    if hub_candidates(name) and not Path(name).exists():
+        try:
+            return fetch_dataset(name)
+        except HubDatasetError as error:
+            hub_problem = f"\n{error}"
     looked = "\n  ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"dataset {name!r} not found: no corpus.jsonl in any of\n  {looked}\n"
-        f"Pass a BEIR-layout folder, or set ${DATA_ENV} to the folder that holds {name}/."
+        f"dataset {name!r} not found: no corpus.jsonl in any of\n  {looked}{hub_problem}\n"
+        f"Point at a BEIR-layout folder (--dataset /path/to/folder), or set ${DATA_ENV} to the folder that holds "
+        f"{name}/."
     )
 
 

@@ -13,6 +13,7 @@ import importlib.util
 EXTRAS = {
     "serve": ("fastapi", "uvicorn", "pydantic", "onnx", "onnxruntime"),
     "lm": ("gguf", "accelerate"),
+    "hub": ("datasets",),
 }
 
 

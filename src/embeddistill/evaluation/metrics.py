@@ -58,8 +58,10 @@ def evaluate_embeddings(
     qrels: dict[str, dict[str, int]],
     metrics: list[str],
     k: int,
+    ignore_identical_ids: bool = True,
 ) -> RunResult:
-    run = index.retrieve(query_ids, query_embeddings, k)
+    """Search ``index`` and score the run; a query's own id is no hit unless ``ignore_identical_ids`` is off."""
+    run = index.retrieve(query_ids, query_embeddings, k, ignore_identical_ids)
     aggregate, per_query = score_run(run, qrels, metrics)
     logger.info("%s: %s", name, ", ".join(f"{m} {v:.4f}" for m, v in aggregate.items()))
     return RunResult(name, run, aggregate, per_query)
@@ -77,6 +79,7 @@ def evaluate_model(
     reranker: str = "",
     rerank_depth: int = 100,
     cache_dir: str = "",
+    ignore_identical_ids: bool = True,
 ) -> dict:
     """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run.
 
@@ -87,6 +90,7 @@ def evaluate_model(
 
     With ``reranker`` (a cross-encoder), its rescoring of the model's top ``rerank_depth`` documents is evaluated
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
+    A query's own id is no hit (BEIR's ``ignore_identical_ids``) unless ``ignore_identical_ids`` is off.
     """
     from embeddistill.models.teachers import load_sentence_transformer
     from embeddistill.serving.search import CachedEncoder, run_cache_dir
@@ -101,11 +105,12 @@ def evaluate_model(
     documents = encoder.documents([dataset.corpus[d] for d in doc_ids])
     query_embeddings = encoder.queries(list(queries.values()))
     result = evaluate_embeddings(
-        "model", list(queries), query_embeddings, FlatIndex(documents, doc_ids), qrels, metrics, k
+        "model", list(queries), query_embeddings, FlatIndex(documents, doc_ids), qrels, metrics, k, ignore_identical_ids
     )
     out.mkdir(parents=True, exist_ok=True)
     result.save(out)
     summary = {"model": model_path, "dataset": str(dataset.path), "split": split, "metrics": result.metrics}
+    summary["ignore_identical_ids"] = ignore_identical_ids
     if reranker:
         summary["reranker"] = evaluate_reranker(
             reranker, result.run, dataset, queries, qrels, metrics, rerank_depth, out, cache_dir, trust_remote_code

@@ -5,9 +5,16 @@
   tower (+ projection) and ``encode_document`` through the teacher, so the student searches the teacher's
   index and only the cheap query side runs online. A plain ``encode`` (what BEIR wrappers and most user code
   call) takes the query route too: the Router's ``default_route`` is ``"query"``. The student keeps the prompt
-  the teacher's ``encode_document`` uses, so its documents are the teacher's; its query tower was trained on
-  plain queries and has none.
+  the teacher's ``encode_document`` uses, so its documents are the teacher's.
 * **Symmetric**: one small tower for both sides, both trained; document embedding matching applies.
+
+Prompts. The student's query prompt (``query_prompt``, saved in its ``config_sentence_transformers.json``) is the
+string put before every query it is trained on, and so before every query it embeds afterwards: training, the
+label-free checks, evaluation and latency go through :class:`QueryEncoder`, which reads it from the student, and
+``SentenceTransformer.encode_query`` (and an asymmetric student's plain ``encode``, its query route),
+``embeddistill search``, the ONNX export and the service apply the same saved prompt. By default
+(``student_query_prompt: auto``) a ``teacher:N`` tower keeps the teacher's query prompt (its layers learned to read
+it); any other student model reads plain queries.
 
 A query tower is either any sentence-transformers / Hugging Face model, or ``teacher:N``: the teacher's
 embeddings and first ``N`` layers, with its tokenizer and pooling (a strong initialisation, arXiv 2306.11550).
@@ -32,7 +39,13 @@ except ImportError:  # pragma: no cover - depends on the installed version
     from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
 
 from embeddistill.models.encoding import embedding_dimension
-from embeddistill.models.teachers import document_prompt, is_normalized, load_sentence_transformer
+from embeddistill.models.teachers import (
+    NO_PROMPT,
+    document_prompt,
+    is_normalized,
+    load_sentence_transformer,
+    query_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +161,12 @@ def build_student(
     device: str = "cpu",
     trust_remote_code: bool = False,
     layers: int = 0,
+    query_prompt: str = "",
 ) -> SentenceTransformer:
     """Build a student sentence-transformers model whose (query) embeddings live in the teacher's space.
 
-    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them).
+    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them);
+    ``query_prompt`` is put before every query the student embeds (saved with it).
     """
     tower = query_tower_modules(spec, teacher, device, trust_remote_code, layers)
     student_dim, teacher_dim = _output_dimension(tower), embedding_dimension(teacher)
@@ -171,11 +186,23 @@ def build_student(
         router = Router.for_query_document(
             query_modules=tower, document_modules=_modules_of(teacher), default_route=QUERY_ROUTE
         )
-        prompts = {"query": "", "document": document_prompt(teacher)}
-        model = SentenceTransformer(modules=[router], device=device, prompts=prompts)
-    else:
-        model = SentenceTransformer(modules=tower, device=device)
+        # A plain ``encode`` takes the query route, so it takes the query prompt too (the default prompt name);
+        # ``encode_document`` finds its "document" prompt first.
+        prompts = {"query": query_prompt, "document": document_prompt(teacher)}
+        default = "query" if query_prompt else None
+        model = SentenceTransformer(modules=[router], device=device, prompts=prompts, default_prompt_name=default)
+    else:  # documents go through the same tower, trained on plain documents: no document prompt
+        model = SentenceTransformer(modules=tower, device=device, prompts={"query": query_prompt, "document": ""})
     return model
+
+
+def student_query_prompt(option: str, spec: str, teacher: SentenceTransformer) -> str:
+    """The query prompt a student is trained and saved with: ``auto`` is the teacher's query prompt for a
+    ``teacher:N`` tower (the teacher's own layers, which read prompted queries) and none for another model;
+    ``none`` is none; anything else is the prompt itself."""
+    if option == "auto":
+        return query_prompt(teacher) if _TEACHER_PREFIX.match(spec) else ""
+    return "" if option == NO_PROMPT else option
 
 
 def query_modules(student: SentenceTransformer) -> nn.Sequential:
@@ -229,19 +256,24 @@ def count_parameters(modules: nn.Module, include_embeddings: bool = True) -> int
 
 
 class QueryEncoder(nn.Module):
-    """The online query encoder as one module: tokenized input -> embedding (what serving runs)."""
+    """The online query encoder as one module: tokenized input -> embedding (what serving runs).
 
-    def __init__(self, modules: nn.Sequential, tokenizer, max_length: int):
+    ``prompt`` goes before every query text, as ``encode_query`` puts the model's query prompt there.
+    """
+
+    def __init__(self, modules: nn.Sequential, tokenizer, max_length: int, prompt: str = ""):
         super().__init__()
         self.modules_ = modules
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.prompt = prompt
 
     @classmethod
     def of(cls, model: SentenceTransformer) -> QueryEncoder:
-        return cls(query_modules(model), query_tokenizer(model), query_max_length(model))
+        return cls(query_modules(model), query_tokenizer(model), query_max_length(model), query_prompt(model))
 
     def tokenize(self, texts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        texts = [self.prompt + text for text in texts] if self.prompt else list(texts)
         features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(device) for k, v in features.items()}
 

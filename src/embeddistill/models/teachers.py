@@ -88,7 +88,7 @@ class TeacherIdentity:
             normalized=is_normalized(model),
             max_seq_length=int(model.max_seq_length or 0),
             dimension=embedding_dimension(model),
-            prompts=dict(getattr(model, "prompts", {}) or {}),
+            prompts=effective_prompts(model),
         )
 
     def embedding_settings(self) -> dict:
@@ -100,6 +100,61 @@ class TeacherIdentity:
 
 
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # what encode_document looks for, in its order
+NO_PROMPT = "none"  # --query-prompt none / --document-prompt none: no prompt, whatever the model's config says
+
+
+def query_prompt(model: SentenceTransformer) -> str:
+    """The prompt ``model.encode_query`` puts before a query ("" for none): ``query``, else the default prompt."""
+    prompts = getattr(model, "prompts", None) or {}
+    name = "query" if "query" in prompts else getattr(model, "default_prompt_name", None)
+    return (prompts.get(name) or "") if name else ""
+
+
+def effective_prompts(model: SentenceTransformer) -> dict:
+    """``{"query": ..., "document": ...}``: the prompts ``encode_query`` / ``encode_document`` apply (empty ones left
+    out). What the teacher cache is keyed by, so a changed prompt never reuses another prompt's embeddings."""
+    prompts = {"query": query_prompt(model), "document": document_prompt(model)}
+    return {name: prompt for name, prompt in prompts.items() if prompt}
+
+
+def set_prompts(model: SentenceTransformer, query: str = "", document: str = "") -> dict:
+    """Give ``model`` these query and document prompts ("" keeps the model's own, ``"none"`` removes it).
+
+    The model's prompts become exactly ``effective_prompts`` (other named prompts and the default prompt name are
+    dropped), so ``encode_query``, ``encode_document`` and the cache key all see the same two strings.
+    """
+    prompts = effective_prompts(model)
+    for name, given in (("query", query), ("document", document)):
+        if given == NO_PROMPT:
+            prompts.pop(name, None)
+        elif given:
+            prompts[name] = given
+    model.prompts = prompts
+    model.default_prompt_name = None
+    return prompts
+
+
+def truncate_embeddings(model: SentenceTransformer, dimension: int) -> None:
+    """Matryoshka truncation: keep the first ``dimension`` values of each embedding and renormalise them.
+
+    Appended as standard sentence-transformers modules (a ``Dense`` whose weights are the first rows of the
+    identity, then ``Normalize``), so the truncated teacher, and an asymmetric student's document tower copied from
+    it, save and load as plain sentence-transformers models; the weights hash (and so the cache key) changes.
+    """
+    try:  # sentence-transformers >= 6 moved the modules; 5.x keeps them in `models`
+        from sentence_transformers.base.modules import Dense, Normalize
+    except ImportError:  # pragma: no cover - depends on the installed version
+        from sentence_transformers.models import Dense, Normalize
+
+    full = embedding_dimension(model)
+    if not 0 < dimension < full:
+        raise ValueError(f"truncate_dim {dimension}: the teacher's embeddings have {full} dimensions (give fewer)")
+    dense = Dense(full, dimension, bias=False, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(torch.eye(full)[:dimension])
+    device = next(model.parameters()).device
+    model.append(dense.to(device))
+    model.append(Normalize())
 
 
 def document_prompt(model: SentenceTransformer) -> str:
@@ -245,11 +300,21 @@ class DualEncoderTeacher:
         batch_size: int = 32,
         max_seq_length: int | None = None,
         trust_remote_code: bool = False,
+        query_prompt: str = "",
+        document_prompt: str = "",
+        truncate_dim: int = 0,
     ) -> DualEncoderTeacher:
+        """``query_prompt`` / ``document_prompt`` override the model's own ("none": no prompt), ``truncate_dim``
+        keeps the first N dimensions, renormalised (Matryoshka teachers); both are part of the cache key."""
         model = load_sentence_transformer(name, device=device, trust_remote_code=trust_remote_code)
         model.eval()
         if max_seq_length:
             model.max_seq_length = max_seq_length
+        prompts = set_prompts(model, query_prompt, document_prompt)
+        if prompts:
+            logger.info("teacher %s: prompts %s", name, prompts)
+        if truncate_dim:
+            truncate_embeddings(model, truncate_dim)
         identity = TeacherIdentity.of(name, model)
         cache = EmbeddingCache(cache_dir or default_cache_dir(), identity, shard_size=cache_shard_size())
         logger.info("teacher %s: dim %d, cache %s (%d texts)", name, identity.dimension, cache.dir, len(cache))

@@ -20,7 +20,7 @@ from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset
 from embeddistill.evaluation.agreement import AGREEMENT_METRIC, TeacherAgreement
 from embeddistill.evaluation.metrics import RunResult
-from embeddistill.models.students import QueryEncoder, build_student, is_asymmetric
+from embeddistill.models.students import QueryEncoder, build_student, is_asymmetric, student_query_prompt
 from embeddistill.models.teachers import DualEncoderTeacher
 from embeddistill.pipeline.stages import (
     QuerySet,
@@ -179,6 +179,7 @@ def initialised_student(prep: Prepared, asymmetric: bool | None = None):
         device_of(config),
         config.model.trust_remote_code,
         layers=config.model.student_layers,
+        query_prompt=student_query_prompt(config.model.student_query_prompt, config.model.student, prep.teacher.model),
     )
     how = projection_init(config.model.projection_init, config.model.asymmetric)
     if how != "random":

@@ -32,7 +32,7 @@ from embeddistill.models.students import (
     projection_of,
     query_modules,
 )
-from embeddistill.models.teachers import DualEncoderTeacher
+from embeddistill.models.teachers import DualEncoderTeacher, query_prompt
 from embeddistill.pipeline.summary import RunSummary, System
 from embeddistill.querygen import GeneratedQuery, generate_queries, make_cheap_generators
 from embeddistill.runtime import resolve_device, seed_everything
@@ -205,6 +205,9 @@ def load_dual_encoder(config: DistillConfig, name: str) -> DualEncoderTeacher:
         batch_size=model.teacher_batch_size,
         max_seq_length=model.max_seq_length or None,
         trust_remote_code=model.trust_remote_code,
+        query_prompt=model.query_prompt,
+        document_prompt=model.document_prompt,
+        truncate_dim=model.truncate_dim,
     )
 
 
@@ -262,7 +265,14 @@ def evaluate_queries(
     """Search ``index`` with embeddings of ``prep``'s evaluation queries and score the run."""
     evaluation = config.evaluation
     return evaluate_embeddings(
-        name, prep.eval_ids, query_embeddings, index, prep.eval_qrels, evaluation.metrics, k or evaluation.top_k
+        name,
+        prep.eval_ids,
+        query_embeddings,
+        index,
+        prep.eval_qrels,
+        evaluation.metrics,
+        k or evaluation.top_k,
+        ignore_identical_ids=not evaluation.keep_identical_ids,
     )
 
 
@@ -276,7 +286,8 @@ def student_index(student, prep, batch_size: int = 32) -> FlatIndex:
 
 def teacher_query_encoder(teacher: DualEncoderTeacher) -> QueryEncoder:
     model = teacher.model
-    return QueryEncoder(torch.nn.Sequential(*model._modules.values()), model.tokenizer, model.max_seq_length)
+    modules = torch.nn.Sequential(*model._modules.values())
+    return QueryEncoder(modules, model.tokenizer, model.max_seq_length, query_prompt(model))
 
 
 def query_latency(config: DistillConfig, encoders: dict[str, QueryEncoder], texts: list[str]) -> dict[str, dict]:

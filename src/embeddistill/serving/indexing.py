@@ -64,13 +64,35 @@ class FlatIndex:
             rows.append(r)
         return np.concatenate(scores), np.concatenate(rows)
 
-    def retrieve(self, query_ids: list[str], queries: np.ndarray, k: int) -> dict[str, dict[str, float]]:
-        """A run: ``{query_id: {doc_id: score}}`` for the top ``k`` documents of each query."""
-        scores, rows = self.search(queries, k)
-        return {
-            query_id: {self.ids[r]: float(s) for s, r in zip(scores[i], rows[i], strict=True) if r >= 0}
-            for i, query_id in enumerate(query_ids)
-        }
+    def retrieve(
+        self, query_ids: list[str], queries: np.ndarray, k: int, ignore_identical_ids: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """A run: ``{query_id: {doc_id: score}}`` for the top ``k`` documents of each query.
+
+        ``ignore_identical_ids`` (BEIR's and MTEB's convention): a document whose id is the query's own id is not a
+        hit; it is dropped before the top ``k`` are taken (see :func:`top_k_without_self`).
+        """
+        scores, rows = self.search(queries, k + 1 if ignore_identical_ids else k)
+        ranked = [
+            [(self.ids[r], float(s)) for s, r in zip(scores[i], rows[i], strict=True) if r >= 0]
+            for i in range(len(rows))
+        ]
+        return top_k_without_self(query_ids, ranked, k, ignore_identical_ids)
+
+
+def top_k_without_self(
+    query_ids: list[str], ranked: list[list[tuple[str, float]]], k: int, ignore_identical_ids: bool = True
+) -> dict[str, dict[str, float]]:
+    """A run from ranked hits: each query's first ``k`` hits, without the query's own id when ``ignore_identical_ids``.
+
+    Where a dataset's queries are also documents (duplicate-question and counter-argument sets: Quora, CQADupStack,
+    ArguAna), a query finds itself first; BEIR and MTEB drop that hit (``ignore_identical_ids``), and so does this.
+    The ranked lists should hold ``k + 1`` hits, so that ``k`` remain after the drop.
+    """
+    return {
+        query_id: dict([hit for hit in hits if not (ignore_identical_ids and hit[0] == query_id)][:k])
+        for query_id, hits in zip(query_ids, ranked, strict=True)
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,6 +331,9 @@ class SearchIndex:
             for i in range(len(rows))
         ]
 
-    def retrieve(self, query_ids: list[str], query_embeddings: np.ndarray, k: int) -> dict[str, dict[str, float]]:
-        """A run ``{query_id: {doc_id: score}}``, as :meth:`FlatIndex.retrieve`."""
-        return {q: dict(hits) for q, hits in zip(query_ids, self.ranked(query_embeddings, k), strict=True)}
+    def retrieve(
+        self, query_ids: list[str], query_embeddings: np.ndarray, k: int, ignore_identical_ids: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """A run ``{query_id: {doc_id: score}}``, as :meth:`FlatIndex.retrieve` (its own id is no hit of a query)."""
+        ranked = self.ranked(query_embeddings, k + 1 if ignore_identical_ids else k)
+        return top_k_without_self(query_ids, ranked, k, ignore_identical_ids)

@@ -109,6 +109,7 @@ def _export_info(model, encoder, input_names: list[str], opset: int, exporter: s
         "dynamic_axes": {"batch": 0, "sequence": 1},
         "dimension": int(probe.shape[1]),
         "max_length": int(encoder.max_length),
+        "query_prompt": encoder.prompt,  # put before every query, as the student's encode_query does
         "normalized": any(type(m).__name__ == "Normalize" for m in encoder.modules_),
         "opset": opset,
         "exporter": exporter,
@@ -183,7 +184,8 @@ def _versions() -> dict:
 class OnnxQueryEncoder:
     """An exported query encoder run by ONNX Runtime: ``encode(texts) -> float32 [n, dimension]``.
 
-    Tokenisation is the saved Hugging Face tokenizer with the export's maximum length, exactly as in PyTorch.
+    Tokenisation is the saved Hugging Face tokenizer with the export's maximum length, exactly as in PyTorch, of
+    each text after the student's query prompt (``query_prompt`` in ``export_info.json``).
     """
 
     def __init__(
@@ -205,6 +207,7 @@ class OnnxQueryEncoder:
         self.info = json.loads(info_path.read_text(encoding="utf-8"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         self.max_length = int(self.info["max_length"])
+        self.prompt = str(self.info.get("query_prompt") or "")  # exports made before prompts travelled had none
         self.batch_size = batch_size
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -225,9 +228,8 @@ class OnnxQueryEncoder:
         return int(self.info["dimension"])
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        features = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
+        texts = [self.prompt + text for text in texts]
+        features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         shape = features["input_ids"].shape
         return {
             name: np.asarray(features[name], dtype=np.int64) if name in features else np.zeros(shape, dtype=np.int64)

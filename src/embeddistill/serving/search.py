@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import yaml
 
-from embeddistill.serving.indexing import SearchIndex
+from embeddistill.serving.indexing import SearchIndex, top_k_without_self
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +131,17 @@ class Searcher:
             raise ValueError(f"query {', '.join(map(str, blank))} of {len(texts)} is blank: nothing to search for")
         return self.search_embeddings(self.encode(texts), k)
 
-    def retrieve(self, queries: dict[str, str], k: int = 100, batch_size: int = 256) -> dict[str, dict[str, float]]:
-        """A run ``{query_id: {doc_id: score}}`` (what ``data.write_trec_run`` writes)."""
+    def retrieve(
+        self, queries: dict[str, str], k: int = 100, batch_size: int = 256, ignore_identical_ids: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """A run ``{query_id: {doc_id: score}}`` (what ``data.write_trec_run`` writes); a query's own id is no hit
+        unless ``ignore_identical_ids`` is off (BEIR's convention: :func:`indexing.top_k_without_self`)."""
         ids, texts = list(queries), list(queries.values())
+        depth = k + 1 if ignore_identical_ids else k
         run: dict[str, dict[str, float]] = {}
         for start in range(0, len(ids), batch_size):
-            hits = self.search(texts[start : start + batch_size], k)
-            run.update({q: dict(h) for q, h in zip(ids[start : start + batch_size], hits, strict=True)})
+            hits = self.search(texts[start : start + batch_size], depth)
+            run.update(top_k_without_self(ids[start : start + batch_size], hits, k, ignore_identical_ids))
         return run
 
 
