@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import git_commit  # also sets $EMBEDDISTILL_DATA to the project's datasets
 
 MODELS = Path.home() / ".cache" / "embeddistill-models"
 MEMORY_BATCHES = 5
@@ -225,7 +226,6 @@ def smallest_models(args, work: Path) -> tuple[dict[str, str], str]:
 
 
 def smallest_run(args, argv, queries: list[str]) -> dict:
-    from _common import git_commit
     from _speed_onnx import smallest_section
 
     load_before = os.getloadavg()
