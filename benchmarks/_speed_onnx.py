@@ -61,10 +61,13 @@ def interleaved(functions: dict, queries: list[str], size: int, repeats: int, wa
 
 
 def export_both(models: dict[str, str], work: Path, parity) -> dict:
-    """Role -> export info of ``models[role]`` exported to ``work/role`` with int8 (parity checked where given)."""
+    """Role -> export info of ``models[role]`` exported to ``work/onnx-ROLE`` with int8 (parity checked where given)."""
     from embeddistill.serving.onnx import export_onnx
 
-    return {role: export_onnx(path, work / role, int8=True, parity=parity.get(role)) for role, path in models.items()}
+    return {
+        role: export_onnx(path, work / f"onnx-{role}", int8=True, parity=parity.get(role))
+        for role, path in models.items()
+    }
 
 
 def smallest_section(models: dict[str, str], queries: list[str], args, work: Path) -> dict:
@@ -80,7 +83,7 @@ def smallest_section(models: dict[str, str], queries: list[str], args, work: Pat
     functions = {
         f"{role}.{backend}": function
         for role in models
-        for backend, function in timed_functions(models[role], work / role, threads).items()
+        for backend, function in timed_functions(models[role], work / f"onnx-{role}", threads).items()
     }
     rows: dict = {role: {b: {} for b in BACKENDS} for role in models}
     for size in args.batch_sizes:

@@ -221,8 +221,8 @@ def smallest_models(args, work: Path) -> tuple[dict[str, str], str]:
     two_layer = work / "minilm-2-layer"
     SentenceTransformer(modules=[truncate_transformer(minilm[0], 2), minilm[1]], device="cpu").save(str(two_layer))
     student = build_student(str(two_layer), load_sentence_transformer(args.teacher), asymmetric=True)
-    student.save(str(work / "smallest"))
-    return {"teacher": args.teacher, "smallest": str(work / "smallest")}, "as built, untrained (speed only)"
+    student.save(str(work / "student-smallest"))
+    return {"teacher": args.teacher, "smallest": str(work / "student-smallest")}, "as built, untrained (speed only)"
 
 
 def smallest_run(args, argv, queries: list[str]) -> dict:
