@@ -16,6 +16,15 @@ real SciFact test queries.
     python benchmarks/speed_cpu.py --out benchmarks/results/speed_cpu.json
 
 ``--smoke`` (1 repeat, batches 1 and 4) checks the script quickly.
+
+Section ``smallest`` (``benchmarks/_speed_onnx.py``): the smallest student (``--smallest``, by default the 2-layer
+MiniLM + projection as built) against the teacher in the same backend and precision (PyTorch fp32, ONNX Runtime fp32
+and int8 from ``embeddistill export``), interleaved, batch 1 and 32, and the export's nDCG@10 parity check on
+SciFact test for ``--parity-student`` (a trained student whose teacher's document embeddings are cached).
+``--sections`` picks what runs; a section not run is kept from the existing ``--out`` file with its own command.
+
+    python benchmarks/speed_cpu.py --sections smallest --parity-student runs/quickstart/student \
+        --out benchmarks/results/speed_cpu.json
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import git_commit  # also sets $EMBEDDISTILL_DATA to the project's datasets
 
 MODELS = Path.home() / ".cache" / "embeddistill-models"
 MEMORY_BATCHES = 5
@@ -46,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sections", nargs="+", default=["encoders", "smallest"], choices=["encoders", "smallest"])
+    parser.add_argument("--smallest", default="", help="smallest student folder (default: built, untrained)")
+    parser.add_argument("--parity-student", default="", help="trained student for the ONNX retrieval-parity check")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--memory-probe", default="", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--queries-file", default="", help=argparse.SUPPRESS)
@@ -165,22 +178,11 @@ def describe(name: str, model, encoder, queries: list[str]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.memory_probe:
-        return memory_probe(args)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as in serving: one request, the model's threads
-    import transformers
-
-    from embeddistill.data import RetrievalDataset
+def encoders_section(args, queries: list[str]) -> dict:
+    """The original rows: five query encoders in PyTorch, latency, memory, parameters and FLOPs."""
     from embeddistill.evaluation.latency import measure_latency
     from embeddistill.models.students import QueryEncoder
-    from embeddistill.runtime import environment_record
 
-    transformers.logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    queries = list(RetrievalDataset.load(args.dataset).split_queries(args.split).values())
     with tempfile.TemporaryDirectory(prefix="speed-cpu-") as scratch:
         work = Path(scratch)
         models = build_query_models(args.teacher, args.minilm, work)
@@ -197,22 +199,86 @@ def main(argv: list[str] | None = None) -> int:
     teacher = rows["teacher all-mpnet-base-v2"]
     for row in rows.values():
         row["speedup_vs_teacher"] = {key: teacher[key] / row[key] for key in latency["teacher all-mpnet-base-v2"]}
-    result = {
-        "benchmark": "speed_cpu",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": environment_record(())["machine"],
-        "versions": environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
-        "settings": {"dataset": args.dataset, "split": args.split, "queries": len(queries), "repeats": args.repeats},
+    return {
         "latency_method": "evaluation.measure_latency: median ms per batch, tokenisation included, interleaved",
         "memory_method": "fresh process per query encoder: /proc/self/status VmRSS after imports (baseline), VmHWM "
         f"after loading and embedding {MEMORY_BATCHES} batches of 32 queries; growth over the baseline",
         "weights": "as built by build_student, untrained (projections random)",
-        "smoke": args.smoke,
         "encoders": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def smallest_models(args, work: Path) -> tuple[dict[str, str], str]:
+    """``{"teacher": path, "smallest": path}`` and how the smallest student's weights came to be."""
+    if args.smallest:
+        return {"teacher": args.teacher, "smallest": args.smallest}, f"trained: {Path(args.smallest).parent.name}"
+    from sentence_transformers import SentenceTransformer
+
+    from embeddistill.models.students import build_student, truncate_transformer
+    from embeddistill.models.teachers import load_sentence_transformer
+
+    minilm = load_sentence_transformer(args.minilm)
+    two_layer = work / "minilm-2-layer"
+    SentenceTransformer(modules=[truncate_transformer(minilm[0], 2), minilm[1]], device="cpu").save(str(two_layer))
+    student = build_student(str(two_layer), load_sentence_transformer(args.teacher), asymmetric=True)
+    student.save(str(work / "student-smallest"))
+    return {"teacher": args.teacher, "smallest": str(work / "student-smallest")}, "as built, untrained (speed only)"
+
+
+def smallest_run(args, argv, queries: list[str]) -> dict:
+    from _speed_onnx import smallest_section
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="speed-onnx-") as scratch:
+        models, weights = smallest_models(args, Path(scratch))
+        section = smallest_section(models, queries, args, Path(scratch))
+    section["smallest"]["weights"] = weights
+    section["smallest_run"] = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1_5_15_before": list(load_before),
+        "load_average_1_5_15_after": list(os.getloadavg()),
+        "method": "benchmarks/_speed_onnx.py: six encoders interleaved per repeat on the same batch of SciFact test "
+        "queries, tokenisation included; ONNX Runtime and torch with the same thread count",
+        "repeats_batch1": args.repeats,
+    }
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as in serving: one request, the model's threads
+    import transformers
+
+    from embeddistill.data import RetrievalDataset
+    from embeddistill.runtime import environment_record
+
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    queries = list(RetrievalDataset.load(args.dataset).split_queries(args.split).values())
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() and "encoders" not in args.sections else {}
+    if "encoders" in args.sections:
+        result.update(
+            benchmark="speed_cpu",
+            command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            settings={"dataset": args.dataset, "split": args.split, "queries": len(queries), "repeats": args.repeats},
+            smoke=args.smoke,
+        )
+        result.update(encoders_section(args, queries))
+    result["machine"] = environment_record(())["machine"]
+    result["versions"] = environment_record(("torch", "transformers", "sentence-transformers", "onnxruntime"))[
+        "versions"
+    ]
+    if "smallest" in args.sections:
+        result.update(smallest_run(args, argv, queries))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -46,7 +46,7 @@ def test_export_folder(exported, student_dir):
     assert {"model.onnx", EXPORT_INFO, "tokenizer.json", "tokenizer_config.json"} <= names
     saved = json.loads((out / EXPORT_INFO).read_text())
     assert saved["opset"] >= 17 and saved["dimension"] == 32 and saved["normalized"] is True
-    assert saved["inputs"][:2] == ["input_ids", "attention_mask"] and saved["output"] == "sentence_embedding"
+    assert saved["inputs"] == ["input_ids", "attention_mask"] and saved["output"] == "sentence_embedding"
     assert saved["source"] == Path(student_dir).name  # the export travels: no local path in it
     assert saved["parity_max_abs_diff_sample"] < 1e-4
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # staging folder renamed away
@@ -145,3 +145,45 @@ def test_export_command(student_dir, scifact_slice, tiny_teacher_path, tmp_path,
     assert main(["export", student_dir, "--onnx", str(tmp_path / "onnx")]) == 0
     with pytest.raises(ValueError, match="opset"):
         export_onnx(student_dir, tmp_path / "old", opset=11)
+
+
+def test_the_lean_tokenizer_gives_the_ids_and_mask_of_the_transformers_tokenizer(exported):
+    out, _ = exported
+    runtime = OnnxQueryEncoder(out)
+    texts = ["vitamin D", "Does  taking VITAMIN d reduce fractures?", "x " * 400, "é à ü 0-dimensional"]
+    for batch in ([texts[1]], [texts[2]], texts):
+        expected = runtime.tokenizer(batch, padding=True, truncation=True, max_length=runtime.max_length)
+        features = runtime.tokenize(batch)
+        assert features["input_ids"].tolist() == expected["input_ids"]
+        assert features["attention_mask"].tolist() == expected["attention_mask"]
+    assert runtime.input_names == ["input_ids", "attention_mask"]  # token type ids are constants in the graph
+
+
+def test_an_int8_export_checked_on_a_dataset_is_offered_with_its_ndcg_ratio(student_dir, scifact_slice, tmp_path):
+    from embeddistill.serving.onnx import ParityCheck
+
+    out = tmp_path / "int8"
+    check = ParityCheck(str(scifact_slice), "test", str(tmp_path / "cache"))
+    info = export_onnx(student_dir, out, int8=True, parity=check)
+    assert (out / "model.int8.onnx").is_file() and info["retrieval_parity"]["queries"] > 0
+    int8 = info["precisions"]["int8"]
+    assert isinstance(int8["offered"], bool) and int8["nDCG@10_ratio_vs_fp32"] >= 0
+    assert info["precisions"]["fp32"]["offered"] is True
+    assert info["default_precision"] == ("int8" if int8["offered"] else "fp32")
+    texts = ["vitamin D deficiency", "bone density in older adults"]
+    embeddings = OnnxQueryEncoder(out, precision="int8").encode(texts)
+    assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3)
+
+
+def test_a_precision_that_failed_its_parity_check_is_refused_and_an_unchecked_int8_is_not_the_default(
+    student_dir, tmp_path
+):
+    out = tmp_path / "unchecked"
+    info = export_onnx(student_dir, out, int8=True)
+    assert info["default_precision"] == "fp32" and info["precisions"]["int8"]["offered"] is None
+    assert OnnxQueryEncoder(out).precision == "fp32"
+    saved = json.loads((out / EXPORT_INFO).read_text())
+    saved["precisions"]["int8"].update(offered=False, reason="nDCG@10 0.9 of PyTorch fp32's")
+    (out / EXPORT_INFO).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="not offered: nDCG@10 0.9"):
+        OnnxQueryEncoder(out, precision="int8")

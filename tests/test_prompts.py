@@ -21,22 +21,29 @@ PROMPTS_ALONE = {QUERY_PROMPT, DOCUMENT_PROMPT, "Represent: ", "search: "}
 
 @contextlib.contextmanager
 def recorded_tokenizer_inputs():
-    """Every string any Hugging Face tokenizer is called on while the context lasts (in call order), but a prompt
-    alone: sentence-transformers tokenises each prompt once by itself to know its length (for pooling that leaves
-    the prompt out), which is no input of the model."""
+    """Every string any Hugging Face tokenizer (or the ONNX encoder's lean call of its Rust core) is called on while
+    the context lasts (in call order), but a prompt alone: sentence-transformers tokenises each prompt once by itself
+    to know its length (for pooling that leaves the prompt out), which is no input of the model."""
+    from embeddistill.serving.onnx_runtime import LeanTokenizer
+
     seen: list[str] = []
-    original = PreTrainedTokenizerBase.__call__
+    originals = {cls: cls.__call__ for cls in (PreTrainedTokenizerBase, LeanTokenizer)}
 
-    def recording(self, text=None, *args, **kwargs):
-        texts = [text] if isinstance(text, str) else list(text or [])
-        seen.extend(t for t in texts if isinstance(t, str) and t not in PROMPTS_ALONE)
-        return original(self, text, *args, **kwargs)
+    def recorder(original):
+        def recording(self, text=None, *args, **kwargs):
+            texts = [text] if isinstance(text, str) else list(text or [])
+            seen.extend(t for t in texts if isinstance(t, str) and t not in PROMPTS_ALONE)
+            return original(self, text, *args, **kwargs)
 
-    PreTrainedTokenizerBase.__call__ = recording
+        return recording
+
+    for cls, original in originals.items():
+        cls.__call__ = recorder(original)
     try:
         yield seen
     finally:
-        PreTrainedTokenizerBase.__call__ = original
+        for cls, original in originals.items():
+            cls.__call__ = original
 
 
 @pytest.fixture(scope="module")

@@ -67,46 +67,67 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     setup_logging()
-    import json
-
     from embeddistill.extras import require
 
     require("serve", "onnx", "onnxruntime", purpose="embeddistill export")  # before the model is loaded
-    from embeddistill.serving.onnx import compare_with_pytorch, export_onnx
+    from embeddistill.serving.onnx import ParityCheck, export_onnx
 
-    info = export_onnx(args.model, args.onnx, opset=args.opset)
+    parity = None
+    if args.check_dataset and args.check_split:
+        parity = ParityCheck(args.check_dataset, args.check_split, args.cache_dir or None, args.min_ndcg_ratio)
+    info = export_onnx(
+        args.model,
+        args.onnx,
+        opset=args.opset,
+        int8=args.int8,
+        per_channel=args.per_channel,
+        reduce_range=args.reduce_range,
+        parity=parity,
+    )
     print(
         f"exported the query encoder of {args.model} to {args.onnx}/ ({info['exporter']} exporter, opset "
         f"{info['opset']}, {info['dimension']}-d); max abs diff on sample texts "
         f"{info['parity_max_abs_diff_sample']:.2e}"
     )
+    for name, entry in info["precisions"].items():
+        ratio = entry.get("nDCG@10_ratio_vs_fp32")
+        state = {True: "offered", False: "NOT offered", None: "unchecked"}[entry["offered"]]
+        print(f"  {name}: {entry['file']}, {state}" + (f", nDCG@10 {ratio:.4f} of PyTorch fp32" if ratio else ""))
+    print(f"  default precision: {info['default_precision']}")
     if args.check_dataset:
-        from embeddistill.data import RetrievalDataset
-        from embeddistill.serving.indexing import SearchIndex
-
-        dataset = RetrievalDataset.load(args.check_dataset)
-        queries = dataset.split_queries(args.check_split) if args.check_split else dataset.queries
-        index = SearchIndex.load(args.check_index) if args.check_index else None
-        result = compare_with_pytorch(
-            args.model, args.onnx, list(queries.values()), index=index, k=args.check_k, repeats=args.repeats
-        )
-        from embeddistill.runtime import environment_record
-
-        result = {
-            "command": "embeddistill " + " ".join(sys.argv[1:]),
-            "machine": environment_record(())["machine"],
-            "model": args.model,
-            "dataset": str(dataset.path),
-            "split": args.check_split,
-            "export": info,
-            **result,
-        }
-        print(json.dumps({k: v for k, v in result.items() if k != "export"}, indent=2))
-        if args.report:
-            from embeddistill.storage import atomic_write_json
-
-            atomic_write_json(args.report, result)
+        _export_comparison(args, info)
     return 0
+
+
+def _export_comparison(args: argparse.Namespace, info: dict) -> None:
+    """``export --check-dataset``: embeddings, top-k and latency of the export's default precision against PyTorch."""
+    import json
+
+    from embeddistill.data import RetrievalDataset
+    from embeddistill.runtime import environment_record
+    from embeddistill.serving.indexing import SearchIndex
+    from embeddistill.serving.onnx import compare_with_pytorch
+
+    dataset = RetrievalDataset.load(args.check_dataset)
+    queries = dataset.split_queries(args.check_split) if args.check_split else dataset.queries
+    index = SearchIndex.load(args.check_index) if args.check_index else None
+    result = compare_with_pytorch(
+        args.model, args.onnx, list(queries.values()), index=index, k=args.check_k, repeats=args.repeats
+    )
+    result = {
+        "command": "embeddistill " + " ".join(sys.argv[1:]),
+        "machine": environment_record(())["machine"],
+        "model": args.model,
+        "dataset": str(dataset.path),
+        "split": args.check_split,
+        "export": info,
+        **result,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "export"}, indent=2))
+    if args.report:
+        from embeddistill.storage import atomic_write_json
+
+        atomic_write_json(args.report, result)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -216,7 +237,22 @@ def _add_export(commands) -> None:
     export.add_argument("model", help="student (or any sentence-transformers model) folder or name")
     export.add_argument("--onnx", required=True, help="output folder (model.onnx, tokenizer, export_info.json)")
     export.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset version")
-    export.add_argument("--check-dataset", help="compare ONNX and PyTorch on this dataset's queries")
+    export.add_argument(
+        "--int8", action="store_true", help="also export an int8 model (dynamic quantisation), offered if it passes"
+    )
+    export.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
+    export.add_argument(
+        "--reduce-range", action="store_true", help="int8: 7-bit weights (for CPUs without VNNI that saturate)"
+    )
+    export.add_argument(
+        "--check-dataset",
+        help="check retrieval parity (nDCG@10 vs PyTorch fp32) on this dataset before offering each precision, and "
+        "compare ONNX and PyTorch on its queries",
+    )
+    export.add_argument(
+        "--min-ndcg-ratio", type=at_least(0.0, float), default=0.995, help="parity: least nDCG@10 ratio offered"
+    )
+    export.add_argument("--cache-dir", default="", help="teacher-embedding cache for the check's documents")
     export.add_argument("--check-split", default="test", help="queries of this qrels split ('' for all)")
     export.add_argument("--check-index", help="index folder: also compare the top-k documents")
     export.add_argument("--check-k", type=at_least(1), default=10, help="top-k documents compared with --check-index")

@@ -1,11 +1,15 @@
-"""ONNX export of the online query encoder, and an ONNX Runtime encoder for serving.
+"""ONNX export of the online query encoder (fp32, and int8 by dynamic quantisation), checked before it is offered.
 
 Only the query side runs online, so only it is exported: :class:`~embeddistill.models.students.QueryEncoder`
 (transformer + pooling + projection + normalisation, i.e. the Router's query route of an asymmetric student,
 or the whole model of a teacher or symmetric student) becomes ``model.onnx`` with dynamic batch and sequence
-axes; the tokenizer files are saved next to it, and ``export_info.json`` records what was exported.
+axes. The graph takes ``input_ids`` and ``attention_mask`` only (token type ids are the model's own zeros inside
+it) and holds pooling, projection and normalisation, fused by ONNX Runtime's transformer optimiser where it can.
+With ``int8``, ``model.int8.onnx`` is its dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``).
+Given a :class:`~embeddistill.serving.onnx_parity.ParityCheck`, each precision is offered only if its nDCG@10 is
+within 0.5% of the PyTorch fp32 encoder's; ``export_info.json`` records the ratios and the default precision.
 
-    embeddistill export runs/quickstart/student --onnx runs/student-onnx
+    embeddistill export runs/quickstart/student --onnx runs/student-onnx --int8 --check-dataset scifact
     OnnxQueryEncoder("runs/student-onnx").encode(["does vitamin D prevent fractures?"])
 """
 
@@ -16,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import warnings
@@ -25,12 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from embeddistill.extras import require
+from embeddistill.serving.onnx_parity import ParityCheck, compare_with_pytorch, load_query_encoder, retrieval_parity
+from embeddistill.serving.onnx_runtime import EXPORT_INFO, OnnxQueryEncoder
+
+__all__ = ["EXPORT_INFO", "OnnxQueryEncoder", "ParityCheck", "compare_with_pytorch", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
-EXPORT_INFO = "export_info.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 OUTPUT_NAME = "sentence_embedding"
+INPUT_NAMES = ["input_ids", "attention_mask"]
 SAMPLE_TEXTS = [
     "vitamin D",
     "Does taking vitamin D supplements every winter reduce the risk of hip fractures in older adults?",
@@ -38,13 +46,15 @@ SAMPLE_TEXTS = [
 ]
 
 
-def _query_encoder(model):
-    from embeddistill.models.students import QueryEncoder
-    from embeddistill.models.teachers import load_sentence_transformer
-
-    if isinstance(model, str | os.PathLike):
-        model = load_sentence_transformer(str(model))
-    return QueryEncoder.of(model).to("cpu").float().eval()
+def _eager_attention(encoder) -> None:
+    """Trace the plain attention (matmul, softmax, matmul) rather than SDPA: the pattern ONNX Runtime fuses into
+    one Attention operator. Same arithmetic; the PyTorch model is a private copy loaded for the export."""
+    for module in encoder.modules():
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            try:
+                module.set_attn_implementation("eager")
+            except (ValueError, AttributeError, NotImplementedError) as error:
+                logger.info("attention left as is for the export: %s", error)
 
 
 def _wrapper(encoder, input_names: list[str]):
@@ -133,44 +143,155 @@ def _replace_folder(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_onnx(model, out_dir: str | os.PathLike, opset: int = 17, check_texts: list[str] | None = None) -> dict:
-    """Export ``model``'s query encoder to ``out_dir`` (``model.onnx``, tokenizer, ``export_info.json``).
+def _attention_shape(encoder) -> tuple[int, int]:
+    """``(heads, hidden size)`` of the transformer, for the attention fusion (0, 0: let it guess)."""
+    for module in encoder.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
+            return int(config.num_attention_heads), int(config.hidden_size)
+    return 0, 0
 
-    The folder is assembled next to ``out_dir`` and renamed into place at the end, so a failed export leaves
-    any previous export untouched. Returns the export info (with the parity on a few sample texts).
-    """
-    require("serve", "onnx", "onnxruntime", purpose="ONNX export")
+
+def _fuse(path: Path, encoder) -> list[str]:
+    """Rewrite ``path`` with ONNX Runtime's transformer fusions (attention, layer norms, GELU, embeddings) where
+    they apply; returns the fused operator kinds (none where the optimiser does not know the model)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = _attention_shape(encoder)
+    try:
+        optimized = optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0)
+    except Exception as error:  # noqa: BLE001 - the plain graph is correct, the fusions only make it faster
+        logger.warning("transformer fusions skipped: %s: %s", type(error).__name__, str(error)[:300])
+        return []
+    fused = sorted({n.op_type for n in optimized.model.graph.node if n.domain == "com.microsoft"})
+    if fused:
+        optimized.save_model_to_file(str(path))
+    return fused
+
+
+def _quantize(source: Path, target: Path, per_channel: bool, reduce_range: bool) -> dict:
+    """Dynamic int8 quantisation of the MatMul weights (and fused Attention): activations quantised per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    settings = {"weight_type": "QInt8", "per_channel": per_channel, "reduce_range": reduce_range}
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1: FLOAT, past fused ops
+    )
+    return settings
+
+
+def _sample_difference(encoder, folder: Path, precision: str, texts: list[str]) -> float:
+    runtime = OnnxQueryEncoder(folder, precision=precision)
+    return float(np.abs(encoder.encode(texts) - runtime.encode(texts)).max())
+
+
+def _check(staging: Path, info: dict, model, parity: ParityCheck | None) -> None:
+    """Retrieval parity of each precision in ``info["precisions"]``: offered or not, and the default precision."""
+    precisions = info["precisions"]
+    if parity is None:
+        info["default_precision"] = "fp32"
+        if "int8" in precisions:
+            precisions["int8"]["reason"] = "no retrieval-parity check was run (give a check dataset)"
+            logger.warning("the int8 model is not offered: %s", precisions["int8"]["reason"])
+        return
+    encoders = {f"onnx_{name}": OnnxQueryEncoder(staging, precision=name, threads=None).encode for name in precisions}
+    result = retrieval_parity(model, encoders, parity)
+    info["retrieval_parity"] = result
+    for name, entry in precisions.items():
+        row = result[f"onnx_{name}"]
+        entry[f"{parity.metric}_ratio_vs_fp32"] = row[f"{parity.metric}_ratio_vs_fp32"]
+        entry["offered"] = row["passed"]
+        if not row["passed"]:
+            entry["reason"] = (
+                f"{parity.metric} on {result['dataset']} {parity.split} is {row[f'{parity.metric}_ratio_vs_fp32']:.4f}"
+                f" of PyTorch fp32's (below {parity.min_ratio})"
+            )
+            logger.warning("the %s ONNX model is not offered: %s", name, entry["reason"])
+    if not precisions["fp32"]["offered"]:
+        raise RuntimeError(f"the fp32 ONNX model fails the retrieval-parity check: {precisions['fp32']['reason']}")
+    info["default_precision"] = "int8" if precisions.get("int8", {}).get("offered") else "fp32"
+
+
+def _build(staging: Path, model, encoder, opset: int, int8: dict | None, fuse: bool) -> dict:
+    """Export, fuse, quantise and sample-check into ``staging``; returns the export info (not yet checked)."""
     import onnx
 
+    sample = encoder.tokenize(["a short query", SAMPLE_TEXTS[1]])  # padded: the attention mask is traced for real
+    args = tuple(sample[name] for name in INPUT_NAMES)
+    if fuse:
+        _eager_attention(encoder)
+    started = time.perf_counter()
+    exporter = _export_file(_wrapper(encoder, INPUT_NAMES), args, INPUT_NAMES, staging / ONNX_FILE, opset)
+    onnx.checker.check_model(str(staging / ONNX_FILE))
+    plain = staging / "plain.onnx"
+    shutil.copy(staging / ONNX_FILE, plain)
+    fused = _fuse(staging / ONNX_FILE, encoder) if fuse else []
+    encoder.tokenizer.save_pretrained(str(staging))
+    info = _export_info(model, encoder, INPUT_NAMES, opset, exporter, 0.0)
+    info["fused_operators"] = fused
+    info["precisions"] = {"fp32": {"file": ONNX_FILE, "offered": None}}
+    (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if fused and _sample_difference(encoder, staging, "fp32", SAMPLE_TEXTS) > 1e-3:
+        logger.warning("the fused graph differs from PyTorch: exporting the unfused one")
+        shutil.copy(plain, staging / ONNX_FILE)
+        info["fused_operators"] = []
+    plain.unlink()
+    if int8 is not None:
+        settings = _quantize(staging / ONNX_FILE, staging / INT8_FILE, **int8)
+        info["precisions"]["int8"] = {"file": INT8_FILE, "offered": None, "quantization": settings}
+    info["export_seconds"] = time.perf_counter() - started
+    (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def export_onnx(
+    model,
+    out_dir: str | os.PathLike,
+    opset: int = 17,
+    check_texts: list[str] | None = None,
+    int8: bool = False,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    parity: ParityCheck | None = None,
+    fuse: bool = True,
+) -> dict:
+    """Export ``model``'s query encoder to ``out_dir`` (``model.onnx``, with ``int8`` ``model.int8.onnx``,
+    tokenizer, ``export_info.json``), each precision checked against PyTorch on sample texts and, given ``parity``,
+    for retrieval parity (a failing int8 is kept but not offered; a failing fp32 fails the export).
+
+    The folder is assembled next to ``out_dir`` and renamed into place at the end, so a failed export leaves
+    any previous export untouched. Returns the export info.
+    """
+    require("serve", "onnx", "onnxruntime", purpose="ONNX export")
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: use 17 or newer")
     out_dir = Path(out_dir)
-    encoder = _query_encoder(model)
-    sample = encoder.tokenize(["a short query", SAMPLE_TEXTS[1]])  # padded: the attention mask is traced for real
-    input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in sample]
-    args = tuple(sample[name] for name in input_names)
-
+    encoder = load_query_encoder(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        started = time.perf_counter()
-        exporter = _export_file(_wrapper(encoder, input_names), args, input_names, staging / ONNX_FILE, opset)
-        export_seconds = time.perf_counter() - started
-        onnx.checker.check_model(str(staging / ONNX_FILE))
-        encoder.tokenizer.save_pretrained(str(staging))
-        info = _export_info(model, encoder, input_names, opset, exporter, export_seconds)
-        (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        quantization = {"per_channel": per_channel, "reduce_range": reduce_range} if int8 else None
+        info = _build(staging, model, encoder, opset, quantization, fuse)
         texts = check_texts or SAMPLE_TEXTS
-        difference = float(np.abs(encoder.encode(texts) - OnnxQueryEncoder(staging).encode(texts)).max())
-        info["parity_max_abs_diff_sample"] = difference
-        if difference > 1e-3:
-            raise RuntimeError(f"the ONNX model differs from PyTorch by {difference:.2e} on sample texts")
+        info["parity_max_abs_diff_sample"] = _sample_difference(encoder, staging, "fp32", texts)
+        if info["parity_max_abs_diff_sample"] > 1e-3:
+            raise RuntimeError(
+                f"the ONNX model differs from PyTorch by {info['parity_max_abs_diff_sample']:.2e} on sample texts"
+            )
+        if int8:
+            info["precisions"]["int8"]["max_abs_diff_sample"] = _sample_difference(encoder, staging, "int8", texts)
+        _check(staging, info, model, parity)
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("exported the query encoder to %s (%s exporter, opset %d)", out_dir, exporter, opset)
+    logger.info("exported the query encoder to %s (%s exporter, opset %d)", out_dir, info["exporter"], opset)
     return info
 
 
@@ -179,140 +300,3 @@ def _versions() -> dict:
     from embeddistill.runtime import environment_record
 
     return environment_record(("torch", "onnx", "onnxruntime", "transformers", "sentence-transformers"))["versions"]
-
-
-class OnnxQueryEncoder:
-    """An exported query encoder run by ONNX Runtime: ``encode(texts) -> float32 [n, dimension]``.
-
-    Tokenisation is the saved Hugging Face tokenizer with the export's maximum length, exactly as in PyTorch, of
-    each text after the student's query prompt (``query_prompt`` in ``export_info.json``).
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike,
-        batch_size: int = 64,
-        threads: int | None = None,
-        providers: list[str] | None = None,
-        spin: bool = False,
-    ):
-        require("serve", "onnxruntime", purpose=f"the ONNX query encoder in {folder}")
-        import onnxruntime as ort
-        from transformers import AutoTokenizer
-
-        self.folder = Path(folder)
-        info_path = self.folder / EXPORT_INFO
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{self.folder} is not an ONNX export: {EXPORT_INFO} is missing")
-        self.info = json.loads(info_path.read_text(encoding="utf-8"))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-        self.max_length = int(self.info["max_length"])
-        self.prompt = str(self.info.get("query_prompt") or "")  # exports made before prompts travelled had none
-        self.batch_size = batch_size
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if not spin:
-            # Idle worker threads sleep instead of spinning: in a service they share the cores with the event
-            # loop and the tokenizer, and spinning threads starve them.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(self.folder / self.info["onnx"]), options, providers=providers or ["CPUExecutionProvider"]
-        )
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    @property
-    def dimension(self) -> int:
-        return int(self.info["dimension"])
-
-    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        texts = [self.prompt + text for text in texts]
-        features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        shape = features["input_ids"].shape
-        return {
-            name: np.asarray(features[name], dtype=np.int64) if name in features else np.zeros(shape, dtype=np.int64)
-            for name in self.input_names
-        }
-
-    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run([self.info["output"]], features)[0]
-
-    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
-        texts = list(texts)
-        size = batch_size or self.batch_size
-        parts = [self.run(self.tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
-        if not parts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.concatenate(parts).astype(np.float32, copy=False)
-
-
-def _timed_ms(name: str, function, batches: list[list[str]], warmup: int) -> dict[str, float]:
-    """``{name}_ms``: the median milliseconds of ``function`` over the batches after ``warmup``; ``{name}_p10_ms``
-    and ``{name}_p90_ms``: the spread of those repeats."""
-    timings = []
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        function(batch)
-        if i >= warmup:
-            timings.append((time.perf_counter() - start) * 1000)
-    low, high = np.percentile(timings, [10, 90])
-    return {f"{name}_ms": statistics.median(timings), f"{name}_p10_ms": float(low), f"{name}_p90_ms": float(high)}
-
-
-def compare_with_pytorch(
-    model,
-    onnx_dir: str | os.PathLike,
-    texts: list[str],
-    index=None,
-    k: int = 10,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    repeats: int = 30,
-    warmup: int = 3,
-) -> dict:
-    """Parity and CPU latency of the ONNX export against the PyTorch query encoder on ``texts``.
-
-    Parity: max abs difference of the embeddings and, given a :class:`~embeddistill.serving.indexing.SearchIndex`,
-    how many queries get the identical top-``k`` list (same ids, same order). Latency: median milliseconds per
-    batch and the p10/p90 of the repeats, tokenisation included for both, ONNX Runtime with as many threads as torch.
-    """
-    import torch
-
-    encoder = _query_encoder(model)
-    threads = torch.get_num_threads()
-    runtime = OnnxQueryEncoder(onnx_dir, threads=threads)
-    reference = encoder.encode(texts, batch_size=32)
-    exported = runtime.encode(texts, batch_size=32)
-    difference = np.abs(reference - exported)
-    result: dict = {
-        "queries": len(texts),
-        "max_abs_diff": float(difference.max()),
-        "mean_abs_diff": float(difference.mean()),
-        "min_cosine": float(
-            np.min(
-                (reference * exported).sum(1)
-                / (np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1) + 1e-12)
-            )
-        ),
-    }
-    if index is not None:
-        torch_top = [[d for d, _ in hits] for hits in index.ranked(reference, k)]
-        onnx_top = [[d for d, _ in hits] for hits in index.ranked(exported, k)]
-        identical = sum(a == b for a, b in zip(torch_top, onnx_top, strict=True))
-        result[f"identical_top{k}"] = identical
-        result[f"identical_top{k}_fraction"] = identical / len(texts)
-        result[f"top{k}_set_overlap"] = float(
-            np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in zip(torch_top, onnx_top, strict=True)])
-        )
-    latency = {}
-    with torch.inference_mode():
-        for size in batch_sizes:
-            batches = [[texts[(i * size + j) % len(texts)] for j in range(size)] for i in range(repeats + warmup)]
-            timed = _timed_ms("pytorch", lambda b: encoder(encoder.tokenize(b)), batches, warmup)
-            timed |= _timed_ms("onnxruntime", lambda b: runtime.run(runtime.tokenize(b)), batches, warmup)
-            latency[f"batch{size}"] = {**timed, "speedup": timed["pytorch_ms"] / timed["onnxruntime_ms"]}
-    result["latency"] = latency
-    result["threads"] = threads
-    result["repeats"] = repeats
-    return result

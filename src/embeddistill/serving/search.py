@@ -65,10 +65,10 @@ def load_query_encoder(
     if hasattr(model, "encode") and not isinstance(model, str | os.PathLike):
         return model
     path = Path(model).expanduser()
-    from embeddistill.serving.onnx import EXPORT_INFO
+    from embeddistill.serving.onnx_runtime import EXPORT_INFO
 
     if (path / EXPORT_INFO).is_file():
-        from embeddistill.serving.onnx import OnnxQueryEncoder
+        from embeddistill.serving.onnx_runtime import OnnxQueryEncoder
 
         return OnnxQueryEncoder(path, batch_size=batch_size)
     from embeddistill.models.teachers import load_sentence_transformer
