@@ -26,7 +26,7 @@ from embeddistill.models.cross_encoders import (
     load_cross_encoder,
 )
 from embeddistill.models.pooling import segment_masks
-from embeddistill.training.teacher_finetuning import DualPoolingTrainer, TeacherExample
+from embeddistill.training.teacher_finetuning import CrossEncoderTrainer, TeacherExample
 
 QUERIES = ["what lowers blood pressure", "vitamin d"]
 DOCUMENTS = ["beta blockers reduce blood pressure in adults", "sunlight makes vitamin d in the skin of most people"]
@@ -389,7 +389,7 @@ def test_dual_pooling_trainer_loss_is_label_plus_weighted_score_distillation(
     teacher = load_cross_encoder(standard_ce_path, max_length=64)
     torch.manual_seed(0)
     model = DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64).eval()  # eval: no dropout
-    trainer = DualPoolingTrainer(model, examples, config, teacher)
+    trainer = CrossEncoderTrainer(model, examples, config, teacher)
     queries, documents, size = trainer.batch(0)
     assert size == group and len(queries) == len(documents) == 2 * group
     with torch.no_grad():
@@ -410,7 +410,7 @@ def test_dual_pooling_trainer_loss_is_label_plus_weighted_score_distillation(
     torch.manual_seed(0)
     twin = DualPoolingCrossEncoder.from_encoder(tiny_teacher_path, max_length=64).eval()
     without = dataclasses.replace(config, distill_weight=0.0)
-    DualPoolingTrainer(twin, examples, without, teacher).step(0)
+    CrossEncoderTrainer(twin, examples, without, teacher).step(0)
     moved = [
         not torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True) if a.requires_grad
     ]

@@ -55,7 +55,7 @@ _EXPORTS = {
     "EmbeddingCache": "embeddistill.models.teachers",
     "DualPoolingCrossEncoder": "embeddistill.models.cross_encoders",
     "load_cross_encoder": "embeddistill.models.cross_encoders",
-    "train_dual_pooling": "embeddistill.training.teacher_finetuning",
+    "train_cross_encoder": "embeddistill.training.teacher_finetuning",
     # evaluation
     "evaluate_model": "embeddistill.evaluation.metrics",
     "score_run": "embeddistill.evaluation.metrics",
@@ -103,7 +103,7 @@ __all__ = [  # every entry of _EXPORTS, spelled out so that tools see the public
     "EmbeddingCache",
     "DualPoolingCrossEncoder",
     "load_cross_encoder",
-    "train_dual_pooling",
+    "train_cross_encoder",
     "evaluate_model",
     "score_run",
     "measure_latency",
@@ -169,4 +169,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names come
     from embeddistill.serving.indexing import FlatIndex, SearchIndex
     from embeddistill.serving.onnx import OnnxQueryEncoder, export_onnx
     from embeddistill.serving.search import Hit, Searcher, encode_corpus
-    from embeddistill.training.teacher_finetuning import train_dual_pooling
+    from embeddistill.training.teacher_finetuning import train_cross_encoder

@@ -94,14 +94,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     from embeddistill.config import TeacherTrainingConfig, apply_arguments
-    from embeddistill.training.teacher_finetuning import train_dual_pooling
+    from embeddistill.training.teacher_finetuning import train_cross_encoder
 
     config = apply_arguments(TeacherTrainingConfig(), args)
     from embeddistill.checks import check_teacher_training
 
     check_teacher_training(config)
     _setup_logging(Path(config.out).parent / f"{Path(config.out).name}.log")
-    _, info = train_dual_pooling(config)
+    _, info = train_cross_encoder(config)
     print(f"dual-pooling cross-encoder written to {config.out}/ ({info['steps']} steps, {info['train_seconds']:.0f} s)")
     return 0
 

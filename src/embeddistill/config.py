@@ -431,6 +431,12 @@ class TeacherTrainingConfig:
     datasets: list[str] = option([], "one or more BEIR datasets", required=True, flag="--dataset")
     split: str = option("train", "qrels split with the labelled training queries")
     out: str = option("", "output folder (safetensors weights, tokenizer, JSON config)", required=True, shapes=False)
+    architecture: str = option(
+        "dual-pooling",
+        "dual-pooling (query and document segments pooled, s = <e_q, e_d>: it has embeddings to match) or standard "
+        "(a one-logit classification head over [CLS]: scores only), from the same base and data",
+        choices=["dual-pooling", "standard"],
+    )
     negatives_from: str = option("", "dual encoder whose top documents are hard negatives (default: random documents)")
     positives_in_pool: bool = option(
         True, "positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)"

@@ -21,7 +21,7 @@ per pair. Two kinds are supported as teachers (docs/METHOD.md, section 4):
 Scores (and dual-pooling embeddings) of (query, document) pairs are computed once and cached on disk by
 :class:`CrossEncoderScoreCache`, keyed like the teacher-embedding cache: the CE's identity (a hash of its weights plus
 every setting that changes a score) and a fingerprint of each pair. ``embeddistill train-teacher`` fine-tunes a
-dual-pooling CE (:func:`train_dual_pooling`); ``embeddistill evaluate --reranker`` reranks a first stage
+dual-pooling CE (:func:`train_cross_encoder`); ``embeddistill evaluate --reranker`` reranks a first stage
 (:func:`rerank`). Everything is saved as safetensors + JSON; nothing is ever unpickled.
 """
 

@@ -1,7 +1,7 @@
 """The one training loop under every trainer: schedule, optimiser step, logging, checkpoints and ``--resume``.
 
 A trainer (:class:`~embeddistill.training.distillation.DistillationTrainer`, its cross-encoder variant and
-:class:`~embeddistill.training.teacher_finetuning.DualPoolingTrainer`) only says what one step computes: it hands
+:class:`~embeddistill.training.teacher_finetuning.CrossEncoderTrainer`) only says what one step computes: it hands
 its loss parts to :meth:`TrainingLoop.optimise` and its step function to :meth:`TrainingLoop.run`. Everything a run
 must do the same way whatever it trains lives here, once:
 

@@ -1,4 +1,4 @@
-"""Fine-tuning a dual-pooling cross-encoder (``embeddistill train-teacher``).
+"""Fine-tuning a cross-encoder teacher (``embeddistill train-teacher``): dual-pooling, or standard for comparison.
 
 The training half of the cross-encoder code: examples with hard negatives from a first stage, the trainer and the
 entry point. The model classes live in :mod:`embeddistill.models.cross_encoders`; this module only trains them.
@@ -18,6 +18,7 @@ import torch
 from embeddistill.checks import check_teacher_training, record_settings
 from embeddistill.config import TeacherTrainingConfig
 from embeddistill.losses import LabelLoss, ScoreDistillationLoss
+from embeddistill.models.classification_cross_encoder import ClassificationCrossEncoder
 from embeddistill.models.cross_encoders import DUAL_POOLING_CONFIG, CrossEncoderTeacher, DualPoolingCrossEncoder
 from embeddistill.runtime import forward_context, resolve_device, seed_everything
 from embeddistill.training.loop import LoopSettings, TrainingLoop
@@ -92,8 +93,9 @@ def collect_teacher_examples(config: TeacherTrainingConfig, device: str) -> list
     return examples
 
 
-class DualPoolingTrainer:
-    """Fine-tunes a :class:`DualPoolingCrossEncoder` on groups ``[positive, negatives...]`` per query.
+class CrossEncoderTrainer:
+    """Fine-tunes a :class:`DualPoolingCrossEncoder` (or a :class:`ClassificationCrossEncoder`, whose logits need no
+    temperature: ``tau`` = 1) on groups ``[positive, negatives...]`` per query.
 
     Loss per step (``B`` queries, ``G`` documents each, column 0 the positive):
     ``w_label * LabelLoss(s / tau)`` (softmax cross-entropy against the positive), plus, with a standard CE to
@@ -105,7 +107,7 @@ class DualPoolingTrainer:
 
     def __init__(
         self,
-        model: DualPoolingCrossEncoder,
+        model: DualPoolingCrossEncoder | ClassificationCrossEncoder,
         examples: list[TeacherExample],
         config: TeacherTrainingConfig,
         distill_teacher: CrossEncoderTeacher | None = None,
@@ -114,8 +116,9 @@ class DualPoolingTrainer:
         self.device = resolve_device(config.device)
         self.model.to(self.device)
         self.distill_teacher = distill_teacher
-        self.label_loss = LabelLoss(config.temperature if config.normalize else 1.0)
-        self.distill_loss = ScoreDistillationLoss(1.0, config.temperature if config.normalize else 1.0)
+        tau = config.temperature if config.normalize and isinstance(model, DualPoolingCrossEncoder) else 1.0
+        self.label_loss = LabelLoss(tau)
+        self.distill_loss = ScoreDistillationLoss(1.0, tau)
         parameters = list(model.parameters())
         self.optimizer = torch.optim.AdamW(
             [p for p in parameters if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
@@ -181,32 +184,44 @@ class DualPoolingTrainer:
         self.loop.save_checkpoint(step)
 
 
-def train_dual_pooling(config: TeacherTrainingConfig) -> tuple[DualPoolingCrossEncoder, dict]:
-    """``embeddistill train-teacher``: fine-tune a dual-pooling CE and save it to ``config.out``."""
+def base_model(config: TeacherTrainingConfig, device: str) -> DualPoolingCrossEncoder | ClassificationCrossEncoder:
+    """The model ``--architecture`` asks for, on ``--base`` (a dual-pooling folder continues its own training)."""
+    if config.architecture == "standard":
+        return ClassificationCrossEncoder.from_encoder(config.base, config.max_length, device, config.trust_remote_code)
+    if (Path(config.base) / DUAL_POOLING_CONFIG).is_file():
+        model = DualPoolingCrossEncoder.load(config.base, device, config.trust_remote_code)
+        model.config.temperature, model.config.max_length = config.temperature, config.max_length
+        model.config.normalize = config.normalize
+        return model
+    return DualPoolingCrossEncoder.from_encoder(
+        config.base, config.normalize, config.temperature, config.max_length, device, config.trust_remote_code
+    )
+
+
+def train_cross_encoder(
+    config: TeacherTrainingConfig,
+) -> tuple[DualPoolingCrossEncoder | ClassificationCrossEncoder, dict]:
+    """``embeddistill train-teacher``: fine-tune a CE of ``config.architecture`` and save it to ``config.out``."""
     if not config.base or not config.datasets or not config.out:
         raise ValueError("train-teacher needs --base, --dataset and --out")
     check_teacher_training(config)  # before any model is loaded; --resume compares with the recorded settings
     device = str(resolve_device(config.device))
     seed_everything(config.seed)
-    if (Path(config.base) / DUAL_POOLING_CONFIG).is_file():
-        model = DualPoolingCrossEncoder.load(config.base, device, config.trust_remote_code)
-        model.config.temperature, model.config.max_length = config.temperature, config.max_length
-        model.config.normalize = config.normalize
-    else:
-        model = DualPoolingCrossEncoder.from_encoder(
-            config.base, config.normalize, config.temperature, config.max_length, device, config.trust_remote_code
-        )
+    model = base_model(config, device)
     distill_teacher = None
     if config.distill_from:
         distill_teacher = CrossEncoderTeacher.load(
             config.distill_from, device, config.max_length, config.trust_remote_code
         )
     examples = collect_teacher_examples(config, device)
-    trainer = DualPoolingTrainer(model, examples, config, distill_teacher)
+    trainer = CrossEncoderTrainer(model, examples, config, distill_teacher)
     record_settings(config, trainer.checkpoint_dir / "config.yaml")
     info = trainer.train()
-    model.config.base_model = config.base
-    model.config.training = {**{k: v for k, v in asdict(config).items() if k not in ("resume",)}, **info}
-    model.save(config.out)
+    training = {**{k: v for k, v in asdict(config).items() if k not in ("resume",)}, **info}
+    if isinstance(model, DualPoolingCrossEncoder):
+        model.config.base_model, model.config.training = config.base, training
+        model.save(config.out)
+    else:
+        model.save(config.out, {"base_model": config.base, "training": training})
     logger.info("train-teacher: saved %s (%d steps, %.0f s)", config.out, info["steps"], info["train_seconds"])
     return model, info
