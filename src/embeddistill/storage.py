@@ -12,8 +12,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,23 @@ def honour_umask(folder: str | os.PathLike) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, files)
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a staging folder beside ``path``, then put it in ``path``'s place: a kill at any point
+    leaves the previous folder whole (or none). Modes follow the umask (see :func:`honour_umask`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = path.parent / f".{path.name}.saving", path.parent / f".{path.name}.old"
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    honour_umask(staging)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -12,14 +12,13 @@ Hugging Face sequence-classification layout, so :class:`~embeddistill.models.cro
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from embeddistill.models.cross_encoders import _PairScorer
-from embeddistill.storage import atomic_write_json, honour_umask
+from embeddistill.storage import atomic_write_json, replace_folder
 
 TRAINING_RECORD = "train_teacher.json"
 
@@ -68,19 +67,12 @@ class ClassificationCrossEncoder(nn.Module, _PairScorer):
     def save(self, path: str | os.PathLike, training: dict | None = None) -> Path:
         """Weights (safetensors), config and tokenizer, plus ``train_teacher.json`` (how it was trained); the folder
         is replaced only once everything is written (a kill leaves the previous model whole)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.saving"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(str(staging), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(staging))
-        atomic_write_json(staging / TRAINING_RECORD, training or {})
-        honour_umask(staging)  # transformers writes the weights 0600
-        old = path.parent / f".{path.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        staging.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def write(staging: Path) -> None:
+            self.model.save_pretrained(str(staging), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(staging))
+            atomic_write_json(staging / TRAINING_RECORD, training or {})
+
+        path = replace_folder(path, write)
         self.name = str(path)
         return path

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embeddistill.models.pooling import masked_mean, segment_masks
-from embeddistill.storage import ShardedCache, atomic_write_json, fingerprint, honour_umask, text_key, weights_hash
+from embeddistill.storage import ShardedCache, atomic_write_json, fingerprint, replace_folder, text_key, weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -341,20 +340,13 @@ class DualPoolingCrossEncoder(nn.Module, _PairScorer):
     def save(self, path: str | os.PathLike) -> Path:
         """Weights (safetensors, fp32), HF config, tokenizer and ``dual_pooling_config.json``; the folder is replaced
         only once everything is written (a kill leaves the previous model whole)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.saving"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.encoder.save_pretrained(str(staging), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(staging))
-        atomic_write_json(staging / DUAL_POOLING_CONFIG, asdict(self.config))
-        honour_umask(staging)  # transformers writes the weights 0600
-        old = path.parent / f".{path.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        staging.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def write(staging: Path) -> None:
+            self.encoder.save_pretrained(str(staging), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(staging))
+            atomic_write_json(staging / DUAL_POOLING_CONFIG, asdict(self.config))
+
+        path = replace_folder(path, write)  # transformers writes the weights 0600: the modes are fixed there
         self.name = str(path)
         return path
 
