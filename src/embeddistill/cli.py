@@ -27,7 +27,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     missing = [
         name
         for name, value in (
-            ("--teacher (or --cross-encoder)", config.model.teacher or config.ce.cross_encoder),
+            (
+                "--teacher (or --cross-encoder, or --teacher-documents)",
+                config.model.teacher or config.ce.cross_encoder or config.api.teacher_documents,
+            ),
             ("--dataset", config.data.dataset),
             ("--out", config.out),
         )
@@ -181,7 +184,11 @@ def _add_evaluate_command(commands) -> None:
     evaluate.add_argument(
         "--rerank-depth", type=at_least(1), default=100, help="documents per query the reranker rescores"
     )
-    evaluate.add_argument("--cache-dir", default="", help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)")
+    evaluate.add_argument(
+        "--cache-dir",
+        default="",
+        help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
 

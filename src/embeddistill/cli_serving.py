@@ -122,8 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
         max_k=args.max_k,
         max_query_chars=args.max_query_chars,
+        max_document_chars=args.max_document_chars,
     )
-    searcher = Searcher(args.index, args.model, trust_remote_code=args.trust_remote_code)
+    searcher = Searcher(args.index or None, args.model, trust_remote_code=args.trust_remote_code)
     warm_up(searcher)
     serve(searcher, args.host, args.port, limits)
     return 0
@@ -161,7 +162,11 @@ def _add_index(commands) -> None:
     index.add_argument("--nprobe", type=at_least(1), default=None, help="ivfpq: cells searched per query (default 16)")
     index.add_argument("--seed", type=int, default=0, help="seed of the ivfpq training sample")
     index.add_argument("--batch-size", type=at_least(1), default=32, help="documents encoded together")
-    index.add_argument("--cache-dir", default="", help="teacher embedding cache (default: a run's own for its student/, else ~/.cache/embeddistill)")
+    index.add_argument(
+        "--cache-dir",
+        default="",
+        help="teacher embedding cache (default: a run's own for its student/, else ~/.cache/embeddistill)",
+    )
     index.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -218,11 +223,15 @@ def _add_serve(commands) -> None:
     serve = add_command(
         commands,
         "serve",
-        "serve an index over HTTP (POST /search, GET /health)",
+        "serve an index over HTTP (POST /search, POST /v1/embeddings, GET /health)",
         "Serve an index folder over HTTP: POST /search with query texts, GET /health. Queries from concurrent "
-        "requests are encoded together (micro-batching). Needs embeddistill[serve].",
+        "requests are encoded together (micro-batching). POST /v1/embeddings answers OpenAI-compatible embedding "
+        'requests (query side; "input_type": "document" for the document side). Without an index folder the '
+        "model is served for /v1/embeddings alone. Needs embeddistill[serve].",
     )
-    serve.add_argument("index", help="index folder from 'embeddistill index'")
+    serve.add_argument(
+        "index", nargs="?", default="", help="index folder from 'embeddistill index' (none: embeddings only)"
+    )
     serve.add_argument("--model", required=True, help="query encoder: student, teacher or ONNX export folder")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=at_least(0), default=8000, help="TCP port")
@@ -236,6 +245,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-queries", type=at_least(1), default=256, help="queries per request")
     serve.add_argument("--max-k", type=at_least(1), default=1000, help="largest k a request may ask for")
     serve.add_argument("--max-query-chars", type=at_least(1), default=2048, help="longest query text accepted")
+    serve.add_argument(
+        "--max-document-chars", type=at_least(1), default=100_000, help="/v1/embeddings: longest document accepted"
+    )
     serve.add_argument(
         "--trust-remote-code",
         action="store_true",

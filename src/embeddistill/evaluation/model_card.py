@@ -303,6 +303,8 @@ def _configuration(config: dict) -> str:
 def _teacher_size(summary: RunSummary) -> str:
     if summary.cross_encoder:
         return f"a {summary.teacher.kind} cross-encoder reranking the top {summary.teacher.rerank_depth}"
+    if summary.teacher.query_encoder_parameters is None:  # a teacher behind an API, or given as vectors
+        return "a black-box teacher (an endpoint or given vectors): its size is not known"
     return f"{_millions(summary.teacher.query_encoder_parameters)} parameters in its query path"
 
 
