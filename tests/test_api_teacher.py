@@ -105,6 +105,7 @@ def _distill(tmp_path, name, argv):
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_through_the_served_teacher_distils_from_the_local_teachers_embeddings_and_a_rerun_sends_nothing(
     teacher_endpoint, tiny_teacher_path, tiny_student_path, scifact_slice, tmp_path
 ):
@@ -131,9 +132,17 @@ class Flaky(BaseHTTPRequestHandler):
 
     script: list[int] = []
     seen: list[int] = []
+    in_flight = most_in_flight = 0
+    lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802 - the http.server name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with Flaky.lock:
+            Flaky.in_flight += 1
+            Flaky.most_in_flight = max(Flaky.most_in_flight, Flaky.in_flight)
+        time.sleep(0.02)
+        with Flaky.lock:
+            Flaky.in_flight -= 1
         Flaky.seen.append(len(body["input"]))
         status = Flaky.script.pop(0) if Flaky.script else 200
         if self.headers.get("Authorization") == "Bearer wrong":
@@ -157,7 +166,7 @@ class Flaky(BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky(monkeypatch):
     monkeypatch.setattr(api_teacher, "BACKOFF_BASE", 0.01)
-    Flaky.script, Flaky.seen = [], []
+    Flaky.script, Flaky.seen, Flaky.most_in_flight = [], [], 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -219,6 +228,7 @@ def _write_vectors(folder, name, ids, vectors):
     return str(folder / f"{name}.npy")
 
 
+@pytest.mark.slow
 def test_a_teacher_given_as_vectors_distils_like_the_local_teacher(
     tiny_teacher_path, tiny_student_path, scifact_slice, tmp_path, capsys
 ):
@@ -238,3 +248,29 @@ def test_a_teacher_given_as_vectors_distils_like_the_local_teacher(
     assert given["student"]["asymmetric"] and "teacher_api" not in given
     assert main(["distill", "--out", str(tmp_path / "generated"), *FAST, *argv]) == 2
     assert "generated queries need an endpoint (--teacher URL)" in capsys.readouterr().err
+
+
+def test_requests_carry_the_batch_size_and_no_more_are_in_flight_than_the_concurrency(flaky, tmp_path):
+    teacher = ApiTeacher(Endpoint(api_teacher.endpoint_url(flaky), batch_size=3, concurrency=2), tmp_path)
+    teacher.embed_queries(TEXTS)
+    assert Flaky.seen[0] == 1 and sorted(Flaky.seen[1:]) == [1, 3, 3, 3, 3, 3, 3]  # the probe, then 19 texts
+    assert Flaky.most_in_flight == 2
+
+
+def test_document_vectors_load_from_parquet_and_from_an_index_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embeddistill.models.vector_teacher import load_vectors
+    from embeddistill.serving.indexing import SearchIndex
+
+    ids, vectors = ["d1", "d2", "d3"], np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    pq.write_table(pa.table({"id": ids, "embedding": vectors.tolist()}), tmp_path / "docs.parquet")
+    SearchIndex.build(vectors, ids, model="m").save(tmp_path / "index")
+    for source in (tmp_path / "docs.parquet", tmp_path / "index"):
+        loaded_ids, loaded = load_vectors(source)
+        assert loaded_ids == ids
+        np.testing.assert_allclose(loaded, vectors, rtol=1e-6)
+    (tmp_path / "bare.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="no ids file beside it"):
+        load_vectors(tmp_path / "bare.npy")

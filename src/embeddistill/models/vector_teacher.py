@@ -40,8 +40,8 @@ def load_vectors(path: str | Path, option: str = "--teacher-documents") -> tuple
         ids = [str(i) for i in table.column("id").to_pylist()]
         vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
     elif path.suffix == ".npy":
-        vectors = np.load(path, allow_pickle=False).astype(np.float32)
         ids = _ids_beside(path, option)
+        vectors = np.load(path, allow_pickle=False).astype(np.float32)
     else:
         raise ValueError(f"{option} {path}: expected a .npy (with ids beside it), a .parquet or an index folder")
     if vectors.ndim != 2 or len(ids) != vectors.shape[0]:
