@@ -76,9 +76,15 @@ def picked(summary: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-model", choices=sorted(TEACHERS), default="minilm")
+    parser.add_argument(
+        "--reuse-local", action="store_true", help="take the local run from runs/api_teacher/local (same flags)"
+    )
     args, extra = parser.parse_known_args()
     teacher = local_model(args.teacher_model, TEACHERS[args.teacher_model])
-    local = distill("local", ["--teacher", teacher], extra)
+    if args.reuse_local:
+        local = json.loads((OUT / "local" / "metrics.json").read_text())
+    else:
+        local = distill("local", ["--teacher", teacher], extra)
     server = start_server(teacher)
     try:
         url = ["--teacher", f"http://127.0.0.1:{PORT}/v1", "--teacher-api-input-type"]
@@ -98,6 +104,7 @@ def main() -> int:
             "teacher": TEACHERS[args.teacher_model],
             "student": "all-MiniLM-L6-v2, first 2 layers",
             "extra_flags": extra,
+            "local_run_reused": args.reuse_local,
         },  # fmt: skip
         "local": picked(local),
         "http": {

@@ -118,6 +118,9 @@ def test_a_run_through_the_served_teacher_distils_from_the_local_teachers_embedd
     counts = first["teacher_api"]
     assert counts["requests"] >= counts["texts_sent"] / 16 and counts["texts_sent"] > 300 and counts["retries"] == 0
     assert "Teacher endpoint:" in (tmp_path / "http" / "report.md").read_text()
+    assert "query encoder" in (tmp_path / "http" / "student" / "README.md").read_text()
+    logged = [json.loads(line) for line in (tmp_path / "http" / "train_log.jsonl").read_text().splitlines()]
+    assert not any("document_em" in row for row in logged)  # trained against the teacher's documents, not its own
     served = ApiTeacher(Endpoint(api_teacher.endpoint_url(teacher_endpoint), input_type=True), cache)
     reference = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=tmp_path / "local-cache")
     texts = list(RetrievalDataset.load(str(scifact_slice)).corpus.values())[:50]

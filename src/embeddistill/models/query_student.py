@@ -14,7 +14,7 @@ import logging
 from sentence_transformers import SentenceTransformer
 from torch import nn
 
-from embeddistill.models.students import make_projection, query_tower_modules
+from embeddistill.models.students import QUERY_ONLY, make_projection, query_tower_modules
 
 try:  # sentence-transformers >= 6 moved the modules; 5.x keeps them in `models`
     from sentence_transformers.base.modules import Normalize
@@ -37,4 +37,6 @@ def build_query_student(
     if normalized:
         tower.append(Normalize())
     nn.Sequential(*tower).float().requires_grad_(True)
-    return SentenceTransformer(modules=tower, device=device)
+    student = SentenceTransformer(modules=tower, device=device)
+    setattr(student, QUERY_ONLY, True)  # trained and checked against the teacher's documents, as an asymmetric one
+    return student
