@@ -15,6 +15,7 @@ from embeddistill.config import (
     EvaluationConfig,
     LossConfig,
     ModelConfig,
+    TeacherApiConfig,
     TeacherTrainingConfig,
     TrainingConfig,
     apply_arguments,
@@ -57,6 +58,7 @@ def test_list_defaults_are_not_shared_between_instances():
 def test_field_names_unique_across_sections():
     leaves = leaf_fields(DistillConfig())  # raises AssertionError on a duplicate
     sections = [DataConfig, ModelConfig, LossConfig, TrainingConfig, EvaluationConfig, CrossEncoderConfig]
+    sections.append(TeacherApiConfig)
     all_names = ["out"] + [f.name for section in sections for f in dataclasses.fields(section)]
     assert len(all_names) == len(set(all_names))
     assert set(leaves) == set(all_names)

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from embeddistill.api_options import api_problems
 from embeddistill.config import DistillConfig, TeacherTrainingConfig, leaf_fields
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def check_distill(config: DistillConfig) -> list[str]:
     if not any(weights.values()):
         problems.append(f"every loss weight is 0 ({', '.join(map(flag, weights))}): nothing would be trained")
     problems += _student_problems(config)
+    problems += api_problems(config)  # a black-box teacher (endpoint or vectors)
     if problems:
         raise OptionError("\n  ".join(["options that cannot work:", *problems]))
     if config.out:

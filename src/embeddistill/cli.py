@@ -34,7 +34,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     missing = [
         name
         for name, value in (
-            ("--teacher (or --cross-encoder)", config.model.teacher or config.ce.cross_encoder),
+            (
+                "--teacher (or --cross-encoder, or --teacher-documents)",
+                config.model.teacher or config.ce.cross_encoder or config.api.teacher_documents,
+            ),
             ("--dataset", config.data.dataset),
             ("--out", config.out),
         )

@@ -145,8 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
         max_k=args.max_k,
         max_query_chars=args.max_query_chars,
+        max_document_chars=args.max_document_chars,
     )
-    searcher = Searcher(args.index, args.model, trust_remote_code=args.trust_remote_code)
+    searcher = Searcher(args.index or None, args.model, trust_remote_code=args.trust_remote_code)
     warm_up(searcher)
     serve(searcher, args.host, args.port, limits)
     return 0
@@ -265,11 +266,15 @@ def _add_serve(commands) -> None:
     serve = add_command(
         commands,
         "serve",
-        "serve an index over HTTP (POST /search, GET /health)",
+        "serve an index over HTTP (POST /search, POST /v1/embeddings, GET /health)",
         "Serve an index folder over HTTP: POST /search with query texts, GET /health. Queries from concurrent "
-        "requests are encoded together (micro-batching). Needs embeddistill[serve].",
+        "requests are encoded together (micro-batching). POST /v1/embeddings answers OpenAI-compatible embedding "
+        'requests (query side; "input_type": "document" for the document side). Without an index folder the '
+        "model is served for /v1/embeddings alone. Needs embeddistill[serve].",
     )
-    serve.add_argument("index", help="index folder from 'embeddistill index'")
+    serve.add_argument(
+        "index", nargs="?", default="", help="index folder from 'embeddistill index' (none: embeddings only)"
+    )
     serve.add_argument("--model", required=True, help="query encoder: student, teacher or ONNX export folder")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     serve.add_argument("--port", type=at_least(0), default=8000, help="TCP port")
@@ -283,6 +288,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-queries", type=at_least(1), default=256, help="queries per request")
     serve.add_argument("--max-k", type=at_least(1), default=1000, help="largest k a request may ask for")
     serve.add_argument("--max-query-chars", type=at_least(1), default=2048, help="longest query text accepted")
+    serve.add_argument(
+        "--max-document-chars", type=at_least(1), default=100_000, help="/v1/embeddings: longest document accepted"
+    )
     serve.add_argument(
         "--trust-remote-code",
         action="store_true",

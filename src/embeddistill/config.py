@@ -264,6 +264,33 @@ class CrossEncoderConfig:
 
 
 @dataclass
+class TeacherApiConfig:
+    """A black-box teacher: an OpenAI-compatible endpoint (``--teacher http://HOST/v1``) or given vectors."""
+
+    teacher_api_model: str = option("", "API teachers: the model name sent with each /v1/embeddings request")
+    teacher_api_key_env: str = option(
+        "", "API teachers: environment variable holding the API key (sent as a Bearer token; '' for none)"
+    )
+    teacher_api_input_type: bool = option(
+        False, "API teachers: send input_type 'query'/'document' (embeddistill serve; OpenAI itself has one side)"
+    )
+    teacher_concurrency: int = option(4, "API teachers: requests in flight at once", minimum=1, shapes=False)
+    teacher_retries: int = option(
+        6, "API teachers: retries of a request on 429/5xx/connection errors", minimum=0, shapes=False
+    )
+    teacher_timeout: float = option(60.0, "API teachers: seconds to wait for one response", above=0.0, shapes=False)
+    teacher_max_requests: int = option(
+        0, "API teachers: stop after this many requests, keeping what came back (0 = no limit)", minimum=0, shapes=False
+    )
+    teacher_documents: str = option(
+        "", "the teacher's document embeddings: .npy (ids in .ids.txt/.txt beside it), .parquet, or an index folder"
+    )
+    teacher_queries: str = option(
+        "", "the teacher's query embeddings (.npy + ids or .parquet, by query id); default: the --teacher endpoint"
+    )
+
+
+@dataclass
 class DistillConfig:
     out: str = option("", "output folder", shapes=False)
     data: DataConfig = field(default_factory=DataConfig)
@@ -272,6 +299,7 @@ class DistillConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     ce: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
+    api: TeacherApiConfig = field(default_factory=TeacherApiConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,7 +345,7 @@ def leaf_fields(config: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
     return leaves
 
 
-SECTION_NAMES = ("data", "model", "loss", "training", "evaluation", "ce")
+SECTION_NAMES = ("data", "model", "loss", "training", "evaluation", "ce", "api")
 
 
 def flatten(values: dict, source: str = "config") -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from embeddistill.models.students import QueryEncoder, is_asymmetric, query_modules
+from embeddistill.models.students import QueryEncoder, query_modules, searches_teacher_documents
 
 AGREEMENT_METRIC = "agreement_nDCG@10"
 
@@ -92,7 +92,7 @@ class TeacherAgreement:
         student.eval()
         try:
             queries = QueryEncoder.of(student).encode(self.texts)
-            if is_asymmetric(student):
+            if searches_teacher_documents(student):
                 per_query = agreement_ndcg(queries @ self.teacher_documents.T, self.judged)
             else:
                 pool = student.encode_document(self.pool_texts, batch_size=64, convert_to_numpy=True)

@@ -196,6 +196,8 @@ def _milliseconds(latency: dict, key: str) -> str:
 def _architecture(summary: RunSummary, name: str) -> str:
     student, teacher = summary.student, summary.teacher
     size = _millions(student.query_encoder_parameters)
+    if summary.cross_encoder is None and teacher.query_encoder_parameters is None:  # a black-box teacher
+        return _query_only(summary, name, size)
     if student.asymmetric:
         return (
             f"An **asymmetric** student: queries go through a small query encoder (`{student.model}`, "
@@ -217,6 +219,18 @@ def _architecture(summary: RunSummary, name: str) -> str:
         "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f'model = SentenceTransformer("{name}")\n'
         'embeddings = model.encode(["does vitamin D prevent fractures?"])\n```'
+    )
+
+
+def _query_only(summary: RunSummary, name: str, size: str) -> str:
+    """The card of a black-box teacher's student: a query encoder only, for the teacher's own document vectors."""
+    return (
+        f"A **query encoder** (`{summary.student.model}`, {size} parameters) trained into the embedding space of a "
+        "teacher it could only call, or only had vectors of: it has no document side of its own. Search the "
+        "teacher's document vectors (the index they already sit in) with its embeddings.\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f'model = SentenceTransformer("{name}")\n'
+        'queries = model.encode(["does vitamin D prevent fractures?"])  # search the teacher\'s index with these\n```'
     )
 
 
@@ -303,6 +317,8 @@ def _configuration(config: dict) -> str:
 def _teacher_size(summary: RunSummary) -> str:
     if summary.cross_encoder:
         return f"a {summary.teacher.kind} cross-encoder reranking the top {summary.teacher.rerank_depth}"
+    if summary.teacher.query_encoder_parameters is None:  # a teacher behind an API, or given as vectors
+        return "a black-box teacher (an endpoint or given vectors): its size is not known"
     return f"{_millions(summary.teacher.query_encoder_parameters)} parameters in its query path"
 
 

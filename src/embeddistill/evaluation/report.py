@@ -58,12 +58,13 @@ def _ratio_row(summary: RunSummary, metrics: list[str], batches: list[str]) -> l
     """Student over teacher: retention, speedup over the reference query encoder, and how much smaller it is."""
     reference, student = summary.latency_reference, summary.student
     label = "student / cross-encoder" if summary.cross_encoder else "student / teacher"
-    ratio = reference.query_encoder_compute_parameters / student.query_encoder_compute_parameters
+    sizes = reference.query_encoder_compute_parameters, student.query_encoder_compute_parameters
+    speedups = [summary.speedup.get(b.removesuffix("_ms")) for b in batches]  # none for a teacher behind an API
     return [
         label,
         *(f"{100 * summary.retention[m]:.1f}%" if m in summary.retention else _DASH for m in metrics),
-        *(f"{summary.speedup[b.removesuffix('_ms')]:.2f}x faster" for b in batches),
-        f"{ratio:.1f}x fewer (w/o embeddings)",
+        *(f"{speedup:.2f}x faster" if speedup else _DASH for speedup in speedups),
+        f"{sizes[0] / sizes[1]:.1f}x fewer (w/o embeddings)" if all(sizes) else _DASH,
     ]
 
 
@@ -148,6 +149,17 @@ def _evaluated_line(summary: RunSummary) -> str:
     )
 
 
+def _api_line(summary: RunSummary) -> str:
+    """What a teacher behind an endpoint cost (black-box teachers only)."""
+    api = summary.teacher_api
+    if not api:
+        return ""
+    return (
+        f"\nTeacher endpoint: {api['requests']} requests ({api['retries']} retries), {api['texts_sent']} texts sent, "
+        f"{api['cache_hits']} answered by the cache, {api['wait_seconds']:.0f} s waiting on it."
+    )
+
+
 def write_report(path: Path, summary: RunSummary) -> None:
     """``report.md``: what was distilled into what, the table, and where the time went."""
     counts = summary.training_queries
@@ -165,6 +177,6 @@ CPU latency: median milliseconds to embed a batch of queries (tokenisation inclu
 
 Training queries: {counts["labelled"]} labelled, {counts["extra"]} extra unlabeled,
 {counts["generated"]} generated{roundtrip}.
-{_timings_line(summary)}
+{_timings_line(summary)}{_api_line(summary)}
 """
     atomic_write_text(path, text)

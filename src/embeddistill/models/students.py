@@ -226,6 +226,15 @@ def is_asymmetric(student: SentenceTransformer) -> bool:
     return isinstance(student[0], Router)
 
 
+QUERY_ONLY = "embeddistill_query_only"  # set on the query-only student of a black-box teacher (models/query_student)
+
+
+def searches_teacher_documents(student: SentenceTransformer) -> bool:
+    """Whether the student's queries are scored against the teacher's document embeddings, not its own: an
+    asymmetric student, or the query-only student of a black-box teacher (an endpoint or given vectors)."""
+    return is_asymmetric(student) or bool(getattr(student, QUERY_ONLY, False))
+
+
 def query_tokenizer(student: SentenceTransformer):
     return next(m for m in query_modules(student) if isinstance(m, Transformer)).tokenizer
 

@@ -1,7 +1,9 @@
 """``embeddistill distill``: one lane per teacher kind, built from shared stages, returning one typed summary.
 
 The choice between the lanes is made here and nowhere else: a run with ``--cross-encoder`` takes
-:mod:`~embeddistill.pipeline.cross_encoder`, any other :mod:`~embeddistill.pipeline.dual_encoder`. Both are built
+:mod:`~embeddistill.pipeline.cross_encoder`, a teacher that is an endpoint or vectors
+(``--teacher http://...``, ``--teacher-documents``) :mod:`~embeddistill.pipeline.black_box`, any other
+:mod:`~embeddistill.pipeline.dual_encoder`. All are built
 from :mod:`~embeddistill.pipeline.stages` and return a :class:`~embeddistill.pipeline.summary.RunSummary`.
 """
 
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import logging
 
+from embeddistill.api_options import is_black_box
 from embeddistill.checks import check_distill
 from embeddistill.config import DistillConfig
-from embeddistill.pipeline import cross_encoder, dual_encoder
+from embeddistill.pipeline import black_box, cross_encoder, dual_encoder
 from embeddistill.pipeline.summary import RunSummary
 
 __all__ = ["RunSummary", "distill"]
@@ -26,5 +29,5 @@ def distill(config: DistillConfig) -> RunSummary | None:
     """
     for warning in check_distill(config):
         logger.warning("%s", warning)
-    lane = cross_encoder if config.ce.cross_encoder else dual_encoder
+    lane = cross_encoder if config.ce.cross_encoder else black_box if is_black_box(config) else dual_encoder
     return lane.run(config)

@@ -85,8 +85,12 @@ def _roundtrip_filter(config: DistillConfig, query_set: QuerySet, teacher_train:
     return query_set, teacher_train
 
 
-def prepare(config: DistillConfig, out: Path) -> Prepared:
-    """Load the data, collect training queries and embed everything with the teacher (cached)."""
+def prepare(config: DistillConfig, out: Path, load_teacher=None) -> Prepared:
+    """Load the data, collect training queries and embed everything with the teacher (cached).
+
+    ``load_teacher(dataset)``: another kind of teacher with ``embed_documents`` / ``embed_queries`` (the black-box
+    lane's endpoint or vectors); by default the local dual encoder ``config.model.teacher``.
+    """
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
     if not eval_qrels:
@@ -94,7 +98,7 @@ def prepare(config: DistillConfig, out: Path) -> Prepared:
     eval_ids = sorted(eval_qrels)
     query_set = collect_training_queries(config, dataset, set(eval_ids))
     tick = time.perf_counter()
-    teacher = load_dual_encoder(config, config.model.teacher)
+    teacher = load_teacher(dataset) if load_teacher else load_dual_encoder(config, config.model.teacher)
     doc_ids = list(dataset.corpus)
     doc_texts = [dataset.corpus[d] for d in doc_ids]
     teacher_docs = teacher.embed_documents(doc_texts, desc="corpus")
@@ -187,13 +191,15 @@ def initialised_student(prep: Prepared, asymmetric: bool | None = None):
     return student
 
 
-def train_student(prep: Prepared, out: Path):
-    """Build the student, initialise its projection, and distil it. Returns ``(student, training info)``.
+def train_student(prep: Prepared, out: Path, student=None):
+    """Build the student (unless given, initialised), initialise its projection, and distil it. Returns
+    ``(student, training info)``.
 
     With ``--learning-rate auto`` the learning rate is chosen first, without labels (:func:`choose_learning_rate`).
     """
     config, queries = prep.config, training_queries(prep)
-    student = initialised_student(prep)  # built and its projection fitted once; every trial starts from a copy
+    # Built and its projection fitted once; every trial starts from a copy.
+    student = initialised_student(prep) if student is None else student
     search = None
     if config.training.learning_rate == "auto":
         search = choose_learning_rate(prep, queries, out / "tune", student)

@@ -109,6 +109,7 @@ class RunSummary:
     timings: dict[str, float]
     environment: Environment
     cross_encoder: CrossEncoderParts | None = None
+    teacher_api: dict | None = None  # a black-box teacher's endpoint: requests, texts sent, cache hits, waiting
 
     @property
     def labelled(self) -> bool:
@@ -159,6 +160,8 @@ class RunSummary:
             "timings": self.timings,
             "environment": self.environment.to_dict(),
         }
+        if self.teacher_api is not None:
+            tail["teacher_api"] = self.teacher_api
         if self.cross_encoder is None:
             systems = {"teacher": self.teacher.to_dict(), "student": self.student.to_dict()}
             label_free = {"label_free_agreement": self.agreement} if not self.labelled else {}
@@ -201,6 +204,7 @@ class RunSummary:
             values.get("timings", {}),
             Environment(**values.get("environment", {"embeddistill": "", "torch": ""})),
             cross_encoder,
+            values.get("teacher_api"),
         )
 
 

@@ -1,6 +1,9 @@
 """A search service: FastAPI + uvicorn over a :class:`~embeddistill.serving.search.Searcher`.
 
 * ``POST /search`` ``{"queries": ["..."], "k": 10}`` -> ``{"results": [{"query", "hits": [{"id", "score"}]}]}``
+* ``POST /v1/embeddings``: OpenAI-compatible embeddings, query side by default, ``"input_type": "document"`` for
+  the document side (:mod:`embeddistill.serving.openai_embeddings`); a service started without an index (``serve
+  --model M``) answers only this and ``/health``, which is how any sentence-transformers model becomes an endpoint.
 * ``GET /health`` -> status, index size and type, model; ``GET /openapi.json`` -> the OpenAPI spec.
 
 Concurrent requests are **micro-batched**: each request's queries go into an asyncio queue; one batcher task
@@ -42,6 +45,7 @@ class ServiceLimits:
     max_queries: int = 256  # per request
     max_k: int = 1000
     max_query_chars: int = 2048
+    max_document_chars: int = 100_000  # /v1/embeddings with input_type 'document' (documents are long)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -292,12 +296,12 @@ def _health(searcher: Searcher, batcher: MicroBatcher, limits: ServiceLimits) ->
     the server is none of its business."""
     from embeddistill.evaluation.model_card import public_name
 
-    info = searcher.info
+    info, index = searcher.info, searcher.index
     return {
         "status": "ok",
-        "documents": len(searcher.index),
+        "documents": len(index) if index is not None else 0,
         "index_type": info.get("type"),
-        "dimension": searcher.index.dimension,
+        "dimension": index.dimension if index is not None else None,
         "index_model": public_name(info.get("model")),
         "query_model": public_name(searcher.model_name),
         "batches": batcher.batches,
@@ -319,6 +323,9 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
     require("serve", "fastapi", "pydantic", purpose="the HTTP service")
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
+
+    from embeddistill.evaluation.model_card import public_name
+    from embeddistill.serving.openai_embeddings import add_embeddings_route
 
     limits = limits or ServiceLimits()
     SearchRequest, SearchResponse = _schemas(limits)
@@ -347,13 +354,16 @@ def create_app(searcher: Searcher, limits: ServiceLimits | None = None):
     async def health() -> dict:
         return _health(searcher, batcher, limits)
 
-    @app.post("/search", response_model=SearchResponse, responses={413: {"description": "request body too large"}})
-    async def search(request: SearchRequest) -> dict:
-        started = time.perf_counter()
-        hits = await batcher.submit(request.queries, request.k)
-        took_ms = (time.perf_counter() - started) * 1000
-        return {"results": _results(request.queries, hits), "k": request.k, "took_ms": took_ms}
+    if searcher.index is not None:  # without an index the service embeds only
 
+        @app.post("/search", response_model=SearchResponse, responses={413: {"description": "request body too large"}})
+        async def search(request: SearchRequest) -> dict:
+            started = time.perf_counter()
+            hits = await batcher.submit(request.queries, request.k)
+            took_ms = (time.perf_counter() - started) * 1000
+            return {"results": _results(request.queries, hits), "k": request.k, "took_ms": took_ms}
+
+    add_embeddings_route(app, searcher, limits, batcher.executor, public_name(searcher.model_name))
     return BodySizeLimit(app, limits.max_request_bytes)
 
 
@@ -373,4 +383,6 @@ def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, limits:
 
 def warm_up(searcher: Searcher) -> None:
     """One search before serving, so the first request does not pay for lazy initialisation."""
-    searcher.search_embeddings(np.asarray(searcher.encode(["warm up"])), 1)
+    embeddings = np.asarray(searcher.encode(["warm up"]))
+    if searcher.index is not None:
+        searcher.search_embeddings(embeddings, 1)

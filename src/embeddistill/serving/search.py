@@ -93,13 +93,14 @@ class Searcher:
         trust_remote_code: bool = False,
         check: bool = True,
     ):
-        self.index = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
+        # No index (None): an embedding service only (``serve --model M`` without an index folder).
+        self.index = index if isinstance(index, SearchIndex) or index is None else SearchIndex.load(index)
         self.model_name = str(model) if isinstance(model, str | os.PathLike) else type(model).__name__
         self.encoder = load_query_encoder(model, device, batch_size, trust_remote_code)
         # One encoding at a time: a torch module or an ONNX session shares its thread pool anyway, and the
         # service calls this from a worker thread.
         self._lock = threading.Lock()
-        if check:
+        if check and self.index is not None:
             dimension = self.encode(["dimension check"]).shape[1]
             if dimension != self.index.dimension:
                 raise ValueError(
@@ -110,11 +111,28 @@ class Searcher:
 
     @property
     def info(self) -> dict:
-        return self.index.info
+        return self.index.info if self.index is not None else {}
 
     def encode(self, texts: list[str]) -> np.ndarray:
         with self._lock:
             return self.encoder.encode(list(texts))
+
+    @property
+    def has_documents(self) -> bool:
+        """Whether the model embeds documents too (a sentence-transformers model; an ONNX export is queries only)."""
+        return hasattr(getattr(self.encoder, "model", None), "encode_document")
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        """Documents through ``encode_document``: an asymmetric student's document route (the teacher's tower), or
+        the model itself with its document prompt."""
+        if not self.has_documents:
+            raise ValueError(f"{self.model_name} embeds queries only: it has no document side")
+        encoder = self.encoder
+        with self._lock:
+            embeddings = encoder.model.encode_document(
+                list(texts), batch_size=encoder.batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
+        return np.asarray(embeddings, dtype=np.float32)
 
     def search_embeddings(self, embeddings: np.ndarray, k: int) -> list[list[Hit]]:
         return [[Hit(doc_id, score) for doc_id, score in hits] for hits in self.index.ranked(embeddings, k)]

@@ -24,6 +24,7 @@ from embeddistill.models.students import (
     is_asymmetric,
     projection_of,
     query_modules,
+    searches_teacher_documents,
     trainable_parameters,
 )
 from embeddistill.runtime import forward_context, resolve_device, resolve_precision
@@ -67,7 +68,7 @@ class DistillationTrainer:
         self.is_main = distributed.is_main()  # rank 0 alone logs, shows progress and writes checkpoints
         self.device = resolve_device(config.device)
         self.student.to(self.device)
-        self.asymmetric = is_asymmetric(student)
+        self.asymmetric = searches_teacher_documents(student)  # an asymmetric or a black-box teacher's student
         self.precision = resolve_precision(config.precision, self.device)
         self.encoder = QueryEncoder.of(student)
         self.parameters = trainable_parameters(student, freeze_word_embeddings)
