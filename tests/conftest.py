@@ -28,7 +28,8 @@ SCIFACT_DOCUMENTS = 300
 
 
 def _minilm_path() -> Path:
-    """The local all-MiniLM-L6-v2 folder: from ``shared/models/get-models minilm``, else $EMBEDDISTILL_MODELS."""
+    """The all-MiniLM-L6-v2 folder: from ``shared/models/get-models minilm`` beside the checkout, else
+    $EMBEDDISTILL_MODELS or ~/.cache/embeddistill-models, else (online) its tokenizer and config from the hub."""
     tried: list[str] = []
     script = SHARED / "models" / "get-models"
     if script.exists():
@@ -49,7 +50,25 @@ def _minilm_path() -> Path:
         if (candidate / "tokenizer_config.json").exists():
             return candidate
         tried.append(str(candidate))
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(f"sentence-transformers/{MINILM_FOLDER}", allow_patterns=["*.json", "*.txt"]))
+        except Exception as error:  # no network, no such repository: say so with the rest
+            tried.append(f"the hub ({type(error).__name__}: {str(error)[:200]})")
     raise RuntimeError("the all-MiniLM-L6-v2 tokenizer is needed for the tiny teacher; tried:\n  " + "\n  ".join(tried))
+
+
+def _scifact_folder() -> Path:
+    """SciFact in the BEIR layout: ``shared/datasets/scifact`` beside the checkout, else (online) the hub's, through
+    the library's own loader (converted once into ~/.cache/embeddistill/datasets/scifact)."""
+    local = SHARED / "datasets" / "scifact"
+    if (local / "corpus.jsonl").exists():
+        return local
+    from embeddistill.data import resolve_dataset
+
+    return resolve_dataset("scifact")
 
 
 def _sentence_transformer_modules():
@@ -102,7 +121,7 @@ def tiny_student_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def scifact_slice(tmp_path_factory) -> Path:
-    source = SHARED / "datasets" / "scifact"
+    source = _scifact_folder()
     out = tmp_path_factory.mktemp("scifact-slice") / "scifact"
     (out / "qrels").mkdir(parents=True)
 

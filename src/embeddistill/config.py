@@ -268,23 +268,15 @@ class TeacherApiConfig:
     """A black-box teacher: an OpenAI-compatible endpoint (``--teacher http://HOST/v1``) or given vectors."""
 
     teacher_api_model: str = option("", "API teachers: the model name sent with each /v1/embeddings request")
-    teacher_api_key_env: str = option(
-        "", "API teachers: environment variable holding the API key (sent as a Bearer token; '' for none)"
-    )
-    teacher_api_input_type: bool = option(
-        False, "API teachers: send input_type 'query'/'document' (embeddistill serve; OpenAI itself has one side)"
-    )
+    teacher_api_key_env: str = option("", "API teachers: environment variable with the API key ('' for none)")
+    teacher_api_input_type: bool = option(False, "API teachers: send input_type query/document (embeddistill serve)")
     teacher_concurrency: int = option(4, "API teachers: requests in flight at once", minimum=1, shapes=False)
-    teacher_retries: int = option(
-        6, "API teachers: retries of a request on 429/5xx/connection errors", minimum=0, shapes=False
-    )
+    teacher_retries: int = option(6, "API teachers: retries on 429/5xx/connection errors", minimum=0, shapes=False)
     teacher_timeout: float = option(60.0, "API teachers: seconds to wait for one response", above=0.0, shapes=False)
     teacher_max_requests: int = option(
         0, "API teachers: stop after this many requests, keeping what came back (0 = no limit)", minimum=0, shapes=False
     )
-    teacher_documents: str = option(
-        "", "the teacher's document embeddings: .npy (ids in .ids.txt/.txt beside it), .parquet, or an index folder"
-    )
+    teacher_documents: str = option("", "teacher document vectors: .npy (ids in .ids.txt), .parquet or an index folder")
     teacher_queries: str = option(
         "", "the teacher's query embeddings (.npy + ids or .parquet, by query id); default: the --teacher endpoint"
     )
