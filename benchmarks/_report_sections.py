@@ -265,7 +265,41 @@ def render_speed_cpu(data: dict) -> list[str]:
         ]
         for name, e in data["encoders"].items()
     ]
-    return lines + table(header, body)
+    return lines + table(header, body) + render_smallest_same_backend(data)
+
+
+def render_smallest_same_backend(data: dict) -> list[str]:
+    """The smallest student against the teacher in the same backend and precision, interleaved (``smallest``)."""
+    smallest, teacher, run = data.get("smallest"), data.get("teacher_same_backend"), data.get("smallest_run", {})
+    if not smallest or not teacher:
+        return []
+    speedups = smallest["speedup_vs_teacher_same_backend"]
+    body = [
+        [
+            backend,
+            f"{fmt(smallest[backend]['batch1_ms'])} ({fmt(smallest[backend]['batch1_p10_ms'])}-"
+            f"{fmt(smallest[backend]['batch1_p90_ms'])})",
+            fmt(teacher[backend]["batch1_ms"]),
+            times(speedups[f"{backend}.batch1"]),
+            fmt(smallest[backend]["batch32_ms"]),
+            fmt(teacher[backend]["batch32_ms"]),
+            times(speedups[f"{backend}.batch32"]),
+            fmt(smallest[backend].get("nDCG@10_ratio_vs_fp32")),
+        ]
+        for backend in ("pytorch_fp32", "onnx_fp32", "onnx_int8")
+        if backend in smallest and backend in teacher
+    ]
+    header = ["backend", "smallest ms b1 (p10-p90)", "teacher ms b1", "speed-up b1", "smallest ms b32",
+              "teacher ms b32", "speed-up b32", "nDCG@10 vs fp32"]  # fmt: skip
+    return [
+        "",
+        f"The smallest student (2-layer MiniLM + projection) and the teacher in the same backend and precision, "
+        f"interleaved on the same batches: `{fmt(run.get('command'))}` (commit {fmt(run.get('git_commit'))}; load "
+        f"before {fmt(run.get('load_average_1_5_15_before'))}). Retrieval parity of int8: "
+        f"{fmt(smallest.get('parity', {}).get('model'))} on SciFact test.",
+        "",
+        *table(header, body),
+    ]
 
 
 def render_speed_gpu(data: dict) -> list[str]:
