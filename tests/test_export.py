@@ -170,6 +170,11 @@ def test_an_int8_export_checked_on_a_dataset_is_offered_with_its_ndcg_ratio(stud
     assert isinstance(int8["offered"], bool) and int8["nDCG@10_ratio_vs_fp32"] >= 0
     assert info["precisions"]["fp32"]["offered"] is True
     assert info["default_precision"] == ("int8" if int8["offered"] else "fp32")
+    # Whether int8 passes depends on the tiny random model (its ratio is what the check is for): both ways are right.
+    if not int8["offered"]:
+        with pytest.raises(ValueError, match="not offered"):
+            OnnxQueryEncoder(out, precision="int8")
+        return
     texts = ["vitamin D deficiency", "bone density in older adults"]
     embeddings = OnnxQueryEncoder(out, precision="int8").encode(texts)
     assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3)
