@@ -152,7 +152,16 @@ def render_serve(data: dict) -> list[str]:
         f"{setup.get('concurrency')}, {setup.get('index_type')} index of {setup.get('documents')} documents.",
         "",
     ]
-    return lines + table(["query model", "path", "requests/s", "p50 ms", "p99 ms"], body)
+    lines += table(["query model", "path", "requests/s", "p50 ms", "p99 ms"], body)
+    same = data.get("same_backend")
+    if same:
+        body = [
+            [name, times(r["throughput_ratio"]), times(r["p50_speedup"]), times(r["p99_speedup"])]
+            for name, r in same.items()
+        ]
+        lines += ["Student against teacher in the same backend:", ""]
+        lines += table(["backend", "throughput ratio", "p50 speed-up", "p99 speed-up"], body)
+    return lines
 
 
 def render_distributed(data: dict) -> list[str]:

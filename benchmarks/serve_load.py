@@ -2,12 +2,18 @@
 
     python benchmarks/serve_load.py                       # writes benchmarks/results/serve.json
     python benchmarks/serve_load.py --requests 2000 --concurrency 16 --rounds 3 --student-onnx runs/student-onnx
+    python benchmarks/serve_load.py --student-onnx runs/student-onnx --student-onnx-int8 runs/student-onnx-int8 \
+        --teacher-onnx runs/teacher-onnx          # teacher and student in the same backend (ONNX Runtime fp32)
 
 Both services search the same index (the teacher's SciFact document embeddings, exact inner product); only the
 query encoder differs. For each, a fresh `embeddistill serve` process is started on a free loopback port, warmed
 up, and sent a fixed number of single-query requests from a fixed number of concurrent clients (SciFact test
 queries, cycled); it then stops by itself. Reported: throughput, p50/p99/mean latency and the micro-batcher's mean
 batch size. The load generator runs on the same machine as the server, so they share the CPU cores.
+
+``vs_teacher`` compares every service with the PyTorch teacher; ``same_backend`` compares each student with the
+teacher in the same backend and precision (PyTorch with PyTorch, ONNX Runtime fp32 with the teacher's ONNX fp32
+export; the int8 student against the teacher's fp32 export, marked as such).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = Path.home() / ".cache" / "embeddistill-models" / "all-MiniLM-L6-v2"
@@ -175,11 +183,31 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def _ratios(student: dict, teacher: dict) -> dict:
+    return {
+        "throughput_ratio": student["throughput_rps"] / teacher["throughput_rps"],
+        "p50_speedup": teacher["latency_ms"]["p50"] / student["latency_ms"]["p50"],
+        "p99_speedup": teacher["latency_ms"]["p99"] / student["latency_ms"]["p99"],
+    }
+
+
+def same_backend(results: dict) -> dict:
+    """Each student against the teacher served by the same backend (see the module docstring)."""
+    pairs = {
+        "pytorch_fp32": ("student", "teacher"),
+        "onnx_fp32": ("student_onnx", "teacher_onnx"),
+        "onnx_int8_vs_teacher_onnx_fp32": ("student_onnx_int8", "teacher_onnx"),
+    }
+    return {name: _ratios(results[s], results[t]) for name, (s, t) in pairs.items() if s in results and t in results}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     parser.add_argument("--student", default="", help="student folder (default runs/quickstart/student, else built)")
     parser.add_argument("--student-onnx", default="", help="also serve this ONNX export of the student")
+    parser.add_argument("--student-onnx-int8", default="", help="also serve this int8 ONNX export of the student")
+    parser.add_argument("--teacher-onnx", default="", help="also serve this ONNX (fp32) export of the teacher")
     parser.add_argument("--dataset", default="scifact")
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=40)
@@ -199,8 +227,8 @@ def main() -> int:
     index = ensure_index(args.teacher, args.dataset, WORK / f"index-{Path(args.dataset).name}")
     student, student_origin = ensure_student(args.teacher, args.student)
     services = {"student": student, "teacher": args.teacher}
-    if args.student_onnx:
-        services["student_onnx"] = args.student_onnx
+    extra = {"student_onnx": args.student_onnx, "student_onnx_int8": args.student_onnx_int8}
+    services |= {name: folder for name, folder in {**extra, "teacher_onnx": args.teacher_onnx}.items() if folder}
     # Rounds interleave the services, so that a change in the machine's load (shared cores) hits all of them.
     rounds: dict[str, list[dict]] = {name: [] for name in services}
     for round_number in range(args.rounds):
@@ -235,6 +263,8 @@ def main() -> int:
             for name in results
             if name != "teacher"
         },
+        "same_backend": same_backend(results),
+        "git_commit": git_commit(),
         "versions": environment_record(
             (
                 "embeddistill",
