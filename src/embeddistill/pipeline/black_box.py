@@ -28,10 +28,8 @@ from embeddistill.pipeline.stages import (
     projection_init,
     query_latency,
     start_run,
-    write_outputs,
 )
 from embeddistill.pipeline.summary import Environment, RunSummary, System, kept_agreement, ratios
-from embeddistill.storage import honour_umask
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +92,4 @@ def run(config: DistillConfig) -> RunSummary:
     out = start_run(config)
     prep = dual_encoder.prepare(config, out, load_teacher=lambda dataset: load_teacher(config, dataset))
     student, training = dual_encoder.train_student(prep, out, student=initialised_student(prep))
-    student.save(str(out / "student"))
-    honour_umask(out / "student")
-    timings = {**prep.timings, "train_seconds": training["train_seconds"]}
-    tick = time.perf_counter()
-    summary, results = evaluate(prep, student, training, timings)
-    timings["evaluation_seconds"] = time.perf_counter() - tick
-    timings["total_seconds"] = time.perf_counter() - started
-    write_outputs(out, summary, results)
-    return summary
+    return dual_encoder.save_and_evaluate(prep, student, training, out, started, evaluate_run=evaluate)

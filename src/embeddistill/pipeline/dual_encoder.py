@@ -336,11 +336,19 @@ def run(config: DistillConfig) -> RunSummary | None:
     student, training = train_student(prep, out)
     if not distributed.is_main():
         return None
+    return save_and_evaluate(prep, student, training, out, started)
+
+
+def save_and_evaluate(
+    prep: Prepared, student, training: dict, out: Path, started: float, evaluate_run=None
+) -> RunSummary:
+    """The end of a run: save the student, evaluate it (``evaluate_run``, default :func:`evaluate`: a lane with its
+    own evaluation passes it) and write every output; ``started``: the run's start."""
     timings = {**prep.timings, "train_seconds": training["train_seconds"]}
     student.save(str(out / "student"))
     honour_umask(out / "student")  # transformers writes the weights 0600
     tick = time.perf_counter()
-    summary, results = evaluate(prep, student, training, timings)
+    summary, results = (evaluate_run or evaluate)(prep, student, training, timings)
     timings["evaluation_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - started
     write_outputs(out, summary, results)
