@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +16,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
+
+from test_serving import running as serving_at  # noqa: E402
 
 from embeddistill.checks import OptionError, check_distill  # noqa: E402
 from embeddistill.cli import main  # noqa: E402
@@ -38,22 +39,9 @@ FAST = [
 
 @contextlib.contextmanager
 def running(app):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yield its ``/v1`` base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    """Serve ``app`` on loopback (``test_serving.running``); yield its ``/v1`` base URL."""
+    with serving_at(app) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
