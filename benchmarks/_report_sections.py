@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _report_format import FRONTIER_CHART, fmt, millions, p_value, percent, table, times
+from _report_recipe import render_claims, render_start_weight
 
 
 def render_quickstart(data: dict) -> list[str]:
@@ -407,5 +408,7 @@ KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "speed_cpu.json": ("Speed on CPU", render_speed_cpu),
     "speed_gpu.json": ("Speed on GPU", render_speed_gpu),
     "symmetric_documents.json": ("Symmetric training: a step's documents", render_symmetric_documents),
+    "start_weight.json": ("Keeping part of the start: start_weight, chosen on dev", render_start_weight),
+    "claims.json": ("Claims", render_claims),
 }
 EXPECTED = ("querygen.json", "cross_encoder.json", "speed_cpu.json", "speed_gpu.json")  # said when missing

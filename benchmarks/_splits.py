@@ -117,6 +117,41 @@ def write_group_split(
     return summary
 
 
+def write_held_out_split(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    held_out_fraction: float = 0.2,
+    seed: int = 42,
+    group_of: Callable[[str], str] | None = None,
+) -> dict:
+    """Write a BEIR folder at ``out`` whose ``train`` split is part of the source's ``train`` and whose ``dev``
+    split is the rest: dev queries to choose settings on, with no test query read.
+
+    ``group_of`` (SQuAD: :func:`document_group`) holds out whole groups, as the test split was made; without it the
+    queries are held out at random. The source's other splits are not copied.
+    """
+    source_path, out_path = resolve_dataset(str(source)), Path(out)
+    qrels = load_qrels(source_path / "qrels" / "train.tsv")
+    groups = {query_id: query_id for query_id in qrels} if group_of is None else query_groups(qrels, group_of)
+    train_groups = choose_train_groups(list(groups.values()), 1.0 - held_out_fraction, seed)
+    sides = {"train": {}, "dev": {}}
+    for query_id, judged in qrels.items():
+        sides["train" if groups[query_id] in train_groups else "dev"][query_id] = judged
+    _start_derived_folder(source_path, out_path)
+    for side, side_qrels in sides.items():
+        write_qrels(out_path / "qrels" / f"{side}.tsv", side_qrels)
+    summary = {
+        "source": str(source_path),
+        "seed": seed,
+        "held_out_fraction": held_out_fraction,
+        "by_group": group_of is not None,
+        "queries": {side: len(side_qrels) for side, side_qrels in sides.items()},
+    }
+    atomic_write_json(out_path / "split.json", summary)
+    logger.info("dev split of %s: %s", source_path, summary["queries"])
+    return summary
+
+
 def write_merged_split(source: str | os.PathLike, out: str | os.PathLike, splits: list[str], name: str) -> dict:
     """Write a BEIR folder at ``out`` with ``splits`` copied and a split ``name`` that is their union.
 

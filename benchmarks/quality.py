@@ -65,20 +65,21 @@ import numpy as np
 import torch
 import yaml
 from _common import REPO, git_commit, local_model, train_peer
-from _splits import write_group_split, write_merged_split
+from _splits import document_group, write_group_split, write_held_out_split, write_merged_split
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
 from embeddistill.evaluation.latency import measure_latency
 from embeddistill.evaluation.metrics import score_run
 from embeddistill.evaluation.significance import paired_permutation_test
-from embeddistill.models.students import QueryEncoder, count_parameters
+from embeddistill.models.students import QueryEncoder, count_parameters, query_modules
 from embeddistill.models.teachers import load_sentence_transformer
 from embeddistill.pipeline.dual_encoder import Prepared, evaluate_student, initialised_student, prepare, train_student
 from embeddistill.pipeline.stages import teacher_query_encoder
 from embeddistill.runtime import environment_record, resolve_device
 from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json
+from embeddistill.training.merging import merged_state, resolved_start_weight, snapshot
 
 logger = logging.getLogger("quality")
 
@@ -90,6 +91,7 @@ EMBEDDISTILL = "embeddistill"
 DEV_CHOSEN = "embeddistill-dev"
 OFF_THE_SHELF = "all-MiniLM-L6-v2"  # the small model a user would otherwise pick, used as it comes (its own index)
 DATASET_ROWS = ("teacher", "bm25", OFF_THE_SHELF)
+DEV_FRACTION = 0.2  # --dev: the share of the labelled training queries held out (SQuAD: of the training articles)
 
 
 @dataclass
@@ -156,8 +158,24 @@ DATASET_ROW_LABELS = {
 # -- the dataset -----------------------------------------------------------------------------------------------
 
 
+def dev_spec(spec: DatasetSpec) -> DatasetSpec:
+    """The dataset's dev variant (``--dev``): scored on held-out training queries; the test split is never read."""
+    if spec.options.get("train_split") == "":
+        raise SystemExit(f"{spec.source} has no labelled training queries to hold out: --dev cannot score it")
+    return dataclasses.replace(
+        spec, description=f"dev: {DEV_FRACTION:.0%} of the training queries held out", eval_splits=("dev",),
+        derive=f"dev-{spec.derive or 'random'}",
+    )  # fmt: skip
+
+
 def dataset_folder(spec: DatasetSpec, source: Path, work_dir: Path, seed: int) -> tuple[Path, str, dict]:
     """The BEIR folder the pipeline reads, the split it evaluates on, and how it was derived."""
+    if spec.derive == "dev-random":
+        return work_dir / "data", "dev", write_held_out_split(source, work_dir / "data", DEV_FRACTION, seed)
+    if spec.derive == "dev-by-article":  # the article split first, then whole articles of its train side held out
+        write_group_split(source, work_dir / "split", split="test", train_fraction=0.5, seed=seed)
+        summary = write_held_out_split(work_dir / "split", work_dir / "data", DEV_FRACTION, seed, document_group)
+        return work_dir / "data", "dev", summary
     if spec.derive == "merged":
         merged = "_".join(spec.eval_splits)
         return work_dir / "data", merged, write_merged_split(source, work_dir / "data", list(spec.eval_splits), merged)
@@ -314,6 +332,7 @@ def run_method(context: Context, student: str, method: str):
     torch.manual_seed(prep.config.training.seed)
     started = time.perf_counter()
     training: dict = {}
+    sweep: dict = {}
     if method == "untrained":
         model = initialised_student(prep)
         own_index = None
@@ -329,11 +348,16 @@ def run_method(context: Context, student: str, method: str):
         training["learning_rate"] = context.args.peer_learning_rate
         training["texts"] = len(texts)
         own_index = symmetric
+    elif method == EMBEDDISTILL and context.args.start_weight_sweep:
+        model, training, sweep = train_and_sweep(context, prep, out)
+        own_index = None
     else:
         model, training = train_student(prep, out)
         own_index = None
     trained = time.perf_counter()
     row = evaluate(context, prep, model, name=method, own_index=own_index)
+    if sweep:
+        row["start_weight_sweep"] = sweep
     row.update(
         student=student,
         method=method,
@@ -345,6 +369,30 @@ def run_method(context: Context, student: str, method: str):
         timings={"train_seconds": trained - started, "evaluation_seconds": time.perf_counter() - trained},
     )
     return row, model
+
+
+def train_and_sweep(context: Context, prep: Prepared, out: Path):
+    """Train once without averaging, then score the trained weights averaged with the start at every
+    ``--start-weight-sweep`` W, each by the table's metrics and by the label-free check. The student returned holds
+    the library's default W for this row (``start_weight: auto`` resolved), so the row is what ``distill`` gives."""
+    default = resolved_start_weight(prep.config)
+    unaveraged = dataclasses.replace(prep.config.training, start_weight=0.0)
+    prep = dataclasses.replace(prep, config=dataclasses.replace(prep.config, training=unaveraged))
+    student = initialised_student(prep)
+    start = snapshot(student)
+    model, training = train_student(prep, out, student)
+    trained, tower = snapshot(model), query_modules(model)
+    sweep = {}
+    for weight in sorted(set(context.args.start_weight_sweep)):
+        tower.load_state_dict(merged_state(trained, start, weight))
+        scored = evaluate(context, prep, model, name=f"start_weight={weight:g}")
+        model.to(context.device)
+        scored["label_free"] = prep.validation.score(model) if prep.validation is not None else {}
+        model.to("cpu")
+        sweep[f"{weight:g}"] = scored
+    tower.load_state_dict(merged_state(trained, start, default))
+    training["start_weight"] = default
+    return model, training, sweep
 
 
 def describe_query_encoder(context: Context, student) -> dict:
@@ -441,6 +489,7 @@ def settings_of(args: argparse.Namespace, spec: DatasetSpec) -> dict:
         "peer_learning_rate": args.peer_learning_rate,
         "overrides": args.overrides,
         **({"split_seed": args.split_seed} if args.split_seed is not None else {}),
+        **({"dev": True} if args.dev else {}),
         "metrics": list(spec.metrics),
         "eval_splits": list(spec.eval_splits),
     }
@@ -563,6 +612,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="any distill option for every row, e.g. --set max_generated=20000 (recorded)",
     )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help=f"score on {DEV_FRACTION:.0%} of the labelled training queries held out (SQuAD: whole training articles) "
+        "instead of the test split, to choose settings; the test qrels are not read",
+    )
+    parser.add_argument(
+        "--start-weight-sweep",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="W",
+        help="EmbedDistill rows: train once without averaging, then score the weights averaged with the start at "
+        "each W (start_weight) as the row's start_weight_sweep; the row itself is the library's default W",
+    )
     parser.add_argument("--latency-repeats", type=int, default=20, help="CPU latency repeats per batch size (0: skip)")
     parser.add_argument("--permutation-rounds", type=int, default=10000)
     parser.add_argument("--cache-dir", default="", help="teacher embedding cache (default: the library's)")
@@ -639,7 +703,7 @@ def run_row(context: Context, key: str, bm25: dict | str, described: set[str]) -
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    spec = DATASETS[args.dataset]
+    spec = dev_spec(DATASETS[args.dataset]) if args.dev else DATASETS[args.dataset]
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     students = {s: STUDENTS[s][0] for s in args.students}
     methods = {m: METHODS[m][0] for m in METHODS if m in args.methods}

@@ -58,6 +58,7 @@ def distill_args(out: Path, *extra: str, teacher: str = "some/teacher") -> list[
         (["--learning-rate", "0"], "--learning-rate must be above 0"),
         (["--learning-rate-candidates", "1e-3", "-1"], "--learning-rate-candidates must be above 0; got -1.0"),
         (["--warmup-ratio", "1.5"], "--warmup-ratio must be at most 1"),
+        (["--start-weight", "1.5"], "--start-weight must be at most 1"),
         (["--hard-negatives", "60"], "--hard-negatives 60 cannot be drawn from the teacher's top"),
         (["--latency-batch-sizes", "1", "0"], "--latency-batch-sizes must be at least 1; got 0"),
         (["--student", "teacher:0"], "--student teacher:0: N counts the teacher's first N layers"),

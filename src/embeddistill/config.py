@@ -181,6 +181,15 @@ class TrainingConfig:
     max_steps: int = option(0, "stop after this many optimiser steps (0 = run every epoch)", minimum=0)
     validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)", minimum=0)
     keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
+    start_weight: float = option(
+        "auto",
+        "after training, average the student's weights with its starting ones, this share to the start "
+        "((1-w)*trained + w*start, WiSE-FT): keeps what a pretrained model knew. 'auto': 0.5 for a symmetric student "
+        "that starts as a whole pretrained model (the model a user would otherwise serve), else 0",
+        special=("auto",),
+        minimum=0.0,
+        maximum=1.0,
+    )
     weight_decay: float = option(0.01, "AdamW weight decay", minimum=0.0)
     warmup_ratio: float = option(
         0.1, "fraction of steps with linear warm-up (then linear decay)", minimum=0.0, maximum=1.0

@@ -69,6 +69,7 @@ from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import honour_umask
 from embeddistill.training.batching import CandidateScores, Documents, TrainingQueries
 from embeddistill.training.distillation import CrossEncoderDistillationTrainer
+from embeddistill.training.merging import merge_with_start, resolved_start_weight, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +296,8 @@ def effective_config(config: DistillConfig, has_embeddings: bool) -> DistillConf
         # The label-free check compares a student with a dual-encoder teacher's rankings; this lane has none to
         # compare with cheaply, so it keeps the learning rate its results were measured at.
         config.training.learning_rate = CE_LEARNING_RATE
+    if config.training.start_weight == "auto":
+        config.training.start_weight = 0.0  # its results (cross_encoder.json) were measured without averaging
     if config.model.projection_init == "auto":
         config.model.projection_init = "lstsq"  # as measured in benchmarks/results/cross_encoder.json
     if config.model.asymmetric:
@@ -331,6 +334,7 @@ def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: D
     Path(out).mkdir(parents=True, exist_ok=True)
     seed_everything(config.training.seed)
     student = _initialised_student(prep, config)
+    start = snapshot(student)
     generated = np.asarray(prep.query_set.generated, dtype=bool)
     pools = prep.targets.candidates[:, 1 : 1 + prep.targets.pool_size]
     temperature_pair = temperatures(config, prep, is_normalized(student))
@@ -348,6 +352,8 @@ def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: D
         dropout=config.model.student_dropout,
     )
     training = trainer.train()
+    training["start_weight"] = resolved_start_weight(config)
+    merge_with_start(student, start, training["start_weight"])
     training["temperatures"] = list(temperature_pair)
     training["loss_weights"] = dataclasses.asdict(criterion.weights)
     return student, training

@@ -48,6 +48,7 @@ from embeddistill.storage import honour_umask
 from embeddistill.training import distributed
 from embeddistill.training.batching import Documents, TrainingQueries
 from embeddistill.training.distillation import DistillationTrainer
+from embeddistill.training.merging import merge_with_start, resolved_start_weight, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def train_student(prep: Prepared, out: Path, student=None):
     config, queries = prep.config, training_queries(prep)
     # Built and its projection fitted once; every trial starts from a copy.
     student = initialised_student(prep) if student is None else student
+    start = snapshot(student)
     search = None
     if config.training.learning_rate == "auto":
         search = choose_learning_rate(prep, queries, out / "tune", student)
@@ -207,6 +209,10 @@ def train_student(prep: Prepared, out: Path, student=None):
         config = dataclasses.replace(config, training=chosen)
     training = make_trainer(prep, config, student, queries, out).train()
     training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
+    training["start_weight"] = resolved_start_weight(config)
+    merge_with_start(student, start, training["start_weight"])
+    if training["start_weight"] and training.get("validation"):  # what the run ends with, checked as the rest were
+        training["validation"]["merged"] = prep.validation.score(student)
     if search is not None:
         training["learning_rate_search"] = search
     student.to("cpu")

@@ -209,9 +209,12 @@ class RunSummary:
 
 
 def kept_agreement(validation: dict | None) -> dict[str, float]:
-    """The label-free scores of the weights the run ended with (its ``kept_step``); empty when never checked."""
+    """The label-free scores of the weights the run ended with (its ``kept_step``, averaged with the start where
+    ``start_weight`` says so); empty when never checked."""
     if not validation:
         return {}
+    if "merged" in validation:
+        return dict(validation["merged"])
     kept = next(check for check in validation["history"] if check["step"] == validation["kept_step"])
     return _scores(kept)
 

@@ -1,0 +1,171 @@
+"""The paper's claims, each settled on three datasets and three training seeds from the recipe's quality tables.
+
+    python benchmarks/claims.py --out benchmarks/results/claims.json
+
+Reads ``benchmarks/results/recipe/quality_DATASET_sSEED[_VARIANT].json`` (written by ``benchmarks/quality.py``, the
+library's defaults as they stood; each row records its git commit). Each claim compares two rows, A (what the paper
+says is better) and B, on SciFact, NFCorpus and the SQuAD article split:
+
+* ``a``: embedding matching + score distillation (``mpnet-2L-asym/embeddistill``) against score distillation alone
+  (``mpnet-2L-asym/score-only``);
+* ``b``: with generated queries (the default tables) against without (``..._nogen.json``: ``crops_per_document`` and
+  ``perturbations_per_query`` 0, the labelled training queries alone);
+* ``c``: an asymmetric student (``minilm-asym``: the teacher's document tower) against a symmetric one with the same
+  query encoder (``minilm-sym``); both as the library's defaults train them, and the symmetric one also before its
+  averaging with the start (``start_weight`` 0, from its row's sweep), which is the like-for-like reading;
+* ``d``: a dual-pooling against a standard cross-encoder teacher: listed with why it was not run.
+
+Per claim and dataset: each side's seed mean and standard deviation of nDCG@10, and a paired permutation test on
+per-query nDCG@10 averaged over the seeds both sides have, Holm-corrected over every test in the file. Verdict:
+``confirmed`` when A is significantly better on at least one set and B on none, ``refuted`` when B is on at least
+one and A on none, ``mixed`` otherwise (significant both ways, or on no set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, git_commit
+from headline import METRIC, holm, per_query, seed_averaged
+
+from embeddistill.evaluation.significance import paired_permutation_test
+from embeddistill.storage import atomic_write_json
+
+DATASETS = ("scifact", "nfcorpus", "squad")
+SEEDS = (42, 43, 44)
+ALPHA = 0.05
+
+# claim: (statement, (A's table variant, A's row, A's sweep weight), (B's ...))
+CLAIMS = {
+    "a": (
+        "embedding matching + score distillation beats score distillation alone (mpnet-2L-asym)",
+        ("", "mpnet-2L-asym/embeddistill", None),
+        ("", "mpnet-2L-asym/score-only", None),
+    ),
+    "b": (
+        "generated queries help (mpnet-2L-asym, with against without crops and perturbed copies)",
+        ("", "mpnet-2L-asym/embeddistill", None),
+        ("_nogen", "mpnet-2L-asym/embeddistill", None),
+    ),
+    "c": (
+        "an asymmetric student beats a symmetric one with the same query encoder (all-MiniLM-L6-v2, as defaults train "
+        "each: the symmetric one averaged with its start)",
+        ("", "minilm-asym/embeddistill", None),
+        ("", "minilm-sym/embeddistill", None),
+    ),
+    "c_like_for_like": (
+        "the same as c, the symmetric student as distillation left it (start_weight 0)",
+        ("", "minilm-asym/embeddistill", None),
+        ("", "minilm-sym/embeddistill", "0"),
+    ),
+}
+NOT_RUN = {
+    "d": "a dual-pooling cross-encoder teacher gives a better dual-encoder student than a standard one: not run here. "
+    "Both teachers must first be trained (embeddistill train-teacher --architecture dual-pooling / standard) from "
+    "one base, which needs GPU time this round's budget did not cover; no cross-encoder checkpoint is obtainable "
+    "offline."
+}
+
+
+def side_scores(folder: Path, dataset: str, side: tuple) -> dict[int, dict[str, float]]:
+    """``{seed: {query: nDCG@10}}`` of one side of a claim on one dataset's test split."""
+    variant, key, weight = side
+    found = {}
+    for seed in SEEDS:
+        path = folder / f"quality_{dataset}_s{seed}{variant}.json"
+        if not path.exists():
+            continue
+        table = json.loads(path.read_text(encoding="utf-8"))
+        row = table["rows"].get(key)
+        if row is not None and weight is not None:
+            row = row.get("start_weight_sweep", {}).get(weight)
+        if row is not None:
+            found[seed] = per_query(row, "test", table["query_ids"]["test"])
+    return found
+
+
+def compare(folder: Path, a: tuple, b: tuple, rounds: int) -> dict[str, dict]:
+    compared = {}
+    for dataset in DATASETS:
+        side_a, side_b = side_scores(folder, dataset, a), side_scores(folder, dataset, b)
+        seeds = sorted(set(side_a) & set(side_b))
+        if not seeds:
+            continue
+        means = {
+            name: [float(np.mean(list(side[s].values()))) for s in seeds]
+            for name, side in (("a", side_a), ("b", side_b))
+        }
+        ours = seed_averaged({s: side_a[s] for s in seeds})
+        theirs = seed_averaged({s: side_b[s] for s in seeds})
+        compared[dataset] = {
+            "seeds": seeds,
+            **{f"{name}_mean": float(np.mean(v)) for name, v in means.items()},
+            **{f"{name}_sd": float(statistics.stdev(v)) if len(v) > 1 else 0.0 for name, v in means.items()},
+            "difference": float(np.mean([ours[q] - theirs[q] for q in ours])),
+            "p": paired_permutation_test(ours, theirs, rounds=rounds),
+        }
+    return compared
+
+
+def verdict(per_dataset: dict[str, dict]) -> tuple[str, str]:
+    better = [d for d, r in per_dataset.items() if r["p_holm"] < ALPHA and r["difference"] > 0]
+    worse = [d for d, r in per_dataset.items() if r["p_holm"] < ALPHA and r["difference"] < 0]
+    if better and not worse:
+        return "confirmed", f"A is significantly better on {', '.join(better)} and significantly worse nowhere."
+    if worse and not better:
+        return "refuted", f"B is significantly better on {', '.join(worse)} and A significantly better nowhere."
+    if better:
+        return "mixed", f"A is significantly better on {', '.join(better)}, B on {', '.join(worse)}."
+    signs = ", ".join(f"{d} {r['difference']:+.4f}" for d, r in per_dataset.items())
+    return "mixed", f"no set shows a significant difference after Holm (mean differences: {signs})."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tables", default=str(REPO / "benchmarks" / "results" / "recipe"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "claims.json"))
+    parser.add_argument("--permutation-rounds", type=int, default=10000)
+    args = parser.parse_args(argv)
+    folder = Path(args.tables)
+    compared = {name: compare(folder, a, b, args.permutation_rounds) for name, (_, a, b) in CLAIMS.items()}
+    adjusted = holm({f"{n}|{d}": r["p"] for n, per in compared.items() for d, r in per.items()})
+    claims = {}
+    for name, (statement, a, b) in CLAIMS.items():
+        per_dataset = compared[name]
+        for dataset, result in per_dataset.items():
+            result["p_holm"] = adjusted[f"{name}|{dataset}"]
+        decided, reason = verdict(per_dataset)
+        seeds = sorted({len(r["seeds"]) for r in per_dataset.values()})
+        claims[name] = {
+            "claim": statement,
+            "a": {"table": a[0] or "default", "row": a[1], **({"start_weight": a[2]} if a[2] else {})},
+            "b": {"table": b[0] or "default", "row": b[1], **({"start_weight": b[2]} if b[2] else {})},
+            "datasets": per_dataset,
+            "seeds": min(seeds) if seeds else 0,
+            "verdict": decided,
+            "reasoning": reason,
+        }
+    for name, why in NOT_RUN.items():
+        claims[name] = {"claim": why.split(":")[0], "verdict": "not run", "reasoning": why, "datasets": {}, "seeds": 0}
+    atomic_write_json(
+        args.out,
+        {
+            "command": "python benchmarks/claims.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.date.today().isoformat(),
+            "metric": f"{METRIC} on each dataset's test split",
+            "significance": "paired permutation test on per-query values averaged over seeds, Holm over this file",
+            **claims,
+            "git_commit": git_commit(),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
