@@ -18,7 +18,8 @@ says is better) and B, on SciFact, NFCorpus and the SQuAD article split:
 Per claim and dataset: each side's seed mean and standard deviation of nDCG@10, and a paired permutation test on
 per-query nDCG@10 averaged over the seeds both sides have, Holm-corrected over every test in the file. Verdict:
 ``confirmed`` when A is significantly better on at least one set and B on none, ``refuted`` when B is on at least
-one and A on none, ``mixed`` otherwise (significant both ways, or on no set).
+one and A on none, ``mixed`` otherwise (significant both ways, or on no set); ``unsettled`` while a claim has fewer
+than 3 seeds on any of the 3 sets (the reasoning then says what the seeds so far show).
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             result["p_holm"] = adjusted[f"{name}|{dataset}"]
         decided, reason = verdict(per_dataset)
         seeds = sorted({len(r["seeds"]) for r in per_dataset.values()})
+        if len(per_dataset) < len(DATASETS) or not seeds or seeds[0] < len(SEEDS):
+            # Seed noise is as large as most gaps: fewer than 3 seeds on 3 sets settles nothing.
+            decided, reason = "unsettled", f"fewer than {len(SEEDS)} seeds on {len(DATASETS)} sets so far; {reason}"
         claims[name] = {
             "claim": statement,
             "a": {"table": a[0] or "default", "row": a[1], **({"start_weight": a[2]} if a[2] else {})},
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "reasoning": reason,
         }
     for name, why in NOT_RUN.items():
-        claims[name] = {"claim": why.split(":")[0], "verdict": "not run", "reasoning": why, "datasets": {}, "seeds": 0}
+        statement, _, reason = why.partition(": ")
+        claims[name] = {"claim": statement, "verdict": "not run", "reasoning": reason, "datasets": {}, "seeds": 0}
     atomic_write_json(
         args.out,
         {

@@ -26,6 +26,12 @@ folder's ``runs/SPLIT.BM25.*.trec``, where present) are rows of the table too. E
 the dataset's official qrels; EmbedDistill is compared with every other row of its table by a paired permutation
 test on the same queries.
 
+Choosing settings (``--dev``): the table is scored on 20% of the labelled training queries held out (SQuAD: whole
+articles of its training half), and the test qrels are not read; ``benchmarks/results/recipe_dev/`` holds these
+tables. ``--start-weight-sweep W...`` trains each EmbedDistill row once without averaging and scores its weights
+averaged with the start at every W (``start_weight``) into the row's ``start_weight_sweep``, each with its
+label-free agreement; the row itself is what the library's default gives (``benchmarks/start_weight.py`` reads them).
+
 Resumable by row: each finished row is written into the JSON at once (atomically), and a rerun skips rows that are
 already there (and, inside a row, resumes training from its checkpoint under ``--work-dir``). A rerun must use the
 same settings (teacher, epochs, seed, overrides); pick another ``--out`` to change them. To fit short sessions, run

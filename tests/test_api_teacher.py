@@ -206,6 +206,7 @@ def test_a_refused_key_and_an_unreachable_url_name_their_options(flaky, tmp_path
         ({"teacher": "http://h/v1", "student": "s", "teacher_api_key_env": "EMBEDDISTILL_NO_SUCH"}, "is not set"),
         ({"teacher_documents": "/no/such.npy", "student": "s"}, "needs query embeddings"),
         ({"teacher_queries": "q.npy"}, "--teacher-queries needs --teacher-documents"),
+        ({"teacher_documents": "d.npy", "teacher": "http://h/v1", "document_prompt": "passage: "}, "vectors are given"),
     ],
 )
 def test_black_box_options_that_cannot_work_are_refused_before_anything_loads(options, message):
@@ -265,3 +266,20 @@ def test_document_vectors_load_from_parquet_and_from_an_index_folder(tmp_path):
     (tmp_path / "bare.npy").write_bytes(b"")
     with pytest.raises(ValueError, match="no ids file beside it"):
         load_vectors(tmp_path / "bare.npy")
+
+
+def test_an_endpoint_teacher_puts_the_prompts_before_what_it_sends(tmp_path):
+    sent: list[tuple[str, str]] = []
+
+    def embed(texts, kind):
+        sent.extend((kind, text) for text in texts)
+        return np.full((len(texts), 4), 0.5, dtype=np.float32)
+
+    config = DistillConfig.from_dict({"teacher": "http://h/v1", "query_prompt": "query: ", "document_prompt": "none"})
+    teacher = ApiTeacher(Endpoint.of(config), tmp_path)
+    teacher.client.embed = embed
+    teacher.embed_queries(["coral reefs", "bone density"])
+    teacher.embed_documents(["A paragraph."])
+    assert [text for _, text in sent] == ["query: coral reefs", "query: bone density", "A paragraph."]
+    teacher.embed_queries(["coral reefs"])  # cached under what was sent, prompt included: nothing sent again
+    assert len(sent) == 3

@@ -168,3 +168,19 @@ def test_the_saved_student_its_onnx_export_search_and_the_service_tokenise_the_t
             response = client.post("/search", json={"queries": ["bone density"], "k": 3})
     assert response.status_code == 200
     assert [s for s in seen if s != "query: dimension check"] == ["query: bone density"] * 2
+
+
+def test_evaluate_sees_a_teacher_with_the_prompts_and_truncation_distill_gave_it(
+    tmp_path, tiny_teacher_path, scifact_slice
+):
+    from embeddistill.data import RetrievalDataset
+    from embeddistill.evaluation.metrics import evaluate_model
+
+    dataset = RetrievalDataset.load(str(scifact_slice))
+    options = {"metrics": ["nDCG@10"], "cache_dir": str(tmp_path / "cache")}
+    plain = evaluate_model(tiny_teacher_path, dataset, "test", tmp_path / "plain", **options)
+    shaped = evaluate_model(
+        tiny_teacher_path, dataset, "test", tmp_path / "shaped", prompts=("query: ", ""), truncate_dim=16, **options
+    )
+    assert (plain["prompts"], plain["dimension"]) == ({}, 32)
+    assert (shaped["prompts"], shaped["dimension"]) == ({"query": "query: "}, 16)

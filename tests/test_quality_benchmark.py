@@ -206,3 +206,30 @@ def test_off_the_shelf_row_is_the_small_model_on_its_own_index(
     assert 0.0 <= row["evaluations"]["test"]["metrics"]["nDCG@10"] <= 1.0
     assert row["evaluations"]["test"]["retention"]["nDCG@10"] != 1.0
     assert row["git_commit"]
+
+
+def test_a_dev_table_scores_held_out_training_queries_and_its_sweep_ends_at_the_start(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
+):
+    common = _arguments(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "minilm-sym")
+    assert (
+        quality.main([*common, "--dev", "--methods", "embeddistill", "untrained", "--start-weight-sweep", "0", "1"])
+        == 0
+    )
+    record = json.loads((tmp_path / "quality.json").read_text())
+    assert record["eval_splits"] == ["dev"] and record["settings"]["dev"] is True
+    train = quality.load_qrels(scifact_slice / "qrels" / "train.tsv")
+    assert set(record["query_ids"]["dev"]) < set(train)  # training queries, never the test split's
+    ours = record["rows"]["minilm-sym/embeddistill"]
+    sweep = {w: s["evaluations"]["dev"]["metrics"]["nDCG@10"] for w, s in ours["start_weight_sweep"].items()}
+    assert set(sweep) == {"0", "1"} and "agreement_nDCG@10" in ours["start_weight_sweep"]["0"]["label_free"]
+    # All the weight on the start is the student before training; the row itself is the default, auto: 0.5.
+    assert sweep["1"] == pytest.approx(
+        record["rows"]["minilm-sym/untrained"]["evaluations"]["dev"]["metrics"]["nDCG@10"]
+    )
+    assert ours["training"]["start_weight"] == 0.5
+
+
+def test_dev_refuses_a_dataset_without_labelled_training_queries():
+    with pytest.raises(SystemExit, match="no labelled training queries to hold out"):
+        quality.dev_spec(quality.DATASETS["msmarco-dl"])

@@ -70,3 +70,33 @@ def test_merged_dl_split_is_the_union_of_both_years(tmp_path):
     dl19, dl20 = (load_qrels(DL_POOL / "qrels" / f"{s}.tsv") for s in ("dl19", "dl20"))
     assert merged == {**dl19, **dl20} and summary["queries"] == 43 + 54
     assert load_qrels(tmp_path / "dl" / "qrels" / "dl19.tsv") == dl19
+
+
+def test_a_held_out_dev_split_divides_the_training_queries_by_seed(tmp_path):
+    from _splits import write_held_out_split, write_qrels
+
+    source = tmp_path / "source"
+    (source / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (source / name).write_text("", encoding="utf-8")
+    train = {f"q{i}": {f"d{i}": 1} for i in range(10)}
+    write_qrels(source / "qrels" / "train.tsv", train)
+    write_qrels(source / "qrels" / "test.tsv", {"t0": {"d0": 1}})
+    summary = write_held_out_split(source, tmp_path / "dev", held_out_fraction=0.2, seed=7)
+    kept, held = (load_qrels(tmp_path / "dev" / "qrels" / f"{s}.tsv") for s in ("train", "dev"))
+    assert summary["queries"] == {"train": 8, "dev": 2}
+    assert not set(kept) & set(held) and {**kept, **held} == train
+    assert not (tmp_path / "dev" / "qrels" / "test.tsv").exists()  # a dev folder never carries the test split
+    write_held_out_split(source, tmp_path / "again", held_out_fraction=0.2, seed=7)
+    assert load_qrels(tmp_path / "again" / "qrels" / "dev.tsv") == held
+
+
+@pytest.mark.skipif(not SQUAD.exists(), reason="needs ../shared/datasets/squad-dev")
+def test_squad_dev_holds_out_whole_training_articles(tmp_path):
+    from _splits import write_held_out_split
+
+    write_group_split(SQUAD, tmp_path / "split", seed=42)
+    write_held_out_split(tmp_path / "split", tmp_path / "dev", 0.2, seed=42, group_of=document_group)
+    train, dev = _articles(tmp_path / "dev", "train"), _articles(tmp_path / "dev", "dev")
+    assert len(dev) == 5 and len(train) == 19 and not train & dev  # 20% of the 24 training articles
+    assert train | dev == _articles(tmp_path / "split", "train")  # no test article is read

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_label_free import _distill
 
 from embeddistill.config import DistillConfig
 from embeddistill.evaluation.agreement import AGREEMENT_METRIC
 from embeddistill.models.students import build_student, query_modules
 from embeddistill.models.teachers import load_sentence_transformer
 from embeddistill.training.merging import merge_with_start, merged_state, resolved_start_weight, snapshot
-from test_label_free import _distill
 
 
 def test_averaging_with_the_start_by_hand():

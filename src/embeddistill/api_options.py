@@ -58,6 +58,12 @@ def api_problems(config) -> list[str]:
             f"--teacher-api-key-env {api.teacher_api_key_env}: that environment variable is not set (export it, or "
             "leave the option out for an endpoint without a key)"
         )
+    for name, prompt in (("teacher_documents", "document_prompt"), ("teacher_queries", "query_prompt")):
+        if getattr(api, name) and getattr(model, prompt) not in ("", "none"):
+            problems.append(
+                f"--{prompt.replace('_', '-')} with --{name.replace('_', '-')}: those vectors are given, so no prompt "
+                "can be put before their texts now (it was, or was not, when they were made); leave the option out"
+            )
     for name in ("teacher_documents", "teacher_queries"):
         path = getattr(api, name)
         if path and not os.path.exists(os.path.expanduser(path)):

@@ -85,6 +85,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rerank_depth=args.rerank_depth,
         cache_dir=args.cache_dir,
         ignore_identical_ids=not args.keep_identical_ids,
+        prompts=(args.query_prompt, args.document_prompt),
+        truncate_dim=args.truncate_dim or 0,
     )
     for name, value in summary["metrics"].items():
         print(f"{name}\t{value:.4f}")
@@ -198,6 +200,15 @@ def _add_evaluate_command(commands) -> None:
         help="embedding and score caches (default: a run's own for its student/, else ~/.cache/embeddistill)",
     )
     evaluate.add_argument("--keep-identical-ids", action="store_true", help=KEEP_IDENTICAL_HELP)
+    evaluate.add_argument(
+        "--query-prompt", default="", help="put before every query instead of the model's own ('none': no prompt)"
+    )
+    evaluate.add_argument(
+        "--document-prompt", default="", help="put before every document instead of the model's own ('none': none)"
+    )
+    evaluate.add_argument(
+        "--truncate-dim", type=at_least(1), default=None, help="Matryoshka models: keep the first N dimensions"
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
 

@@ -1,11 +1,10 @@
 """Configuration: dataclasses with help text, loadable from YAML, overridable by command-line flags.
 
 One system for every command: a field is declared once with :func:`option` (default, help, choices), and
-:func:`add_config_arguments` turns every field into a flag, so no default is ever written twice.
-Every field name is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a
-YAML file may be nested by section (``training: {learning_rate: 1e-3}``) or flat. Because YAML sections are
-only flattened, a field may sit under any known section name: files written before the cross-encoder fields
-moved into their own ``ce`` section (``model: {cross_encoder: ...}``) still load unchanged.
+:func:`add_config_arguments` turns every field into a flag, so no default is ever written twice. Every field name
+is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a YAML file may be nested
+by section (``training: {learning_rate: 1e-3}``) or flat; as sections are only flattened, files written before the
+cross-encoder fields moved into their own ``ce`` section (``model: {cross_encoder: ...}``) still load unchanged.
 """
 
 from __future__ import annotations
@@ -47,20 +46,15 @@ class DataConfig:
     train_split: str = option("train", "qrels split whose queries are labelled training queries ('' for none)")
     eval_split: str = option("test", "qrels split to evaluate on")
     dev_fraction: float = option(
-        0.0,
-        "hold out this fraction of the labelled training queries as the evaluation set (to choose settings "
-        "without touching the test split); eval_split is then ignored",
-        minimum=0.0,
-        maximum=0.9,
-    )
+        0.0, "hold out this fraction of the labelled training queries as the evaluation set (eval_split ignored)",
+        minimum=0.0, maximum=0.9,
+    )  # fmt: skip
     extra_queries: list[str] = option([], "extra unlabeled query files (.jsonl with _id/text, or .tsv id<TAB>text)")
     train_query_fraction: float = option(
         1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
     )
     crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document", minimum=0)
-    perturbations_per_query: int = option(
-        2, "cheap generated queries: perturbed copies per real training query", minimum=0
-    )
+    perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real query", minimum=0)
     max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)", minimum=0)
     generated_per_real: float = option(
         0.0,
@@ -74,9 +68,8 @@ class DataConfig:
     )
     validation_queries: int = option(
         500,
-        "hold out this many training queries (seeded, at most a tenth of them) for the label-free check: the "
-        "student's agreement with the teacher's own rankings picks the best checkpoint and --learning-rate auto "
-        "(0 = off)",
+        "hold out this many training queries (seeded, at most a tenth) for the label-free check: the student's "
+        "agreement with the teacher's own rankings picks the best checkpoint and --learning-rate auto (0 = off)",
         minimum=0,
     )
 
@@ -99,18 +92,17 @@ class ModelConfig:
         choices=["auto", "lstsq", "orthogonal", "random"],
     )
     freeze_word_embeddings: bool = option(True, "do not train the student's token-embedding table")
-    student_dropout: bool = option(
-        False, "keep the student's dropout during distillation (off: match the teacher exactly)"
-    )
+    student_dropout: bool = option(False, "keep the student's dropout in training (off: match the teacher exactly)")
     query_prompt: str = option(
         "",
-        "prompt put before every query the teacher embeds, e.g. 'query: ' (default: the one in the teacher's "
-        "sentence-transformers config; 'none' for no prompt); part of the teacher-cache key",
+        "prompt put before every query the teacher embeds, e.g. 'query: ' (default: the teacher's own, none for an "
+        "endpoint; 'none' for no prompt); part of the teacher-cache key",
     )
     document_prompt: str = option(
         "",
-        "prompt put before every document the teacher embeds, e.g. 'passage: ' (default: the teacher's own; 'none' "
-        "for no prompt); part of the teacher-cache key, and kept by an asymmetric student's document side",
+        "prompt put before every document the teacher embeds, e.g. 'passage: ' (default: the teacher's own, none "
+        "for an endpoint; 'none' for no prompt); part of the teacher-cache key, and kept by an asymmetric student's "
+        "document side",
     )
     student_query_prompt: str = option(
         "auto",
@@ -183,9 +175,8 @@ class TrainingConfig:
     keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
     start_weight: float = option(
         "auto",
-        "after training, average the student's weights with its starting ones, this share to the start "
-        "((1-w)*trained + w*start, WiSE-FT): keeps what a pretrained model knew. 'auto': 0.5 for a symmetric student "
-        "that starts as a whole pretrained model (the model a user would otherwise serve), else 0",
+        "after training, average the weights with the starting ones, this share to the start ((1-w)*trained + "
+        "w*start, WiSE-FT); 'auto': 0.5 for a symmetric student that starts as a whole pretrained model, else 0",
         special=("auto",),
         minimum=0.0,
         maximum=1.0,

@@ -80,8 +80,14 @@ def evaluate_model(
     rerank_depth: int = 100,
     cache_dir: str = "",
     ignore_identical_ids: bool = True,
+    prompts: tuple[str, str] = ("", ""),
+    truncate_dim: int = 0,
 ) -> dict:
     """Evaluate any sentence-transformers model alone: encode corpus and queries, search, score, write a run.
+
+    ``prompts`` (query, document) replace the model's own ("" keeps it, ``"none"`` removes it) and ``truncate_dim``
+    keeps the first N dimensions of a Matryoshka model, as ``distill``'s ``--query-prompt`` / ``--document-prompt``
+    / ``--truncate-dim`` do for a teacher: the teacher ``distill`` compared against is evaluated as it saw it.
 
     Embeddings come through the teacher-embedding cache (:class:`~embeddistill.serving.search.CachedEncoder`)
     under ``cache_dir``, by default the cache of the run whose ``student/`` folder ``model_path`` is (its
@@ -92,10 +98,10 @@ def evaluate_model(
     too (``reranker.trec``, ``summary["reranker"]``), so the CE's quality is reported next to its first stage.
     A query's own id is no hit (BEIR's ``ignore_identical_ids``) unless ``ignore_identical_ids`` is off.
     """
-    from embeddistill.models.teachers import load_sentence_transformer
+    from embeddistill.models.teachers import effective_prompts
     from embeddistill.serving.search import CachedEncoder, run_cache_dir
 
-    model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
+    model = _load_as_distilled(model_path, trust_remote_code, prompts, truncate_dim)
     qrels = dataset.qrels(split)
     queries = {qid: dataset.queries[qid] for qid in qrels}
     doc_ids = list(dataset.corpus)
@@ -111,12 +117,25 @@ def evaluate_model(
     result.save(out)
     summary = {"model": model_path, "dataset": str(dataset.path), "split": split, "metrics": result.metrics}
     summary["ignore_identical_ids"] = ignore_identical_ids
+    summary.update(prompts=effective_prompts(model), dimension=int(documents.shape[1]))
     if reranker:
         summary["reranker"] = evaluate_reranker(
             reranker, result.run, dataset, queries, qrels, metrics, rerank_depth, out, cache_dir, trust_remote_code
         )
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def _load_as_distilled(model_path: str, trust_remote_code: bool, prompts: tuple[str, str], truncate_dim: int):
+    """The model with the prompts and Matryoshka truncation ``distill`` would have given it as a teacher."""
+    from embeddistill.models.teachers import load_sentence_transformer, set_prompts, truncate_embeddings
+
+    model = load_sentence_transformer(model_path, trust_remote_code=trust_remote_code)
+    if any(prompts):
+        set_prompts(model, *prompts)
+    if truncate_dim:
+        truncate_embeddings(model, truncate_dim)
+    return model
 
 
 def evaluate_reranker(

@@ -82,15 +82,27 @@ class Endpoint:
     timeout: float = 60.0
     max_requests: int = 0
     input_type: bool = False
+    query_prompt: str = ""  # put before every query sent (the cache keys what is sent, prompt included)
+    document_prompt: str = ""
 
     @classmethod
     def of(cls, config) -> Endpoint:
-        api = config.api
+        api, model = config.api, config.model
         return cls(
-            endpoint_url(api_url(config.model.teacher)), api.teacher_api_model, api.teacher_api_key_env,
-            config.model.teacher_batch_size, api.teacher_concurrency, api.teacher_retries, api.teacher_timeout,
+            endpoint_url(api_url(model.teacher)), api.teacher_api_model, api.teacher_api_key_env,
+            model.teacher_batch_size, api.teacher_concurrency, api.teacher_retries, api.teacher_timeout,
             api.teacher_max_requests, api.teacher_api_input_type,
+            endpoint_prompt(model.query_prompt), endpoint_prompt(model.document_prompt),
         )  # fmt: skip
+
+    def prompt(self, kind: str) -> str:
+        return self.query_prompt if kind == QUERY else self.document_prompt
+
+
+def endpoint_prompt(option: str) -> str:
+    """``--query-prompt`` / ``--document-prompt`` for an endpoint: it has no prompts of its own, so the default
+    ('') and 'none' both mean no prompt."""
+    return "" if option in ("", "none") else option
 
 
 def endpoint_url(url: str) -> str:
@@ -322,6 +334,8 @@ class ApiTeacher:
         return self.cache.identity.normalized
 
     def _embed(self, texts: list[str], kind: str, desc: str) -> np.ndarray:
+        if prompt := self.endpoint.prompt(kind):
+            texts = [prompt + text for text in texts]
         self._ready(texts, kind)
         return self.cache.embed(self.client, texts, kind, self.endpoint.batch_size, desc)
 
