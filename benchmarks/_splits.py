@@ -81,6 +81,20 @@ def choose_train_groups(groups: list[str], train_fraction: float, seed: int) -> 
     return set(random.Random(f"group-split-{seed}").sample(ordered, keep))
 
 
+def write_sides(
+    source: Path, out: Path, qrels: dict[str, dict[str, int]], in_train: dict[str, bool], other: str
+) -> dict[str, int]:
+    """Start the derived folder and write ``qrels/train.tsv`` and ``qrels/OTHER.tsv``: each query on the side
+    ``in_train`` puts it. Returns the query count of each side."""
+    sides: dict[str, dict] = {"train": {}, other: {}}
+    for query_id, judged in qrels.items():
+        sides["train" if in_train[query_id] else other][query_id] = judged
+    _start_derived_folder(source, out)
+    for side, side_qrels in sides.items():
+        write_qrels(out / "qrels" / f"{side}.tsv", side_qrels)
+    return {side: len(side_qrels) for side, side_qrels in sides.items()}
+
+
 def write_group_split(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -97,12 +111,7 @@ def write_group_split(
     qrels = load_qrels(source_path / "qrels" / f"{split}.tsv")
     groups = query_groups(qrels, group_of)
     train_groups = choose_train_groups(list(groups.values()), train_fraction, seed)
-    sides = {"train": {}, "test": {}}
-    for query_id, judged in qrels.items():
-        sides["train" if groups[query_id] in train_groups else "test"][query_id] = judged
-    _start_derived_folder(source_path, out_path)
-    for side, side_qrels in sides.items():
-        write_qrels(out_path / "qrels" / f"{side}.tsv", side_qrels)
+    counts = write_sides(source_path, out_path, qrels, {q: g in train_groups for q, g in groups.items()}, "test")
     summary = {
         "source": str(source_path),
         "source_split": split,
@@ -110,7 +119,7 @@ def write_group_split(
         "train_fraction": train_fraction,
         "train_groups": sorted(train_groups),
         "test_groups": sorted(set(groups.values()) - train_groups),
-        "queries": {side: len(side_qrels) for side, side_qrels in sides.items()},
+        "queries": counts,
     }
     atomic_write_json(out_path / "split.json", summary)
     logger.info("group split of %s: %s", source_path, summary["queries"])
@@ -134,18 +143,13 @@ def write_held_out_split(
     qrels = load_qrels(source_path / "qrels" / "train.tsv")
     groups = {query_id: query_id for query_id in qrels} if group_of is None else query_groups(qrels, group_of)
     train_groups = choose_train_groups(list(groups.values()), 1.0 - held_out_fraction, seed)
-    sides = {"train": {}, "dev": {}}
-    for query_id, judged in qrels.items():
-        sides["train" if groups[query_id] in train_groups else "dev"][query_id] = judged
-    _start_derived_folder(source_path, out_path)
-    for side, side_qrels in sides.items():
-        write_qrels(out_path / "qrels" / f"{side}.tsv", side_qrels)
+    counts = write_sides(source_path, out_path, qrels, {q: g in train_groups for q, g in groups.items()}, "dev")
     summary = {
         "source": str(source_path),
         "seed": seed,
         "held_out_fraction": held_out_fraction,
         "by_group": group_of is not None,
-        "queries": {side: len(side_qrels) for side, side_qrels in sides.items()},
+        "queries": counts,
     }
     atomic_write_json(out_path / "split.json", summary)
     logger.info("dev split of %s: %s", source_path, summary["queries"])

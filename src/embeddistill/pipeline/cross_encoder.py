@@ -334,7 +334,8 @@ def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: D
     Path(out).mkdir(parents=True, exist_ok=True)
     seed_everything(config.training.seed)
     student = _initialised_student(prep, config)
-    start = snapshot(student)
+    start_weight = resolved_start_weight(config)
+    start = snapshot(student) if start_weight else {}
     generated = np.asarray(prep.query_set.generated, dtype=bool)
     pools = prep.targets.candidates[:, 1 : 1 + prep.targets.pool_size]
     temperature_pair = temperatures(config, prep, is_normalized(student))
@@ -352,8 +353,8 @@ def train_cross_encoder_student(prep: CrossEncoderPrepared, out: Path, config: D
         dropout=config.model.student_dropout,
     )
     training = trainer.train()
-    training["start_weight"] = resolved_start_weight(config)
-    merge_with_start(student, start, training["start_weight"])
+    training["start_weight"] = start_weight
+    merge_with_start(student, start, start_weight)
     training["temperatures"] = list(temperature_pair)
     training["loss_weights"] = dataclasses.asdict(criterion.weights)
     return student, training

@@ -196,12 +196,15 @@ def train_student(prep: Prepared, out: Path, student=None):
     """Build the student (unless given, initialised), initialise its projection, and distil it. Returns
     ``(student, training info)``.
 
-    With ``--learning-rate auto`` the learning rate is chosen first, without labels (:func:`choose_learning_rate`).
+    With ``--learning-rate auto`` the learning rate is chosen first, without labels (:func:`choose_learning_rate`);
+    with a ``start_weight`` the trained weights end averaged with the starting ones
+    (:mod:`embeddistill.training.merging`).
     """
     config, queries = prep.config, training_queries(prep)
     # Built and its projection fitted once; every trial starts from a copy.
     student = initialised_student(prep) if student is None else student
-    start = snapshot(student)
+    start_weight = resolved_start_weight(config)
+    start = snapshot(student) if start_weight else {}  # a copy of the weights only where they will be averaged
     search = None
     if config.training.learning_rate == "auto":
         search = choose_learning_rate(prep, queries, out / "tune", student)
@@ -209,9 +212,9 @@ def train_student(prep: Prepared, out: Path, student=None):
         config = dataclasses.replace(config, training=chosen)
     training = make_trainer(prep, config, student, queries, out).train()
     training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
-    training["start_weight"] = resolved_start_weight(config)
-    merge_with_start(student, start, training["start_weight"])
-    if training["start_weight"] and training.get("validation"):  # what the run ends with, checked as the rest were
+    training["start_weight"] = start_weight
+    merge_with_start(student, start, start_weight)
+    if start_weight and training.get("validation"):  # what the run ends with, checked as the rest were
         training["validation"]["merged"] = prep.validation.score(student)
     if search is not None:
         training["learning_rate_search"] = search
