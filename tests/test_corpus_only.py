@@ -94,3 +94,17 @@ def test_a_folder_with_qrels_but_no_queries_file_is_still_an_error(tmp_path, sci
     (folder / "queries.jsonl").unlink()
     with pytest.raises(DataError, match=r"queries\.jsonl: file not found"):
         RetrievalDataset.load(str(folder))
+
+
+def test_a_corpus_only_run_averaged_with_its_start_reports_the_averaged_agreement(
+    tmp_path, tiny_teacher_path, corpus_only
+):
+    argv = ["distill", "--teacher", tiny_teacher_path, "--student", "teacher:2", "--dataset", str(corpus_only)]
+    argv += ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), *FAST, "--start-weight", "0.5"]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    merged = metrics["training"]["validation"]["merged"]
+    assert metrics["label_free_agreement"]["kept"] == merged  # what the run ends with, not its kept step alone
+    assert metrics["student"]["agreement_nDCG@10"] == merged["agreement_nDCG@10"]
+    for written in ("report.md", "student/README.md"):
+        assert "averaged with its start at 0.5" in (tmp_path / "run" / written).read_text()

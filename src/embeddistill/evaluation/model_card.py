@@ -146,9 +146,9 @@ def retention_table(summary: RunSummary) -> str:
 
 def agreement_table(summary: RunSummary) -> str:
     """A run without labels: the student's label-free agreement with the teacher, as it started and as it ended."""
-    agreement = summary.agreement or {"start": None, "kept_step": "?"}
+    agreement = summary.agreement or {"start": None}
     start = agreement["start"] or {}
-    rows = [f"| metric | student at start | student (step {agreement['kept_step']}) |", "|---|---|---|"]
+    rows = [f"| metric | student at start | {summary.student_label} |", "|---|---|---|"]
     for metric, value in summary.student.metrics.items():
         rows.append(f"| {metric} | {_number(start.get(metric, '–'))} | {_number(value)} |")
     return "\n".join(rows)

@@ -41,8 +41,7 @@ def _systems(summary: RunSummary) -> list[tuple[str, System]]:
         start = dataclasses.replace(summary.student, metrics=agreement["start"], latency=None)
         start.query_encoder_parameters = start.query_encoder_compute_parameters = None  # the same encoder: a dash
         rows.append(("student at start", start))
-    student = f"student (step {agreement['kept_step']})" if agreement else "student"
-    return [*rows, (student, summary.student)]
+    return [*rows, (summary.student_label, summary.student)]
 
 
 def _value(values: dict[str, float], metric: str) -> str:

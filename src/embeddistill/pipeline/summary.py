@@ -133,6 +133,17 @@ class RunSummary:
         }
 
     @property
+    def student_label(self) -> str:
+        """``student``; in a run without labels ``student (step N)``, the step whose weights it kept, and the share of
+        its starting weights averaged back in (``start_weight``) where there is one."""
+        agreement = self.agreement
+        if not agreement:
+            return "student"
+        weight = self.training.get("start_weight") or 0.0
+        averaged = f", averaged with its start at {weight:g}" if weight else ""
+        return f"student (step {agreement['kept_step']}{averaged})"
+
+    @property
     def trec_runs(self) -> list[str]:
         """The TREC run files the run wrote next to ``metrics.json`` (none without judged queries)."""
         if not self.labelled:
