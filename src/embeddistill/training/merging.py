@@ -28,7 +28,8 @@ PRETRAINED_SYMMETRIC_START_WEIGHT = 0.5
 def resolved_start_weight(config: DistillConfig) -> float:
     """``start_weight``, with ``auto`` resolved: a symmetric student that starts as a whole pretrained model (its
     own index is what a user would otherwise serve) keeps half its start; a tower cut from the teacher or cut to
-    fewer layers starts far from any good retriever, so it keeps none."""
+    fewer layers starts far from any good retriever, so it keeps none. The rule cannot tell an embedding model from
+    a raw language model given as ``--student``: for the latter a user says ``start_weight: 0``."""
     weight = config.training.start_weight
     if weight != "auto":
         return float(weight)
