@@ -3,7 +3,7 @@
 Only the query side runs online, so only it is exported: :class:`~embeddistill.models.students.QueryEncoder`
 (transformer + pooling + projection + normalisation, i.e. the Router's query route of an asymmetric student,
 or the whole model of a teacher or symmetric student) becomes ``model.onnx`` with dynamic batch and sequence
-axes. The graph takes ``input_ids`` and ``attention_mask`` only (token type ids are the model's own zeros inside
+axes. The graph takes ``input_ids`` and ``attention_mask`` only (token type ids, zeros for one text, are made inside
 it) and holds pooling, projection and normalisation, fused by ONNX Runtime's transformer optimiser where it can.
 With ``int8``, ``model.int8.onnx`` is its dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``).
 Given a :class:`~embeddistill.serving.onnx_parity.ParityCheck`, each precision is offered only if its nDCG@10 is
@@ -60,6 +60,11 @@ def _eager_attention(encoder) -> None:
 def _wrapper(encoder, input_names: list[str]):
     import torch
 
+    # Token type ids are all zeros for one text, as the tokenizer makes them; given as zeros shaped like the input
+    # ids, they trace to one ConstantOfShape instead of the model's slice-and-expand of its buffer (some 15 small
+    # operators that ONNX Runtime runs on every call).
+    token_types = "token_type_ids" in getattr(encoder.tokenizer, "model_input_names", ())
+
     class OnnxQueryModule(torch.nn.Module):
         """Positional tensors in, ``sentence_embedding`` out: the signature ONNX export traces."""
 
@@ -68,7 +73,10 @@ def _wrapper(encoder, input_names: list[str]):
             self.encoder = encoder
 
         def forward(self, *tensors):
-            return self.encoder(dict(zip(input_names, tensors, strict=True)))
+            features = dict(zip(input_names, tensors, strict=True))
+            if token_types and "token_type_ids" not in features:
+                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+            return self.encoder(features)
 
     return OnnxQueryModule().eval()
 
