@@ -58,15 +58,6 @@ class LeanTokenizer:
 
 
 def session_options(threads: int | None, spin: bool):
-    """ONNX Runtime options of a query encoder's session: all graph optimisations, ``threads`` intra-op threads
-    (``None``: ONNX Runtime's default), and worker threads that spin only while a call runs unless ``spin``.
-
-    Between the operators of one call the worker threads spin: a query runs a few dozen small operators, and waking a
-    sleeping thread for each costs more than the work it shares (batch 1 was about a fifth slower with no spinning
-    at all). When the call returns they stop spinning at once (``session.force_spinning_stop``) and sleep, so in a
-    service idle threads do not take the cores from the event loop and the tokenizer between requests. ``spin``:
-    they go on spinning a while after each call too (ONNX Runtime's default; faster back-to-back calls, busier
-    cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -74,9 +65,14 @@ def session_options(threads: int | None, spin: bool):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     if not spin:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Idle worker threads sleep instead of spinning: in a service they share the cores with the event
+        # loop and the tokenizer, and spinning threads starve them (ONNX Runtime's default spinning keeps a core
+        # busy some 45 ms after every call). Spinning only within a call ("session.force_spinning_stop") was
+        # measured and not taken: on a 2-core VM it made back-to-back batch-1 calls a fifth faster but calls after
+        # a few idle milliseconds slower (2.3 -> 3.6 ms median at 20 ms gaps), and the int8 smallest student in a
+        # copy of speed_cpu.py's interleaved loop (after PyTorch encoders) 1.8 -> 4.5-5.8 ms.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
