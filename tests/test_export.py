@@ -159,6 +159,15 @@ def test_the_lean_tokenizer_gives_the_ids_and_mask_of_the_transformers_tokenizer
     assert runtime.input_names == ["input_ids", "attention_mask"]  # token type ids are constants in the graph
 
 
+def test_the_graph_makes_its_zero_token_type_ids_in_one_operator(exported):
+    import onnx
+
+    out, _ = exported
+    operators = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
+    # zeros shaped like the input ids, not the slice-and-expand of the model's token-type buffer
+    assert operators.count("ConstantOfShape") == 1 and "GatherElements" not in operators and "Where" not in operators
+
+
 def test_an_int8_export_checked_on_a_dataset_is_offered_with_its_ndcg_ratio(student_dir, scifact_slice, tmp_path):
     from embeddistill.serving.onnx import ParityCheck
 

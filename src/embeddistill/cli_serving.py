@@ -241,9 +241,17 @@ def _add_export(commands) -> None:
     export.add_argument(
         "--int8", action="store_true", help="also export an int8 model (dynamic quantisation), offered if it passes"
     )
-    export.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
     export.add_argument(
-        "--reduce-range", action="store_true", help="int8: 7-bit weights (for CPUs without VNNI that saturate)"
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: one weight scale per output channel (else one per tensor)",
+    )
+    export.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8: 7-bit weights (x86 CPUs without VNNI saturate 8-bit products)",
     )
     export.add_argument(
         "--check-dataset",

@@ -3,9 +3,13 @@
 Only the query side runs online, so only it is exported: :class:`~embeddistill.models.students.QueryEncoder`
 (transformer + pooling + projection + normalisation, i.e. the Router's query route of an asymmetric student,
 or the whole model of a teacher or symmetric student) becomes ``model.onnx`` with dynamic batch and sequence
-axes. The graph takes ``input_ids`` and ``attention_mask`` only (token type ids are the model's own zeros inside
+axes. The graph takes ``input_ids`` and ``attention_mask`` only (token type ids, zeros for one text, are made inside
 it) and holds pooling, projection and normalisation, fused by ONNX Runtime's transformer optimiser where it can.
-With ``int8``, ``model.int8.onnx`` is its dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``).
+With ``int8``, ``model.int8.onnx`` is its dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``),
+by default with one weight scale per output channel and 7-bit weights. On a CPU without VNNI (AVX2), over SciFact's
+queries, that keeps a mean cosine of 0.992-0.996 to the PyTorch embeddings for two 2-layer students and
+all-MiniLM-L6-v2 (0.88 for all-mpnet-base-v2), where one scale per tensor and 8-bit weights keep 0.96-0.98 (0.72):
+such CPUs saturate sums of 8-bit products, and one scale per channel with 8-bit weights is worse still there.
 Given a :class:`~embeddistill.serving.onnx_parity.ParityCheck`, each precision is offered only if its nDCG@10 is
 within 0.5% of the PyTorch fp32 encoder's; ``export_info.json`` records the ratios and the default precision.
 
@@ -60,6 +64,11 @@ def _eager_attention(encoder) -> None:
 def _wrapper(encoder, input_names: list[str]):
     import torch
 
+    # Token type ids are all zeros for one text, as the tokenizer makes them; given as zeros shaped like the input
+    # ids, they trace to one ConstantOfShape instead of the model's slice-and-expand of its buffer (some 15 small
+    # operators that ONNX Runtime runs on every call).
+    token_types = "token_type_ids" in getattr(encoder.tokenizer, "model_input_names", ())
+
     class OnnxQueryModule(torch.nn.Module):
         """Positional tensors in, ``sentence_embedding`` out: the signature ONNX export traces."""
 
@@ -68,7 +77,10 @@ def _wrapper(encoder, input_names: list[str]):
             self.encoder = encoder
 
         def forward(self, *tensors):
-            return self.encoder(dict(zip(input_names, tensors, strict=True)))
+            features = dict(zip(input_names, tensors, strict=True))
+            if token_types and "token_type_ids" not in features:
+                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+            return self.encoder(features)
 
     return OnnxQueryModule().eval()
 
@@ -255,8 +267,8 @@ def export_onnx(
     opset: int = 17,
     check_texts: list[str] | None = None,
     int8: bool = False,
-    per_channel: bool = False,
-    reduce_range: bool = False,
+    per_channel: bool = True,
+    reduce_range: bool = True,
     parity: ParityCheck | None = None,
     fuse: bool = True,
 ) -> dict:

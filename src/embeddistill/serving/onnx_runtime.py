@@ -67,7 +67,11 @@ def session_options(threads: int | None, spin: bool):
         options.inter_op_num_threads = 1
     if not spin:
         # Idle worker threads sleep instead of spinning: in a service they share the cores with the event
-        # loop and the tokenizer, and spinning threads starve them.
+        # loop and the tokenizer, and spinning threads starve them (ONNX Runtime's default spinning keeps a core
+        # busy some 45 ms after every call). Spinning only within a call ("session.force_spinning_stop") was
+        # measured and not taken: on a 2-core VM it made back-to-back batch-1 calls a fifth faster but calls after
+        # a few idle milliseconds slower (2.3 -> 3.6 ms median at 20 ms gaps), and the int8 smallest student in a
+        # copy of speed_cpu.py's interleaved loop (after PyTorch encoders) 1.8 -> 4.5-5.8 ms.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
