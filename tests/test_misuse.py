@@ -76,6 +76,20 @@ def test_more_student_layers_than_the_teacher_has_are_refused_from_its_config_al
     assert f"--student teacher:99: {tiny_teacher_path} has 4 layers; use teacher:1 to teacher:4" in err
 
 
+@pytest.mark.parametrize(
+    ("student", "says"),
+    [
+        ("teacher:0,4", "has layers 0 to 3"),
+        ("teacher:3,1", "name the layers to keep once each, increasing from 0 (e.g. teacher:0,11)"),
+        ("teacher:1,1", "name the layers to keep once each"),
+    ],
+)
+def test_named_teacher_layers_it_lacks_or_out_of_order_are_refused(tmp_path, tiny_teacher_path, student, says):
+    err = refused(run_cli(*distill_args(tmp_path / "out", "--student", student, teacher=tiny_teacher_path)))
+    assert f"--student {student}: " in err and says in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_teacher_refuses_impossible_options_before_loading(tmp_path):
     args = ["train-teacher", "--base", "some/model", "--dataset", NO_DATASET, "--out", str(tmp_path / "ce")]
     err = refused(run_cli(*args, "--epochs", "0", "--group-size", "1", "--learning-rate", "-1"))

@@ -16,6 +16,7 @@ from embeddistill.models.students import (
     is_asymmetric,
     projection_of,
     query_modules,
+    select_layers,
     truncate_transformer,
 )
 from embeddistill.models.teachers import load_sentence_transformer
@@ -169,6 +170,20 @@ def test_truncate_transformer_keeps_the_first_layers(tiny_teacher_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="teacher has 4"):
         truncate_transformer(teacher[0], 5)
+
+
+def test_a_teacher_student_keeps_the_layers_it_names(tiny_teacher_path):
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    tower = query_modules(build_student("teacher:0,3", teacher, asymmetric=True))
+    kept = tower[0].auto_model
+    assert kept.config.num_hidden_layers == 2 and len(kept.encoder.layer) == 2
+    full = teacher[0].auto_model.encoder.layer
+    for source, copied in ((full[0], kept.encoder.layer[0]), (full[3], kept.encoder.layer[1])):
+        for a, b in zip(source.parameters(), copied.parameters(), strict=True):
+            assert torch.equal(a, b)
+    for bad in ([3, 1], [0, 4], []):
+        with pytest.raises(ValueError, match="give them increasing"):
+            select_layers(teacher[0], bad)
 
 
 def test_lstsq_projection_starts_at_the_best_linear_map(tiny_teacher_path):

@@ -29,7 +29,7 @@ from embeddistill.config import DistillConfig, TeacherTrainingConfig, leaf_field
 logger = logging.getLogger(__name__)
 
 RECOMMENDED_BATCH_SIZE = 8
-_TEACHER_LAYERS = re.compile(r"^teacher:(-?\d+)$")
+_TEACHER_LAYERS = re.compile(r"^teacher:(-?\d+(?:,-?\d+)*)$")
 _LAYER_KEYS = ("num_hidden_layers", "n_layers", "num_layers", "n_layer")
 
 
@@ -101,24 +101,29 @@ def check_distill(config: DistillConfig) -> list[str]:
 
 
 def _student_problems(config: DistillConfig) -> list[str]:
-    """``teacher:N`` must name 1 to the teacher's number of layers (``--student-layers`` is for named students)."""
+    """``teacher:N`` must name 1 to the teacher's number of layers, ``teacher:0,11`` layers it has, in increasing
+    order (``--student-layers`` is for named students)."""
     match = _TEACHER_LAYERS.match(config.model.student)
     if not match:
         return []
-    wanted = int(match.group(1))
+    flag = f"--student {config.model.student}"
     if config.model.student_layers:
-        return [
-            f"--student-layers {config.model.student_layers} with --student {config.model.student}: give the layer "
-            "count in 'teacher:N' only"
-        ]
+        return [f"--student-layers {config.model.student_layers} with {flag}: give the layers in 'teacher:N' only"]
+    numbers = [int(n) for n in match.group(1).split(",")]
     reference = config.model.teacher or config.ce.first_stage
     if config.ce.cross_encoder and Path(config.ce.cross_encoder).expanduser().is_dir():
         reference = config.ce.cross_encoder  # a CE run's teacher:N student copies the cross-encoder's encoder
     total = teacher_layers(reference) if reference else None
-    if wanted < 1:
-        return [f"--student {config.model.student}: N counts the teacher's first N layers, so it is at least 1"]
-    if total is not None and wanted > total:
-        return [f"--student {config.model.student}: {reference} has {total} layers; use teacher:1 to teacher:{total}"]
+    if len(numbers) > 1:
+        if numbers != sorted(set(numbers)) or numbers[0] < 0:
+            return [f"{flag}: name the layers to keep once each, increasing from 0 (e.g. teacher:0,11)"]
+        if total is not None and numbers[-1] >= total:
+            return [f"{flag}: {reference} has layers 0 to {total - 1}"]
+        return []
+    if numbers[0] < 1:
+        return [f"{flag}: N counts the teacher's first N layers, so it is at least 1"]
+    if total is not None and numbers[0] > total:
+        return [f"{flag}: {reference} has {total} layers; use teacher:1 to teacher:{total}"]
     return []
 
 

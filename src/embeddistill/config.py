@@ -77,7 +77,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     teacher: str = option("", "teacher: a sentence-transformers model name or local path")
-    student: str = option("teacher:2", "query encoder: 'teacher:N' (teacher's first N layers) or a model name/path")
+    student: str = option("teacher:2", "query encoder: 'teacher:N' (first N layers), 'teacher:0,11' or a model")
     student_layers: int = option(
         0,
         "keep only the first N transformer layers of the student model (0 = all; for 'teacher:N' say N there)",

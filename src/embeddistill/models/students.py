@@ -18,6 +18,8 @@ it); any other student model reads plain queries.
 
 A query tower is either any sentence-transformers / Hugging Face model, or ``teacher:N``: the teacher's
 embeddings and first ``N`` layers, with its tokenizer and pooling (a strong initialisation, arXiv 2306.11550).
+``teacher:0,11`` names the layers to keep instead (two or more, counted from 0, in order): that paper's students
+that keep a bottom and the top layer retrieve better than those keeping the first ones.
 When its dimension differs from the teacher's, a learned linear projection maps it into the teacher's space.
 """
 
@@ -49,7 +51,7 @@ from embeddistill.models.teachers import (
 
 logger = logging.getLogger(__name__)
 
-_TEACHER_PREFIX = re.compile(r"^teacher:(\d+)$")
+_TEACHER_PREFIX = re.compile(r"^teacher:(\d+(?:,\d+)+|\d+)$")
 QUERY_ROUTE, DOCUMENT_ROUTE = "query", "document"
 
 
@@ -65,15 +67,35 @@ def _transformer_layers(model: nn.Module) -> tuple[nn.Module, str]:
 
 def truncate_transformer(transformer: Transformer, n_layers: int, owner: str = "the teacher") -> Transformer:
     """A copy of a sentence-transformers ``Transformer`` module keeping its embeddings and first layers."""
+    total = transformer.auto_model.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"asked for the first {n_layers} layers; {owner} has {total}")
+    return select_layers(transformer, list(range(n_layers)), owner)
+
+
+def select_layers(transformer: Transformer, indices: list[int], owner: str = "the teacher") -> Transformer:
+    """A copy of a sentence-transformers ``Transformer`` module keeping its embeddings and the layers ``indices``
+    (counted from 0, increasing). The copy is a standard model of ``len(indices)`` layers."""
     truncated = copy.deepcopy(transformer)
     hf_model = truncated.auto_model
     total = hf_model.config.num_hidden_layers
-    if not 1 <= n_layers <= total:
-        raise ValueError(f"asked for the first {n_layers} layers; {owner} has {total}")
+    if not indices or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= total:
+        raise ValueError(f"asked for layers {indices}; {owner} has layers 0 to {total - 1} (give them increasing)")
     parent, attribute = _transformer_layers(hf_model)
-    setattr(parent, attribute, getattr(parent, attribute)[:n_layers])
-    hf_model.config.num_hidden_layers = n_layers
+    layers = getattr(parent, attribute)
+    setattr(parent, attribute, nn.ModuleList([layers[i] for i in indices]))
+    hf_model.config.num_hidden_layers = len(indices)
     return truncated
+
+
+def teacher_layer_indices(spec: str) -> list[int] | None:
+    """The teacher's layers a ``teacher:...`` student keeps (``teacher:2`` -> [0, 1]; ``teacher:0,11`` -> [0, 11]);
+    None for any other student."""
+    match = _TEACHER_PREFIX.match(spec)
+    if not match:
+        return None
+    numbers = [int(n) for n in match.group(1).split(",")]
+    return list(range(numbers[0])) if len(numbers) == 1 else numbers
 
 
 def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
@@ -96,7 +118,7 @@ def query_tower_modules(
             raise ValueError(f"student_layers={layers} with student {spec!r}: give the layer count in 'teacher:N' only")
         transformer = next(m for m in teacher_modules if isinstance(m, Transformer))
         pooling = next(m for m in teacher_modules if isinstance(m, Pooling))
-        return [truncate_transformer(transformer, int(match.group(1))), copy.deepcopy(pooling)]
+        return [select_layers(transformer, teacher_layer_indices(spec)), copy.deepcopy(pooling)]
     student = load_sentence_transformer(spec, device=device, trust_remote_code=trust_remote_code)
     # Drop the student's own normalisation and projections: projection and normalisation into the
     # teacher's space are added after it.
