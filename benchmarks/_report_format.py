@@ -25,6 +25,7 @@ SMALLEST_STUDENT = "minilm-2L-asym"
 # benchmarks/speed_cpu.py's name of each quality-table student's query encoder.
 SPEED_CPU_ENCODERS = {
     "mpnet-2L-asym": "teacher:2 (asymmetric)",
+    "mpnet-L0L11-asym": "teacher:2 (asymmetric)",  # the same two mpnet layers' cost, whichever two they are
     "minilm-asym": "all-MiniLM-L6-v2 + projection (asymmetric)",
     "minilm-2L-asym": "2-layer MiniLM + projection (asymmetric)",
     "minilm-sym": "all-MiniLM-L6-v2 + projection (symmetric)",

@@ -17,9 +17,9 @@ says is better) and B, on SciFact, NFCorpus and the SQuAD article split:
 
 Per claim and dataset: each side's seed mean and standard deviation of nDCG@10, and a paired permutation test on
 per-query nDCG@10 averaged over the seeds both sides have, Holm-corrected over every test in the file. Verdict:
-``confirmed`` when A is significantly better on at least one set and B on none, ``refuted`` when B is on at least
-one and A on none, ``mixed`` otherwise (significant both ways, or on no set); ``unsettled`` while a claim has fewer
-than 3 seeds on any of the 3 sets (the reasoning then says what the seeds so far show).
+``confirmed`` when A is significantly better on most of the sets and B on none, ``refuted`` when B is on most and A on
+none, ``mixed`` otherwise (significant both ways, on a minority of the sets only, or on none); ``unsettled`` while a
+claim has fewer than 3 seeds on any of the 3 sets (the reasoning then says what the seeds so far show).
 """
 
 from __future__ import annotations
@@ -117,14 +117,20 @@ def compare(folder: Path, a: tuple, b: tuple, rounds: int) -> dict[str, dict]:
 def verdict(per_dataset: dict[str, dict]) -> tuple[str, str]:
     better = [d for d, r in per_dataset.items() if r["p_holm"] < ALPHA and r["difference"] > 0]
     worse = [d for d, r in per_dataset.items() if r["p_holm"] < ALPHA and r["difference"] < 0]
-    if better and not worse:
+    unclear = ", ".join(
+        f"{d} {r['difference']:+.4f}" for d, r in per_dataset.items() if d not in better and d not in worse
+    )
+    most = len(per_dataset) / 2
+    if len(better) > most and not worse:
         return "confirmed", f"A is significantly better on {', '.join(better)} and significantly worse nowhere."
-    if worse and not better:
+    if len(worse) > most and not better:
         return "refuted", f"B is significantly better on {', '.join(worse)} and A significantly better nowhere."
-    if better:
+    if better and worse:
         return "mixed", f"A is significantly better on {', '.join(better)}, B on {', '.join(worse)}."
-    signs = ", ".join(f"{d} {r['difference']:+.4f}" for d, r in per_dataset.items())
-    return "mixed", f"no set shows a significant difference after Holm (mean differences: {signs})."
+    if better or worse:
+        side = f"A is significantly better on {', '.join(better)}" if better else f"B on {', '.join(worse)}"
+        return "mixed", f"{side} only; no significant difference on the other sets (mean differences: {unclear})."
+    return "mixed", f"no set shows a significant difference after Holm (mean differences: {unclear})."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,13 @@ Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_s
 * ``vs_off_the_shelf``: per set, the mean per-query nDCG@10 difference (per-query values averaged over seeds first)
   and its paired permutation p-value, Holm-corrected over every test this file makes.
 
+``with_general_queries``: the same for the recipe chosen on dev queries (``benchmarks/results/recipe_dev/``, 20% of
+the labelled training queries held out) for the asymmetric students: the library's defaults plus 13,817 general
+real queries (MS MARCO dev-small and eval-small, no labels: ``--extra-queries FILE``) mixed into training
+(tables ``quality_DATASET_sSEED_mix.json``; DL's own tables, whose training queries are these already), and for the
+2-layer mpnet student the teacher's layers 0 and 11 (``--student teacher:0,11``; same architecture and CPU cost as
+``teacher:2``). ``dev`` holds the three-set dev retention of every candidate that choice was made from.
+
 ``label_free.spearman_vs_test_retention``: across every trained row of every table, the Spearman correlation of
 the label-free teacher agreement the run kept (held-out training queries, no labels) with the row's test
 retention of nDCG@10 (each DL row counted on DL19 and DL20 as one mean).
@@ -22,6 +29,7 @@ retention of nDCG@10 (each DL row counted on DL19 and DL20 as one mean).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import re
@@ -42,7 +50,16 @@ STUDENTS = ("mpnet-2L-asym", "minilm-asym", "minilm-2L-asym", "minilm-sym")
 OFF_THE_SHELF = "all-MiniLM-L6-v2"
 METHOD = "embeddistill"
 METRIC = "nDCG@10"
-TABLE_NAME = re.compile(r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?\.json$")
+TABLE_NAME = re.compile(
+    r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?(?:_(?P<variant>mix|dev|dev_mix))?\.json$"
+)
+GENERAL = "mix"  # the tables trained with general queries mixed in
+GENERAL_STUDENTS = {  # headline name -> row name in the _mix tables
+    "mpnet-2L-asym": "mpnet-2L-asym",
+    "mpnet-L0L11-asym": "mpnet-L0L11-asym",
+    "minilm-asym": "minilm-asym",
+    "minilm-2L-asym": "minilm-2L-asym",
+}
 
 
 def load_tables(folder: Path) -> list[dict]:
@@ -51,8 +68,34 @@ def load_tables(folder: Path) -> list[dict]:
         match = TABLE_NAME.match(path.name)
         if match:
             table = json.loads(path.read_text(encoding="utf-8"))
-            tables.append({"file": path.name, "seed": int(match["seed"]), "epochs": match["epochs"], **table})
+            tables.append(
+                {"file": path.name, "seed": int(match["seed"]), "epochs": match["epochs"], "variant": match["variant"]}
+                | table
+            )
     return tables
+
+
+def general_tables(tables: list[dict]) -> list[dict]:
+    """The tables of the general-queries recipe: the ``_mix`` ones, and DL's plain ones (its training queries are
+    the general queries already)."""
+    return [t for t in tables if t["variant"] == GENERAL or (t["variant"] is None and t["dataset"] == "msmarco-dl")]
+
+
+def dev_candidates(folder: Path) -> dict[str, dict]:
+    """Dev retention of nDCG@10 of every candidate row in the dev tables (seed 42): per set and three-set mean."""
+    found: dict[str, dict[str, float]] = {}
+    for table in load_tables(folder):
+        suffix = " + general queries" if table["variant"] == "dev_mix" else ""
+        for key, row in table["rows"].items():
+            if "/" in key:
+                found.setdefault(key.split("/")[0] + suffix, {})[table["dataset"]] = row["evaluations"]["dev"][
+                    "retention"
+                ][METRIC]
+    return {
+        name: {**by_set, "mean": float(np.mean(list(by_set.values())))}
+        for name, by_set in sorted(found.items())
+        if len(by_set) == 3
+    }
 
 
 def per_query(row: dict, split: str, query_ids: list[str]) -> dict[str, float]:
@@ -142,54 +185,81 @@ def within_dataset(points: list[dict]) -> dict[str, float | None]:
     }
 
 
+@dataclasses.dataclass
+class Reference:
+    """What every student is measured against, and the paired tests collected for one Holm correction."""
+
+    teacher_mean: float
+    shelf_found: dict
+    speed: dict
+    rounds: int
+    tests: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+
+def student_entry(tables: list[dict], row: str, label: str, ref: Reference) -> dict:
+    """One student's seeds, per-set means, five-set retention and CPU speed-up; its paired tests against the
+    off-the-shelf model go into ``ref.tests`` under ``label``."""
+    found = collect(tables, f"{row}/{METHOD}")
+    means = five_set_means(found)
+    shelf = five_set_means(ref.shelf_found)
+    teacher_mean, speed = ref.teacher_mean, ref.speed
+    entry: dict = {
+        "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
+        "nDCG@10": {
+            f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
+            for d, s in SETS
+            if (d, s) in found
+        },
+    }
+    if means:
+        retentions = [m / teacher_mean for m in means.values()]
+        shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
+        entry.update(
+            retention_mean=float(np.mean(retentions)),
+            retention_sd=float(statistics.stdev(retentions)) if len(retentions) > 1 else 0.0,
+            retention_by_seed=dict(zip(map(str, means), retentions, strict=True)),
+            beats_off_the_shelf=bool(shelf_retention is not None and np.mean(retentions) > shelf_retention),
+        )
+    encoder = speed.get("encoders", {}).get(SPEED_CPU_ENCODERS[row])
+    entry["cpu_speedup_batch1"] = encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
+    for d, s in SETS:
+        if (d, s) in found and (d, s) in ref.shelf_found:
+            ours, theirs = seed_averaged(found[(d, s)]), seed_averaged(ref.shelf_found[(d, s)])
+            p = paired_permutation_test(ours, theirs, rounds=ref.rounds)
+            ref.tests[f"{label}|{d}/{s}"] = (float(np.mean([ours[q] - theirs[q] for q in ours])), p)
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", default=str(REPO / "benchmarks" / "results" / "recipe"))
+    parser.add_argument("--dev-tables", default=str(REPO / "benchmarks" / "results" / "recipe_dev"))
     parser.add_argument("--speed-cpu", default=str(REPO / "benchmarks" / "results" / "speed_cpu.json"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "headline.json"))
     parser.add_argument("--permutation-rounds", type=int, default=10000)
     args = parser.parse_args(argv)
     tables = load_tables(Path(args.tables))
+    default_tables = [t for t in tables if t["variant"] is None]
     speed = json.loads(Path(args.speed_cpu).read_text()) if Path(args.speed_cpu).exists() else {}
-    teacher = five_set_means(collect(tables, "teacher"))
+    teacher = five_set_means(collect(default_tables, "teacher"))
     if teacher is None:
         raise SystemExit(f"{args.tables}: no teacher row on every one of the five sets")
     teacher_mean = teacher[min(teacher)]
-    shelf_found = collect(tables, OFF_THE_SHELF)
+    shelf_found = collect(default_tables, OFF_THE_SHELF)
     shelf = five_set_means(shelf_found)
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
-    students, tests = {}, {}
-    for student in STUDENTS:
-        found = collect(tables, f"{student}/{METHOD}")
-        means = five_set_means(found)
-        entry: dict = {
-            "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
-            "nDCG@10": {
-                f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
-                for d, s in SETS
-                if (d, s) in found
-            },
-        }
-        if means:
-            retentions = [m / teacher_mean for m in means.values()]
-            entry.update(
-                retention_mean=float(np.mean(retentions)),
-                retention_sd=float(statistics.stdev(retentions)) if len(retentions) > 1 else 0.0,
-                retention_by_seed=dict(zip(map(str, means), retentions, strict=True)),
-                beats_off_the_shelf=bool(shelf_retention is not None and np.mean(retentions) > shelf_retention),
-            )
-        encoder = speed.get("encoders", {}).get(SPEED_CPU_ENCODERS[student])
-        entry["cpu_speedup_batch1"] = encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
-        for d, s in SETS:
-            if (d, s) in found and (d, s) in shelf_found:
-                ours, theirs = seed_averaged(found[(d, s)]), seed_averaged(shelf_found[(d, s)])
-                p = paired_permutation_test(ours, theirs, rounds=args.permutation_rounds)
-                tests[f"{student}|{d}/{s}"] = (float(np.mean([ours[q] - theirs[q] for q in ours])), p)
-        students[student] = entry
+    ref = Reference(teacher_mean, shelf_found, speed, args.permutation_rounds)
+    students = {student: student_entry(default_tables, student, student, ref) for student in STUDENTS}
+    general = {
+        name: student_entry(general_tables(tables), row, f"{name} + general queries", ref)
+        for name, row in GENERAL_STUDENTS.items()
+    }
+    tests = ref.tests
     adjusted = holm({name: p for name, (_, p) in tests.items()})
     for name, (difference, p) in tests.items():
-        student, split = name.split("|")
-        students[student].setdefault("vs_off_the_shelf", {})[split] = {
+        label, split = name.split("|")
+        entry = students.get(label) or general[label.removesuffix(" + general queries")]
+        entry.setdefault("vs_off_the_shelf", {})[split] = {
             "mean_difference": difference,
             "p": p,
             "p_holm": adjusted[name],
@@ -204,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             OFF_THE_SHELF: {"mean_nDCG@10": shelf[min(shelf)] if shelf else None, "retention_mean": shelf_retention}
         },
         "students": students,
+        "with_general_queries": {
+            "recipe": "the library's defaults + --extra-queries (13,817 MS MARCO dev-small and eval-small queries, no "
+            "labels); mpnet-L0L11-asym: --student teacher:0,11 (the choice made on dev)",
+            "students": general,
+            "dev": dev_candidates(Path(args.dev_tables)),
+        },
         "label_free": {
             "metric": "agreement_nDCG@10 of the kept checkpoint on held-out training queries",
             "spearman_vs_test_retention": spearman(

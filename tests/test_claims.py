@@ -16,11 +16,18 @@ def _result(difference: float, p_holm: float) -> dict:
 
 
 def test_a_claim_is_confirmed_refuted_or_mixed_by_its_significant_sets():
-    assert claims.verdict({"a": _result(0.02, 0.01), "b": _result(-0.01, 0.5)})[0] == "confirmed"
-    assert claims.verdict({"a": _result(-0.02, 0.01), "b": _result(0.01, 0.5)})[0] == "refuted"
-    assert claims.verdict({"a": _result(0.02, 0.01), "b": _result(-0.03, 0.001)})[0] == "mixed"
-    decided, reason = claims.verdict({"a": _result(0.02, 0.2), "b": _result(-0.01, 0.5)})
+    unclear = _result(-0.01, 0.5)
+    assert claims.verdict({"a": _result(0.02, 0.01), "b": _result(0.03, 0.02), "c": unclear})[0] == "confirmed"
+    assert claims.verdict({"a": _result(-0.02, 0.01), "b": _result(-0.01, 0.03), "c": unclear})[0] == "refuted"
+    assert claims.verdict({"a": _result(0.02, 0.01), "b": _result(-0.03, 0.001), "c": unclear})[0] == "mixed"
+    decided, reason = claims.verdict({"a": _result(0.02, 0.2), "b": unclear, "c": unclear})
     assert decided == "mixed" and "no set shows a significant difference" in reason
+
+
+def test_a_claim_significant_on_one_set_of_three_is_mixed_not_confirmed():
+    decided, reason = claims.verdict({"a": _result(0.0, 1.0), "b": _result(0.0005, 1.0), "c": _result(0.014, 0.001)})
+    assert decided == "mixed"
+    assert reason.startswith("A is significantly better on c only") and "a +0.0000, b +0.0005" in reason
 
 
 def _table(folder: Path, dataset: str, seed: int, rows: dict[str, list[float]]) -> None:
