@@ -148,9 +148,11 @@ def frontier_points(headline: dict | None) -> dict[str, list[tuple[str, float, f
     five-set seed-mean retention against the CPU batch-1 speed-up of the query encoder."""
     if not headline:
         return {}
+    general = headline.get("with_general_queries", {}).get("students", {})
+    named = [*headline["students"].items(), *((f"{name} + general queries", s) for name, s in general.items())]
     students = [
         (name, s["cpu_speedup_batch1"], s["retention_mean"], s.get("retention_sd") or 0.0)
-        for name, s in headline["students"].items()
+        for name, s in named
         if s.get("retention_mean") is not None and s.get("cpu_speedup_batch1")
     ]
     shelf_speed = headline["students"].get(SHELF_SPEED_FROM, {}).get("cpu_speedup_batch1")

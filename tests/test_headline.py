@@ -1,0 +1,81 @@
+"""``benchmarks/headline.py``: which tables make which rows, and the five-set retention computed by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import headline  # noqa: E402
+from _report_sections import render_headline  # noqa: E402
+
+QUERIES = 4
+
+
+def _table(folder: Path, name: str, dataset: str, rows: dict[str, float]) -> None:
+    splits = ["dl19", "dl20"] if dataset == "msmarco-dl" else ["test"]
+    ids = {split: [f"{split}-q{i}" for i in range(QUERIES)] for split in splits}
+    per_query = {
+        key: {"per_query": {split: {"nDCG@10": " ".join([str(value)] * QUERIES)} for split in splits}}
+        for key, value in rows.items()
+    }
+    table = {"dataset": dataset, "query_ids": ids, "rows": per_query}
+    (folder / name).write_text(json.dumps(table))
+
+
+@pytest.mark.parametrize(
+    ("name", "variant", "epochs"),
+    [
+        ("quality_scifact_s42.json", None, None),
+        ("quality_scifact_s43_mix.json", "mix", None),
+        ("quality_msmarco-dl_s42_e1.json", None, "1"),
+        ("quality_squad_s42_dev_mix.json", "dev_mix", None),
+    ],
+)
+def test_table_names_give_their_variant(name, variant, epochs):
+    match = headline.TABLE_NAME.match(name)
+    assert match["variant"] == variant and match["epochs"] == epochs
+
+
+def test_tables_of_other_experiments_are_not_read_as_the_headline():
+    assert headline.TABLE_NAME.match("quality_scifact_s42_nogen.json") is None
+
+
+def test_the_general_queries_recipe_is_scored_on_its_own_tables_and_dl_on_the_plain_ones(tmp_path):
+    shelf = headline.OFF_THE_SHELF
+    for dataset in ("scifact", "nfcorpus", "squad"):
+        _table(
+            tmp_path,
+            f"quality_{dataset}_s42.json",
+            dataset,
+            {"teacher": 1.0, shelf: 0.5, "mpnet-2L-asym/embeddistill": 0.4},
+        )
+        _table(
+            tmp_path, f"quality_{dataset}_s42_mix.json", dataset, {"teacher": 1.0, "mpnet-2L-asym/embeddistill": 0.8}
+        )
+    _table(
+        tmp_path,
+        "quality_msmarco-dl_s42.json",
+        "msmarco-dl",
+        {"teacher": 1.0, shelf: 0.5, "mpnet-2L-asym/embeddistill": 0.6},
+    )
+    out = tmp_path / "headline.json"
+    args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
+    assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
+    written = json.loads(out.read_text())
+    assert written["off_the_shelf"][shelf]["retention_mean"] == pytest.approx(0.5)
+    default = written["students"]["mpnet-2L-asym"]
+    assert default["retention_mean"] == pytest.approx((0.4 * 3 + 0.6 * 2) / 5)
+    assert default["beats_off_the_shelf"] is False
+    general = written["with_general_queries"]["students"]["mpnet-2L-asym"]
+    assert general["retention_mean"] == pytest.approx((0.8 * 3 + 0.6 * 2) / 5)
+    assert general["beats_off_the_shelf"] is True
+    assert general["vs_off_the_shelf"]["scifact/test"]["mean_difference"] == pytest.approx(0.3)
+    assert written["with_general_queries"]["dev"] == {}
+    text = "\n".join(render_headline(written))
+    assert "| `mpnet-2L-asym` | 48.0% |" in text  # the defaults' table
+    assert "**With general queries**" in text and "| `mpnet-2L-asym` | 72.0% |" in text
