@@ -54,12 +54,7 @@ TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?(?:_(?P<variant>mix|dev|dev_mix))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
-GENERAL_STUDENTS = {  # headline name -> row name in the _mix tables
-    "mpnet-2L-asym": "mpnet-2L-asym",
-    "mpnet-L0L11-asym": "mpnet-L0L11-asym",
-    "minilm-asym": "minilm-asym",
-    "minilm-2L-asym": "minilm-2L-asym",
-}
+GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym")  # rows of the _mix tables
 
 
 def load_tables(folder: Path) -> list[dict]:
@@ -251,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = Reference(teacher_mean, shelf_found, speed, args.permutation_rounds)
     students = {student: student_entry(default_tables, student, student, ref) for student in STUDENTS}
     general = {
-        name: student_entry(general_tables(tables), row, f"{name} + general queries", ref)
-        for name, row in GENERAL_STUDENTS.items()
+        name: student_entry(general_tables(tables), name, f"{name} + general queries", ref) for name in GENERAL_STUDENTS
     }
     tests = ref.tests
     adjusted = holm({name: p for name, (_, p) in tests.items()})

@@ -33,7 +33,13 @@ import numpy as np
 
 from embeddistill.api_options import api_url
 from embeddistill.models.encoding import DOCUMENT, QUERY
-from embeddistill.models.teachers import EmbeddingCache, TeacherIdentity, cache_shard_size, default_cache_dir
+from embeddistill.models.teachers import (
+    CachedTeacherProperties,
+    EmbeddingCache,
+    TeacherIdentity,
+    cache_shard_size,
+    default_cache_dir,
+)
 from embeddistill.storage import read_manifest, text_key
 
 logger = logging.getLogger(__name__)
@@ -293,7 +299,7 @@ def find_api_cache(root: Path, endpoint: Endpoint, shard_size: int) -> ApiEmbedd
     return None
 
 
-class ApiTeacher:
+class ApiTeacher(CachedTeacherProperties):
     """An endpoint as a teacher: ``embed_documents`` / ``embed_queries`` through the cache; no local model."""
 
     model = None  # nothing to build a student from, nor to time
@@ -324,14 +330,6 @@ class ApiTeacher:
         with self.stats.lock:  # the cache is about to count the probe's text as found there: it was sent
             self.stats.cache_hits -= 1
         logger.info("teacher %s: dim %d, cache %s", self.endpoint.url, identity.dimension, self.cache.dir)
-
-    @property
-    def dimension(self) -> int:
-        return self.cache.identity.dimension
-
-    @property
-    def normalized(self) -> bool:
-        return self.cache.identity.normalized
 
     def _embed(self, texts: list[str], kind: str, desc: str) -> np.ndarray:
         if prompt := self.endpoint.prompt(kind):

@@ -282,8 +282,22 @@ class EmbeddingCache(ShardedCache):
                 self.add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
 
 
+class CachedTeacherProperties:
+    """What every teacher with an embedding cache answers from the cache's identity (local model or endpoint)."""
+
+    cache: EmbeddingCache
+
+    @property
+    def dimension(self) -> int:
+        return self.cache.identity.dimension
+
+    @property
+    def normalized(self) -> bool:
+        return self.cache.identity.normalized
+
+
 @dataclass
-class DualEncoderTeacher:
+class DualEncoderTeacher(CachedTeacherProperties):
     """A dual-encoder teacher with its embedding cache."""
 
     name: str
@@ -319,14 +333,6 @@ class DualEncoderTeacher:
         cache = EmbeddingCache(cache_dir or default_cache_dir(), identity, shard_size=cache_shard_size())
         logger.info("teacher %s: dim %d, cache %s (%d texts)", name, identity.dimension, cache.dir, len(cache))
         return cls(name=name, model=model, cache=cache, batch_size=batch_size)
-
-    @property
-    def dimension(self) -> int:
-        return self.cache.identity.dimension
-
-    @property
-    def normalized(self) -> bool:
-        return self.cache.identity.normalized
 
     def embed_documents(self, texts: list[str], desc: str = "documents") -> np.ndarray:
         return self.cache.embed(self.model, texts, DOCUMENT, self.batch_size, desc)
