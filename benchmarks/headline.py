@@ -186,18 +186,18 @@ class Reference:
 
     teacher_mean: float
     shelf_found: dict
+    shelf_retention: float | None
     speed: dict
     rounds: int
-    tests: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    # (test name, the student entry it belongs to, split, mean difference, p)
+    tests: list[tuple[str, dict, str, float, float]] = dataclasses.field(default_factory=list)
 
 
 def student_entry(tables: list[dict], row: str, label: str, ref: Reference) -> dict:
     """One student's seeds, per-set means, five-set retention and CPU speed-up; its paired tests against the
-    off-the-shelf model go into ``ref.tests`` under ``label``."""
+    off-the-shelf model go into ``ref.tests`` under ``label``, to be Holm-corrected with every other one."""
     found = collect(tables, f"{row}/{METHOD}")
     means = five_set_means(found)
-    shelf = five_set_means(ref.shelf_found)
-    teacher_mean, speed = ref.teacher_mean, ref.speed
     entry: dict = {
         "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
         "nDCG@10": {
@@ -207,21 +207,21 @@ def student_entry(tables: list[dict], row: str, label: str, ref: Reference) -> d
         },
     }
     if means:
-        retentions = [m / teacher_mean for m in means.values()]
-        shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
+        retentions = [m / ref.teacher_mean for m in means.values()]
         entry.update(
             retention_mean=float(np.mean(retentions)),
             retention_sd=float(statistics.stdev(retentions)) if len(retentions) > 1 else 0.0,
             retention_by_seed=dict(zip(map(str, means), retentions, strict=True)),
-            beats_off_the_shelf=bool(shelf_retention is not None and np.mean(retentions) > shelf_retention),
+            beats_off_the_shelf=bool(ref.shelf_retention is not None and np.mean(retentions) > ref.shelf_retention),
         )
-    encoder = speed.get("encoders", {}).get(SPEED_CPU_ENCODERS[row])
+    encoder = ref.speed.get("encoders", {}).get(SPEED_CPU_ENCODERS[row])
     entry["cpu_speedup_batch1"] = encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
     for d, s in SETS:
         if (d, s) in found and (d, s) in ref.shelf_found:
             ours, theirs = seed_averaged(found[(d, s)]), seed_averaged(ref.shelf_found[(d, s)])
             p = paired_permutation_test(ours, theirs, rounds=ref.rounds)
-            ref.tests[f"{label}|{d}/{s}"] = (float(np.mean([ours[q] - theirs[q] for q in ours])), p)
+            difference = float(np.mean([ours[q] - theirs[q] for q in ours]))
+            ref.tests.append((f"{label}|{d}/{s}", entry, f"{d}/{s}", difference, p))
     return entry
 
 
@@ -243,16 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     shelf_found = collect(default_tables, OFF_THE_SHELF)
     shelf = five_set_means(shelf_found)
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
-    ref = Reference(teacher_mean, shelf_found, speed, args.permutation_rounds)
+    ref = Reference(teacher_mean, shelf_found, shelf_retention, speed, args.permutation_rounds)
     students = {student: student_entry(default_tables, student, student, ref) for student in STUDENTS}
     general = {
         name: student_entry(general_tables(tables), name, f"{name} + general queries", ref) for name in GENERAL_STUDENTS
     }
-    tests = ref.tests
-    adjusted = holm({name: p for name, (_, p) in tests.items()})
-    for name, (difference, p) in tests.items():
-        label, split = name.split("|")
-        entry = students.get(label) or general[label.removesuffix(" + general queries")]
+    adjusted = holm({name: p for name, _, _, _, p in ref.tests})
+    for name, entry, split, difference, p in ref.tests:
         entry.setdefault("vs_off_the_shelf", {})[split] = {
             "mean_difference": difference,
             "p": p,
