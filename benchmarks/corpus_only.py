@@ -58,12 +58,12 @@ def score(args, labelled: Path, student_folder: Path) -> dict:
     qrels = load_qrels(labelled / "qrels" / "test.tsv")
     query_ids = sorted(q for q in qrels if q in dataset.queries)
     texts = [dataset.queries[q] for q in query_ids]
-    teacher = DualEncoderTeacher.load(args.teacher, cache_dir=args.cache_dir or None, device="cpu")
+    teacher = DualEncoderTeacher.load(args.teacher, cache_dir=args.cache_dir or None, device=args.device)
     doc_ids = list(dataset.corpus)
     index = FlatIndex(teacher.embed_documents([dataset.corpus[d] for d in doc_ids]), doc_ids)
     qrels = {q: qrels[q] for q in query_ids}
     teacher_result = evaluate_embeddings("teacher", query_ids, teacher.embed_queries(texts), index, qrels, METRICS, 100)
-    student = QueryEncoder.of(SentenceTransformer(str(student_folder), device="cpu")).encode(texts)
+    student = QueryEncoder.of(SentenceTransformer(str(student_folder), device=args.device)).encode(texts)
     student_result = evaluate_embeddings("student", query_ids, student, index, qrels, METRICS, 100)
     return {
         "test_queries": len(query_ids),
@@ -97,6 +97,20 @@ def run_dataset(args, name: str) -> dict:
     }
 
 
+def merged(results: list[dict]) -> dict:
+    """One result file from runs of the same teacher and student on different datasets (parallel processes)."""
+    pairs = {(result["teacher"], result["student"]) for result in results}
+    if len(pairs) != 1:
+        raise SystemExit(f"--merge: the files distil different teacher/student pairs: {sorted(pairs)}")
+    first, datasets = dict(results[0]), {}
+    for result in results:
+        for name, row in result["datasets"].items():
+            datasets[name] = {**row, "command": result["command"], "git_commit": result["git_commit"]}
+    first["datasets"] = datasets
+    first["merged_from"] = [result["command"] for result in results]
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(SOURCES), choices=list(SOURCES))
@@ -105,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(REPO / "runs" / "corpus_only"))
     parser.add_argument("--cache-dir", default="", help="teacher embedding cache (default: the library's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_only.json"))
+    parser.add_argument("--device", default="cpu", help="where teacher and student embed the test queries")
+    parser.add_argument("--merge", nargs="+", default=[], help="only join these result files (one run each) into --out")
     parser.add_argument("distill_args", nargs="*", help="more distill flags, after --")
     args = parser.parse_args(argv)
+    if args.merge:
+        atomic_write_json(args.out, merged([json.loads(Path(path).read_text()) for path in args.merge]))
+        return 0
     args.teacher = args.teacher or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     result = {
         "command": "python benchmarks/corpus_only.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -19,7 +19,7 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
   default batch of 64 queries + 8 hard negatives each), two ways, interleaved: attention through whichever kernel
   PyTorch picks (cuDNN's on Hopper), as the trainer once ran, and through ``runtime.TRAINING_ATTENTION``;
 * ``dual_pooling``: a dual-pooling CE on the all-MiniLM-L6-v2 architecture (random pairs of real queries and
-  passages), fine-tuning steps/second (``DualPoolingTrainer.step``) and scoring pairs/second (``predict``), the same
+  passages), fine-tuning steps/second (``CrossEncoderTrainer.step``) and scoring pairs/second (``predict``), the same
   two ways of picking attention kernels;
 * ``tokenization``: ms/document of the fast path's tokenisation (Rust ``encode_batch``) and of the model's own
   ``preprocess``, which it replaced;
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import itertools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import same_as_ours
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from embeddistill import runtime
@@ -61,7 +63,7 @@ from embeddistill.models.teachers import DOCUMENT, EmbeddingCache, TeacherIdenti
 from embeddistill.runtime import environment_record
 from embeddistill.training.batching import Documents, TrainingQueries
 from embeddistill.training.distillation import DistillationTrainer
-from embeddistill.training.teacher_finetuning import DualPoolingTrainer, TeacherExample
+from embeddistill.training.teacher_finetuning import CrossEncoderTrainer, TeacherExample
 
 TEACHER_FOLDER = "all-mpnet-base-v2"
 SMOKE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
@@ -85,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--hard-negatives", type=int, default=8)
     parser.add_argument("--profile-out", default="", help="write a torch.profiler table of our training step here")
+    parser.add_argument("--encode-profile-out", default="", help="write torch.profiler tables of our encoding here")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few texts and steps (CPU check)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -196,6 +199,10 @@ def encoders(teacher, texts: list[str], batch_sizes: list[int], work: Path) -> d
             return encoding.encode(teacher, texts, DOCUMENT, batch_size=largest)
 
     runs[f"ours_training_attention_bs{largest}"] = without_cudnn
+    for size in sorted({largest, 2 * largest}):  # torch.compile (its first batches compile: warm-up, untimed)
+        runs[f"ours_compiled_bs{size}"] = lambda size=size: encoding.encode(
+            teacher, texts, DOCUMENT, batch_size=size, compile=True
+        )
     identity = TeacherIdentity.of("bench-teacher", teacher)  # hashing the weights is not part of encoding
     counter = iter(range(1_000_000))
 
@@ -273,7 +280,25 @@ def bench_encode(args, teacher, texts: list[str], flops: float, peak: float | No
     agreement = {name: embedding_agreement(reference, output) for name, output in outputs.items()}
     tokenization = tokenization_rate(teacher, texts[:2048])
     print("tokenization", tokenization, flush=True)
+    if args.encode_profile_out:
+        for name in (f"ours_bs{largest}", f"ours_compiled_bs{largest}"):
+            profile_call(runs[name], Path(args.encode_profile_out).with_suffix(f".{name}.txt"))
     return {"runs": results, "agreement_with_sentence_transformers": agreement, "tokenization": tokenization}
+
+
+def fastest_encoding(runs: dict) -> dict:
+    """Our fastest way of encoding (share of the bf16 peak) and its speed over sentence-transformers' fastest."""
+
+    def fastest(prefix: str) -> str:
+        return max((n for n in runs if n.startswith(prefix)), key=lambda n: runs[n]["documents_per_second"])
+
+    ours, peer = fastest("ours_"), fastest("sentence_transformers_")
+    return {
+        "fastest": ours,
+        "fraction_of_peak": runs[ours]["share_of_peak"],
+        "over_sentence_transformers": runs[ours]["documents_per_second"] / runs[peer]["documents_per_second"],
+        "sentence_transformers_fastest": peer,
+    }
 
 
 def embedding_agreement(reference: np.ndarray, other: np.ndarray) -> dict:
@@ -300,10 +325,11 @@ def unit_vectors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def bench_ours(args, teacher, queries: TrainingQueries, documents: Documents, device: str, work: Path) -> dict:
+def ours_training(args, teacher, queries: TrainingQueries, documents: Documents, device: str, work: Path):
+    """Our trainer, warmed up; returns a function that times its next ``args.steps`` steps (seconds)."""
     student = build_student("teacher:2", teacher, asymmetric=True, device=device)
     config = TrainingConfig(
-        epochs=1,
+        epochs=args.repeats + 1,
         batch_size=args.train_batch,
         learning_rate=1e-3,
         device=device,
@@ -317,19 +343,28 @@ def bench_ours(args, teacher, queries: TrainingQueries, documents: Documents, de
     query_modules(student).train()
     for step in range(args.warmup_steps):
         trainer.step(step)
-    elapsed, _ = timed(lambda: [trainer.step(s) for s in range(args.warmup_steps, args.warmup_steps + args.steps)])
+    steps = itertools.count(args.warmup_steps)
+
+    def run() -> float:
+        elapsed, _ = timed(lambda: [trainer.step(next(steps)) for _ in range(args.steps)])
+        return elapsed
+
     if args.profile_out:
-        profile_steps(trainer, args.warmup_steps + args.steps, Path(args.profile_out))
-    return {"queries_per_second": args.train_batch * args.steps / elapsed, "step_ms": elapsed / args.steps * 1000}
+        profile_steps(trainer, 10**6, Path(args.profile_out))
+    return run
 
 
 def profile_steps(trainer: DistillationTrainer, first_step: int, out: Path, steps: int = 5) -> None:
+    profile_call(lambda: [trainer.step(step) for step in range(first_step, first_step + steps)], out)
+
+
+def profile_call(function, out: Path) -> None:
+    """A torch.profiler table of one call of ``function`` (CPU, and CUDA kernels where there is a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as profiler:
-        for step in range(first_step, first_step + steps):
-            trainer.step(step)
+        function()
         synchronize()
     out.parent.mkdir(parents=True, exist_ok=True)
     averages = profiler.key_averages()
@@ -339,60 +374,78 @@ def profile_steps(trainer: DistillationTrainer, first_step: int, out: Path, step
     out.write_text("\n\n".join(tables))
 
 
-def bench_sentence_transformers_trainer(args, teacher, queries: TrainingQueries, device: str, work: Path) -> dict:
-    """SentenceTransformerTrainer + EmbedDistillLoss (L2) on the query tower alone, as in benchmarks/ablation.py."""
+def peer_training(args, teacher, queries: TrainingQueries, device: str, work: Path):
+    """SentenceTransformerTrainer + EmbedDistillLoss (L2) on the query tower alone, as in benchmarks/ablation.py,
+    with our dropout (off) and frozen word embeddings; returns a function that runs ``warmup + steps`` steps of a
+    fresh trainer and gives the seconds of the last ``args.steps``."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss as PeerLoss
     from transformers import TrainerCallback
 
     student = build_student("teacher:2", teacher, asymmetric=False, device=device)
-    for name, parameter in student.named_parameters():  # the copied layers kept the frozen teacher's flags
-        parameter.requires_grad_("word_embeddings" not in name)  # word embeddings frozen as in ours
+    same_as_ours(student, None)
     rows = args.train_batch * (args.warmup_steps + args.steps)
     dataset = Dataset.from_dict({"query": queries.texts[:rows], "label": queries.teacher_embeddings[:rows].tolist()})
-    stamps: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, *unused, **unused_kwargs):
-            synchronize()
-            stamps.append(time.perf_counter())
+    def run() -> float:
+        stamps: list[float] = []
 
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "peer"),
-        per_device_train_batch_size=args.train_batch,
-        max_steps=args.warmup_steps + args.steps,
-        learning_rate=1e-4,
-        bf16=device == "cuda",
-        use_cpu=device != "cuda",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        dataloader_drop_last=True,
-        seed=42,
-    )
-    trainer = SentenceTransformerTrainer(
-        model=student,
-        args=training_args,
-        train_dataset=dataset,
-        loss=PeerLoss(student, distance_metric="l2"),
-        callbacks=[StepClock()],
-    )
-    trainer.train()
-    elapsed = stamps[-1] - stamps[args.warmup_steps - 1]
-    return {"queries_per_second": args.train_batch * args.steps / elapsed, "step_ms": elapsed / args.steps * 1000}
+        class StepClock(TrainerCallback):
+            def on_step_end(self, *unused, **unused_kwargs):
+                synchronize()
+                stamps.append(time.perf_counter())
+
+        training_args = SentenceTransformerTrainingArguments(
+            output_dir=str(work / "peer"),
+            per_device_train_batch_size=args.train_batch,
+            max_steps=args.warmup_steps + args.steps,
+            learning_rate=1e-4,
+            weight_decay=0.01,
+            bf16=device == "cuda",
+            use_cpu=device != "cuda",
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            dataloader_drop_last=True,
+            seed=42,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=student,
+            args=training_args,
+            train_dataset=dataset,
+            loss=PeerLoss(student, distance_metric="l2"),
+            callbacks=[StepClock()],
+        )
+        trainer.train()
+        return stamps[-1] - stamps[args.warmup_steps - 1]
+
+    return run
 
 
 def bench_training(args, teacher, query_texts: list[str], peak: float | None, device: str, work: Path) -> dict:
     dim = teacher.get_sentence_embedding_dimension()
-    rows = args.train_batch * (args.warmup_steps + args.steps + 10)
+    rows = args.train_batch * (args.warmup_steps + args.steps * args.repeats + 10)
     queries = training_queries(query_texts, rows, documents=5000, dim=dim)
     documents = Documents([""] * 5000, unit_vectors(np.random.default_rng(1), 5000, dim))
-    results = {
-        "ours_distillation_trainer": bench_ours(args, teacher, queries, documents, device, work / "ours"),
-        "sentence_transformers_trainer": bench_sentence_transformers_trainer(args, teacher, queries, device, work),
+    trainers = {
+        "ours_distillation_trainer": ours_training(args, teacher, queries, documents, device, work / "ours"),
+        "sentence_transformers_trainer": peer_training(args, teacher, queries, device, work),
     }
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for repeat in range(args.repeats):  # interleaved, as the encoders
+        for name, run in trainers.items():
+            seconds[name].append(run())
+            print(f"train {name} repeat {repeat}: {args.train_batch * args.steps / seconds[name][-1]:.0f} q/s")
+    results = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        results[name] = {
+            "queries_per_second": args.train_batch * args.steps / median,
+            "step_ms": median / args.steps * 1000,
+            "seconds": values,
+        }
     # Training FLOPs ~ 3x the forward (forward, gradients of activations and of weights) of the 2-layer tower.
     student = build_student("teacher:2", teacher, asymmetric=False, device="cpu")
     tower_config = query_modules(student)[0].auto_model.config
@@ -407,6 +460,9 @@ def bench_training(args, teacher, query_texts: list[str], peak: float | None, de
         "batch": args.train_batch,
         "warmup_steps": args.warmup_steps,
         "steps": args.steps,
+        "repeats": args.repeats,
+        "same_for_both": "batch, bf16 autocast, dropout off, word embeddings frozen, weight decay 0.01, the same "
+        "student and queries; timed steps after warm-up steps, interleaved repeats (median)",
         "mean_query_tokens": float(lengths.mean()),
         "train_flops_per_query": flops_per_query,
         "ours_loss": f"EmbedDistill: score distillation over the batch's anchors + {args.hard_negatives} hard "
@@ -481,7 +537,7 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
 
 
 def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device: str, work: Path) -> dict:
-    """Steps/second fine-tuning a MiniLM-shaped dual-pooling CE (``DualPoolingTrainer.step``) and pairs/second
+    """Steps/second fine-tuning a MiniLM-shaped dual-pooling CE (``CrossEncoderTrainer.step``) and pairs/second
     scoring with it (``predict``), PyTorch's attention kernels vs ``runtime.TRAINING_ATTENTION``."""
     folder = Path(args.configs) / "all-MiniLM-L6-v2"
     random_sentence_transformer(folder, work / "ce", "cpu", args.smoke, seed=2)
@@ -493,7 +549,7 @@ def bench_dual_pooling(args, passages: list[str], query_texts: list[str], device
         query = query_texts[i % len(query_texts)]
         picks = rng.choice(len(passages), config.group_size, replace=False)
         examples.append(TeacherExample(query, [passages[picks[0]]], [passages[i] for i in picks[1:]]))
-    trainer = DualPoolingTrainer(model, examples, config)
+    trainer = CrossEncoderTrainer(model, examples, config)
     repeats, n = 2, args.dual_pooling_steps
     model.train()
     seconds = time_attention_ways(trainer.step, args.warmup_steps, repeats, n)
@@ -550,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_length=args.max_seq_length,
             teacher_dtype=str(next(teacher_bf16.parameters()).dtype),
             forward_flops_corpus=flops,
+            **fastest_encoding(encode["runs"]),
         )
         train = bench_training(args, teacher_bf16.float(), query_texts, peak["tflops"], device, work)
         symmetric = bench_symmetric(args, teacher_bf16, passages, passage_queries, device, work)

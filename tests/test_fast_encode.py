@@ -324,3 +324,12 @@ def test_preprocess_with_other_row_features_falls_back(tiny_teacher_path, monkey
     monkeypatch.setattr(model, "preprocess", with_positions)
     got = tokenize_chunk(model, TEXTS, "document")
     assert "position_ids" in got.features and "position_ids" in rust.disabled
+
+
+@pytest.mark.slow  # compiling takes about half a minute on a CPU
+def test_compiled_encoding_gives_the_same_embeddings_and_is_undone(tiny_mpnet_path):
+    model = load_sentence_transformer(tiny_mpnet_path, device="cpu")
+    eager = encode(model, TEXTS, "document", batch_size=2)
+    compiled = encode(model, TEXTS, "document", batch_size=2, compile=True)
+    assert np.abs(compiled - eager).max() < TOLERANCE
+    assert "forward" not in vars(model[0].auto_model)  # the class's own forward again

@@ -361,11 +361,13 @@ def encode_chunks(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
     sdpa: bool = True,
+    compile: bool = False,
 ) -> Iterator[np.ndarray]:
     """Embed each chunk of texts (fp32 rows in the chunk's order), tokenising the next chunk while this one runs.
 
     ``kind`` is ``"query"`` or ``"document"`` (what ``encode_query`` / ``encode_document`` would do). ``batch_size``
     sets the token budget of a batch (:func:`token_budget`); ``on_batch`` is told how many texts each batch held.
+    ``compile`` runs the transformer through ``torch.compile`` (:func:`compiled_transformer`).
     """
     problem = fast_path_problem(model)
     if problem:
@@ -384,7 +386,11 @@ def encode_chunks(
         while pending is not None:
             chunk = pending.result()
             pending = _submit_next(prefetch, tokenizers, model, iterator, kind)  # while the device works on this one
-            with torch.inference_mode(), sdpa_attention(model) if sdpa else contextlib.nullcontext():
+            with (
+                torch.inference_mode(),
+                sdpa_attention(model) if sdpa else contextlib.nullcontext(),
+                compiled_transformer(model) if compile else contextlib.nullcontext(),
+            ):
                 embeddings = _embed_chunk(model, chunk, kind, budget, on_batch)
             yield embeddings  # outside the contexts: the caller runs with its own grad mode and model
 
@@ -427,6 +433,25 @@ def _encode_with_sentence_transformers(
                 on_batch(len(batch))
         dimension = embedding_dimension(model)
         yield np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, dimension), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def compiled_transformer(model: torch.nn.Module):
+    """Run the Hugging Face model inside ``model`` through ``torch.compile`` while the context lasts.
+
+    Between its matmuls an encoder layer runs a dozen pointwise kernels (bias, GELU, residual adds, LayerNorm,
+    head transposes) that eager PyTorch launches one by one, each a round trip through device memory; the compiler
+    fuses them. Shapes are dynamic (batches vary in rows and padded length), so one graph serves every batch; the
+    first batches pay the compilation, which only a large corpus repays.
+    """
+    transformers = [module.auto_model for module in model.modules() if hasattr(module, "auto_model")][:1]
+    for module in transformers:
+        module.forward = torch.compile(module.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for module in transformers:
+            del module.forward  # back to the class's own forward
 
 
 # -- MPNet attention through scaled_dot_product_attention --------------------------------------------------------
