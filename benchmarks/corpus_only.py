@@ -123,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", default=[], help="only join these result files (one run each) into --out")
     parser.add_argument("distill_args", nargs="*", help="more distill flags, after --")
     args = parser.parse_args(argv)
+    command = "python benchmarks/corpus_only.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.merge:
-        atomic_write_json(args.out, merged([json.loads(Path(path).read_text()) for path in args.merge]))
+        result = merged([json.loads(Path(path).read_text()) for path in args.merge])
+        atomic_write_json(args.out, result | {"command": command})  # each dataset keeps the command that ran it
         return 0
     args.teacher = args.teacher or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     result = {
-        "command": "python benchmarks/corpus_only.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "date": datetime.date.today().isoformat(),
         "git_commit": git_commit(),
         "teacher": Path(args.teacher).name,
