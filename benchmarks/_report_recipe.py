@@ -34,12 +34,31 @@ def render_start_weight(data: dict) -> list[str]:
 
 
 def side_label(side: dict) -> str:
+    if "teacher" in side:  # claim d: a student of one cross-encoder, from benchmarks/cross_encoder.py's file
+        return f"`{side['row']}` (`benchmarks/results/{side['table']}`)"
     weight = f", start_weight {side['start_weight']}" if "start_weight" in side else ""
     return f"`{side['row']}` ({side['table']} tables{weight})"
 
 
+def comparison_table(claim: dict) -> list[str]:
+    """Each dataset's seed means of A and B, the difference, Holm-corrected p and the seeds."""
+    body = [
+        [
+            dataset,
+            f"{fmt(r['a_mean'])} ± {fmt(r['a_sd'])}",
+            f"{fmt(r['b_mean'])} ± {fmt(r['b_sd'])}",
+            f"{r['difference']:+.4f}",
+            p_value(r["p_holm"]),
+            str(len(r["seeds"])),
+        ]
+        for dataset, r in claim["datasets"].items()
+    ]
+    return table(["dataset", "A (seed mean ± sd)", "B", "A - B", "p (Holm)", "seeds"], body)
+
+
 def render_claims(data: dict) -> list[str]:
-    """One table per claim: each dataset's seed means, the difference, Holm-corrected p; then the verdict."""
+    """One table per claim: each dataset's seed means, the difference, Holm-corrected p; then the verdict. Claim d
+    adds its two rerankers' nDCG@10 and its extra comparisons (outside the verdict)."""
     lines = [f"Metric: {data['metric']}; {data['significance']}.", ""]
     for name in CLAIM_ORDER:
         claim = data.get(name)
@@ -49,16 +68,15 @@ def render_claims(data: dict) -> list[str]:
         if not claim["datasets"]:
             continue
         lines += [f"A: {side_label(claim['a'])}; B: {side_label(claim['b'])}.", ""]
-        body = [
-            [
-                dataset,
-                f"{fmt(r['a_mean'])} ± {fmt(r['a_sd'])}",
-                f"{fmt(r['b_mean'])} ± {fmt(r['b_sd'])}",
-                f"{r['difference']:+.4f}",
-                p_value(r["p_holm"]),
-                str(len(r["seeds"])),
-            ]
-            for dataset, r in claim["datasets"].items()
-        ]
-        lines += table(["dataset", "A (seed mean ± sd)", "B", "A - B", "p (Holm)", "seeds"], body)
+        lines += comparison_table(claim)
+        rerankers = claim.get("rerankers", {})
+        teachers = sorted({t for found in rerankers.values() for t in found})
+        if teachers:
+            body = [[dataset, *(fmt(found.get(t)) for t in teachers)] for dataset, found in rerankers.items()]
+            lines += ["The cross-encoders as rerankers of the first stage (nDCG@10, for context):", ""]
+            lines += table(["dataset", *(f"{t} CE" for t in teachers)], body)
+        for extra in claim.get("extra", {}).values():
+            sides = f"A: {side_label(extra['a'])}; B: {side_label(extra['b'])}"
+            lines += [f"Not part of the verdict: {extra['claim']}. {sides}.", ""]
+            lines += comparison_table(extra)
     return lines

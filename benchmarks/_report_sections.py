@@ -5,6 +5,7 @@ file's section; a renderer that meets a changed layout raises and the report fal
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,8 +240,14 @@ def render_querygen(data: dict) -> list[str]:
 
 
 def render_cross_encoder(data: dict) -> list[str]:
-    lines = [f"Device {data.get('device')}.", ""]
+    """Per dataset: the first stage, the CE reranker(s) and the students; either layout (one dual-pooling CE with a
+    row per variant, or per teacher with a row per variant and seed: seed mean ± sd)."""
+    device = data.get("device") or "; ".join(sorted({str(c.get("device")) for c in data.get("calls", [])}))
+    lines = [f"Device {device}.", ""]
     for dataset, section in data["datasets"].items():
+        if "teachers" in section:
+            lines += [f"### {dataset}", ""] + _cross_encoder_teachers(section)
+            continue
         reranker = section["cross_encoder_reranker"]["metrics"]
         body = [
             ["first stage", fmt(section["first_stage"]["metrics"]["nDCG@10"]), ""],
@@ -252,6 +259,23 @@ def render_cross_encoder(data: dict) -> list[str]:
         ]
         lines += [f"### {dataset}", ""] + table(["system", "nDCG@10", "of the reranker"], body)
     return lines
+
+
+def _cross_encoder_teachers(section: dict) -> list[str]:
+    body = [["first stage", fmt(section["first_stage"]["metrics"]["nDCG@10"]), "", ""]]
+    for teacher, found in section["teachers"].items():
+        reranker = found["cross_encoder_reranker"]["metrics"]["nDCG@10"]
+        body.append([f"{teacher} CE reranking the first stage", fmt(reranker), "100%", ""])
+        before = found.get("student_before_distillation")
+        if before:
+            body.append([f"{teacher} CE: student before distillation", fmt(before["metrics"]["nDCG@10"]), "", ""])
+        for variant, by_seed in found["students"].items():
+            values = [row["metrics"]["nDCG@10"] for row in by_seed.values()]
+            mean, sd = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            body.append(
+                [f"{teacher} CE: {variant}", f"{fmt(mean)} ± {fmt(sd)}", percent(mean / reranker), str(len(values))]
+            )
+    return table(["system", "nDCG@10 (seed mean ± sd)", "of its reranker", "seeds"], body)
 
 
 def render_speed_cpu(data: dict) -> list[str]:
@@ -439,6 +463,7 @@ KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "distributed.json": ("Many GPUs", render_distributed),
     "querygen.json": ("Query generation", render_querygen),
     "cross_encoder.json": ("Cross-encoder teachers", render_cross_encoder),
+    "cross_encoder_claims.json": ("Cross-encoder teachers: dual-pooling against standard", render_cross_encoder),
     "speed_cpu.json": ("Speed on CPU", render_speed_cpu),
     "speed_gpu.json": ("Speed on GPU", render_speed_gpu),
     "symmetric_documents.json": ("Symmetric training: a step's documents", render_symmetric_documents),

@@ -172,3 +172,68 @@ def test_defaults_summary_shows_each_point_its_runs_and_the_choice():
     assert "| epochs: 12 | 95.0% | 93.0% | 94.0% | a: 1, b: 1 |  |" in text
     assert "| base | 92.5% | 92.0% | 92.2% | a: 2, b: 2 | a 92.0% to 93.0%, b 91.0% to 93.0% |" in text
     assert "Chosen: epochs: 12." in text and "    python benchmarks/choose_defaults.py" in text
+
+
+def _compared(a_mean: float, b_mean: float) -> dict:
+    return {"seeds": [42, 43, 44], "a_mean": a_mean, "a_sd": 0.001, "b_mean": b_mean, "b_sd": 0.002,
+            "difference": a_mean - b_mean, "p_holm": 0.004}  # fmt: skip
+
+
+def test_claims_section_renders_claim_d_with_both_rerankers_and_its_extra_comparisons():
+    from _report_recipe import render_claims
+
+    def side(teacher: str, variant: str) -> dict:
+        return {"table": "cross_encoder_claims.json", "row": f"{teacher} CE -> {variant}", "teacher": teacher}
+
+    extra = {
+        "claim": "the teacher alone",
+        "a": side("dual-pooling", "score distillation only"),
+        "b": side("standard", "score distillation only"),
+        "datasets": {"scifact": _compared(0.6111, 0.6000)},
+    }
+    d = {
+        "claim": "a dual-pooling CE gives a better student",
+        "verdict": "confirmed",
+        "reasoning": "A is significantly better on scifact and significantly worse nowhere.",
+        "a": side("dual-pooling", "score distillation + embedding matching"),
+        "b": side("standard", "score distillation only"),
+        "datasets": {"scifact": _compared(0.6543, 0.6000)},
+        "rerankers": {"scifact": {"dual-pooling": 0.7180, "standard": 0.7011}},
+        "extra": {"teacher_alone": extra},
+        "seeds": 3,
+    }
+    text = "\n".join(render_claims({"metric": "nDCG@10", "significance": "paired", "d": d}))
+    assert "**(d) a dual-pooling CE gives a better student**: confirmed. A is significantly better on scifact" in text
+    assert "| scifact | 0.6543 ± 0.0010 | 0.6000 ± 0.0020 | +0.0543 | 0.004 | 3 |" in text
+    assert "| dataset | dual-pooling CE | standard CE |" in text and "| scifact | 0.7180 | 0.7011 |" in text
+    assert "Not part of the verdict: the teacher alone." in text and "| +0.0111 |" in text
+    assert "`standard CE -> score distillation only` (`benchmarks/results/cross_encoder_claims.json`)" in text
+
+
+def test_cross_encoder_section_renders_each_teacher_with_seed_means_of_its_students():
+    from _report_sections import render_cross_encoder
+
+    def system(value: float) -> dict:
+        return {"metrics": {"nDCG@10": value}}
+
+    students = {"score distillation only": {"42": system(0.5), "43": system(0.7)}}
+    data = {
+        "calls": [{"device": "NVIDIA H200"}],
+        "datasets": {
+            "squad": {
+                "first_stage": system(0.4),
+                "teachers": {
+                    "standard": {"cross_encoder_reranker": system(0.8), "students": students},
+                    "dual-pooling": {
+                        "cross_encoder_reranker": system(0.9),
+                        "student_before_distillation": system(0.1),
+                        "students": {},
+                    },
+                },
+            }
+        },
+    }
+    text = "\n".join(render_cross_encoder(data))
+    assert text.startswith("Device NVIDIA H200.") and "### squad" in text
+    assert "| standard CE: score distillation only | 0.6000 ± 0.1414 | 75.0% | 2 |" in text
+    assert "| dual-pooling CE: student before distillation | 0.1000 |" in text
