@@ -8,12 +8,15 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
 * ``encode``: documents/second embedding the SciFact corpus (256 tokens max), teacher weights in bf16, with
   ``SentenceTransformer.encode_document`` and with ours (:func:`embeddistill.models.encoding.encode`, the path the
   teacher cache takes; also end to end through ``EmbeddingCache.embed``, shard writes included, without the SDPA
-  attention, and under ``runtime.TRAINING_ATTENTION``), interleaved repeats, plus the largest difference between
-  the two paths' embeddings;
+  attention, under ``runtime.TRAINING_ATTENTION``, and through ``torch.compile`` (``--compile-teacher``; its first
+  batches, which compile, are in the untimed warm-up)), interleaved repeats, plus the largest difference between
+  the two paths' embeddings, ``fastest`` / ``fraction_of_peak`` / ``over_sentence_transformers``, and with
+  ``--encode-profile-out`` a torch.profiler table of the plain and the compiled path;
 * ``train``: queries/second of ``DistillationTrainer.step`` (EmbedDistill loss: score distillation over in-batch +
   8 hard-negative candidates, plus embedding matching) vs ``SentenceTransformerTrainer`` with
   sentence-transformers' ``EmbedDistillLoss`` (embedding matching, L2), same student, batch, queries (real SciFact
-  queries, cycled), bf16 autocast, word embeddings frozen in both;
+  queries, cycled), bf16 autocast, dropout off, word embeddings frozen and weight decay 0.01 in both, interleaved
+  repeats;
 * ``symmetric``: steps/second of ``DistillationTrainer`` with a symmetric all-MiniLM-L6-v2-shaped student (+ a
   384 -> 768 projection), which embeds each step's (up to 576) candidate passages itself (MS MARCO DL pool passages, the
   default batch of 64 queries + 8 hard negatives each), two ways, interleaved: attention through whichever kernel

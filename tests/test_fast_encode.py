@@ -18,9 +18,9 @@ from embeddistill.models.encoding import (
     encode_chunks,
     preprocess_chunk,
     rust_tokenizer,
-    sdpa_attention,
     tokenize_chunk,
 )
+from embeddistill.models.kernels import sdpa_attention
 from embeddistill.models.teachers import load_sentence_transformer
 
 TEXTS = [

@@ -81,6 +81,30 @@ def test_embeddings_equal_direct_encoding(tiny_teacher_path, cache_dir):
     np.testing.assert_array_equal(again, documents[[4, 0, 4]])
 
 
+def test_compile_teacher_reaches_the_encoder_from_the_command_line(tiny_teacher_path, cache_dir, monkeypatch):
+    import contextlib
+
+    from embeddistill.cli import build_parser
+    from embeddistill.config import config_from_args
+    from embeddistill.models import encoding
+    from embeddistill.pipeline.stages import load_dual_encoder
+
+    compiled = []  # the models compiling was asked for (the compiler itself is tested in test_fast_encode.py)
+
+    def record(model):
+        compiled.append(model)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(encoding, "compiled_transformer", record)
+    flags = ["--teacher", tiny_teacher_path, "--dataset", "x", "--compile-teacher", "--cache-dir", str(cache_dir)]
+    config = config_from_args(build_parser().parse_args(["distill", *flags]))
+    teacher = load_dual_encoder(config, tiny_teacher_path)
+    documents = teacher.embed_documents(TEXTS)
+    assert compiled and compiled[0] is teacher.model  # every chunk went through it
+    plain = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir / "plain")
+    np.testing.assert_allclose(documents, plain.embed_documents(TEXTS), atol=1e-6)
+
+
 def test_cache_files_and_second_load_reuses(tiny_teacher_path, cache_dir, monkeypatch):
     first = DualEncoderTeacher.load(tiny_teacher_path, cache_dir=cache_dir)
     documents = first.embed_documents(TEXTS)

@@ -111,7 +111,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_teacheradd_command(commands) -> None:
+def _add_train_teacher_command(commands) -> None:
     """Its flags come from :class:`TeacherTrainingConfig`'s fields, like ``distill``'s from :class:`DistillConfig`."""
     from embeddistill.config import TeacherTrainingConfig
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(commands)
     _add_generate_command(commands)
     add_serving_commands(commands)
-    _add_train_teacheradd_command(commands)
+    _add_train_teacher_command(commands)
     return parser
 
 

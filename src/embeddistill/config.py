@@ -116,6 +116,7 @@ class ModelConfig:
         minimum=0,
     )
     teacher_batch_size: int = option(32, "batch size when the teacher encodes texts", minimum=1, shapes=False)
+    compile_teacher: bool = option(False, "the teacher encodes through torch.compile (large corpora)", shapes=False)
     max_seq_length: int = option(0, "teacher maximum tokens (0 = the model's own setting)", minimum=0)
     cache_dir: str = option(
         "", "teacher embedding cache (default $EMBEDDISTILL_CACHE or ~/.cache/embeddistill)", shapes=False

@@ -239,13 +239,16 @@ def parse_embeddings(payload: dict, count: int, url: str) -> np.ndarray:
 class ApiEmbeddingCache(EmbeddingCache):
     """The teacher cache, filled by an endpoint: a batch that came back is stored even when a later one fails."""
 
-    def embed(self, model, texts: list[str], kind: str, batch_size: int = 32, desc: str = "") -> np.ndarray:
+    def embed(
+        self, model, texts: list[str], kind: str, batch_size: int = 32, desc: str = "", compile: bool = False
+    ) -> np.ndarray:
         hits = len(texts) - len(self.missing(texts, kind))
         with model.stats.lock:
             model.stats.cache_hits += hits
         return super().embed(model, texts, kind, batch_size, desc)
 
-    def _encode(self, model, texts: list[str], kind: str, batch_size: int, desc: str) -> None:
+    def _encode(self, model, texts: list[str], kind: str, batch_size: int, desc: str, compile: bool = False) -> None:
+        # `compile` is the local teacher's: an endpoint has nothing to compile
         client: EmbeddingsClient = model
         for start in range(0, len(texts), self.shard_size):
             chunk = texts[start : start + self.shard_size]

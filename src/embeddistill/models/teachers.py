@@ -241,16 +241,23 @@ class EmbeddingCache(ShardedCache):
         return todo
 
     def embed(
-        self, model: SentenceTransformer, texts: list[str], kind: str, batch_size: int = 32, desc: str = ""
+        self,
+        model: SentenceTransformer,
+        texts: list[str],
+        kind: str,
+        batch_size: int = 32,
+        desc: str = "",
+        compile: bool = False,
     ) -> np.ndarray:
-        """Embeddings of ``texts`` (rows in the same order), encoding only what the cache lacks."""
+        """Embeddings of ``texts`` (rows in the same order), encoding only what the cache lacks (``compile``: through
+        ``torch.compile``, see :func:`~embeddistill.models.kernels.compiled_transformer`)."""
         todo = self.missing(texts, kind)
         if todo:
             logger.info("teacher: encoding %d new %s texts (%d cached)", len(todo), kind, len(texts) - len(todo))
         if distributed.world_size() > 1:  # every rank calls embed with the same texts
-            self._encode_sharded(model, todo, kind, batch_size, desc or kind)
+            self._encode_sharded(model, todo, kind, batch_size, desc or kind, compile)
         elif todo:
-            self._encode(model, todo, kind, batch_size, desc or kind)
+            self._encode(model, todo, kind, batch_size, desc or kind, compile)
         out = np.empty((len(texts), self.identity.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
             shard, row = self._rows[text_key(f"{kind}\0{text}")]
@@ -258,7 +265,7 @@ class EmbeddingCache(ShardedCache):
         return out
 
     def _encode_sharded(
-        self, model: SentenceTransformer, todo: list[str], kind: str, batch_size: int, desc: str
+        self, model: SentenceTransformer, todo: list[str], kind: str, batch_size: int, desc: str, compile: bool
     ) -> None:
         """torchrun: each rank encodes the texts whose key hashes to it into its own shards (named with its rank),
         then, after a barrier, loads the shards the other ranks wrote. A killed run resumes like a single process:
@@ -266,18 +273,20 @@ class EmbeddingCache(ShardedCache):
         """
         mine = [t for t in todo if distributed.owner(text_key(f"{kind}\0{t}")) == distributed.rank()]
         if mine:
-            self._encode(model, mine, kind, batch_size, desc)
+            self._encode(model, mine, kind, batch_size, desc, compile)
         distributed.barrier()
         self._load_shards()
 
-    def _encode(self, model: SentenceTransformer, texts: list[str], kind: str, batch_size: int, desc: str) -> None:
+    def _encode(
+        self, model: SentenceTransformer, texts: list[str], kind: str, batch_size: int, desc: str, compile: bool
+    ) -> None:
         # Longest first: shards of similar length waste no padding, and the ETA is pessimistic early on.
         texts = sorted(texts, key=len, reverse=True)
         chunks = [texts[start : start + self.shard_size] for start in range(0, len(texts), self.shard_size)]
         show = distributed.is_main()  # under torchrun, rank 0's share stands for the progress of all
         with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2, disable=not show) as bar:
             # The fast path tokenises the next shard while this one is encoded; every shard is written as it ends.
-            arrays = encode_chunks(model, chunks, kind, batch_size, on_batch=bar.update)
+            arrays = encode_chunks(model, chunks, kind, batch_size, on_batch=bar.update, compile=compile)
             for chunk, array in zip(chunks, arrays, strict=True):
                 self.add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
 
@@ -304,6 +313,7 @@ class DualEncoderTeacher(CachedTeacherProperties):
     model: SentenceTransformer
     cache: EmbeddingCache
     batch_size: int = 32
+    compile: bool = False  # encode through torch.compile (see kernels.compiled_transformer)
 
     @classmethod
     def load(
@@ -312,6 +322,7 @@ class DualEncoderTeacher(CachedTeacherProperties):
         cache_dir: str | os.PathLike | None = None,
         device: str = "cpu",
         batch_size: int = 32,
+        compile: bool = False,
         max_seq_length: int | None = None,
         trust_remote_code: bool = False,
         query_prompt: str = "",
@@ -332,10 +343,10 @@ class DualEncoderTeacher(CachedTeacherProperties):
         identity = TeacherIdentity.of(name, model)
         cache = EmbeddingCache(cache_dir or default_cache_dir(), identity, shard_size=cache_shard_size())
         logger.info("teacher %s: dim %d, cache %s (%d texts)", name, identity.dimension, cache.dir, len(cache))
-        return cls(name=name, model=model, cache=cache, batch_size=batch_size)
+        return cls(name=name, model=model, cache=cache, batch_size=batch_size, compile=compile)
 
     def embed_documents(self, texts: list[str], desc: str = "documents") -> np.ndarray:
-        return self.cache.embed(self.model, texts, DOCUMENT, self.batch_size, desc)
+        return self.cache.embed(self.model, texts, DOCUMENT, self.batch_size, desc, compile=self.compile)
 
     def embed_queries(self, texts: list[str], desc: str = "queries") -> np.ndarray:
-        return self.cache.embed(self.model, texts, QUERY, self.batch_size, desc)
+        return self.cache.embed(self.model, texts, QUERY, self.batch_size, desc, compile=self.compile)

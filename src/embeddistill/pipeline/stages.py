@@ -203,6 +203,7 @@ def load_dual_encoder(config: DistillConfig, name: str) -> DualEncoderTeacher:
         cache_dir=model.cache_dir or None,
         device=device_of(config),
         batch_size=model.teacher_batch_size,
+        compile=model.compile_teacher,
         max_seq_length=model.max_seq_length or None,
         trust_remote_code=model.trust_remote_code,
         query_prompt=model.query_prompt,
