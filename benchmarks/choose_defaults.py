@@ -17,6 +17,7 @@ import logging
 import sys
 
 import torch
+from _common import git_commit
 
 from embeddistill.config import DistillConfig
 from embeddistill.pipeline import distill
@@ -27,6 +28,11 @@ from embeddistill.storage import atomic_write_json
 def grid_points(grid: dict[str, list]) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(point: dict) -> str:
+    """A folder name for one grid point, e.g. ``student=teacher_0_5``."""
+    return "-".join(f"{key}={value}" for key, value in point.items()).replace(":", "_").replace(",", "_") or "base"
 
 
 def main() -> None:
@@ -50,7 +56,7 @@ def main() -> None:
                 "dataset": dataset,
                 "dev_fraction": args.dev_fraction,
                 "latency_repeats": 3,
-                "out": f"runs/choose/{dataset}",
+                "out": f"runs/choose/{dataset}/{run_name(point)}",  # a folder per run: none is overwritten
                 **json.loads(args.base),
                 **point,
             }
@@ -75,6 +81,7 @@ def write_results(args: argparse.Namespace, results: list[dict]) -> None:
             "command": "python benchmarks/choose_defaults.py "
             + " ".join(f"'{a}'" if " " in a else a for a in sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
+            "git_commit": git_commit(),
             "device": (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else environment_record(())["machine"]["cpu"]
             ),
