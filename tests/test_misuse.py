@@ -80,8 +80,10 @@ def test_more_student_layers_than_the_teacher_has_are_refused_from_its_config_al
     ("student", "says"),
     [
         ("teacher:0,4", "has layers 0 to 3"),
-        ("teacher:3,1", "name the layers to keep once each, increasing from 0 (e.g. teacher:0,11)"),
+        ("teacher:3,1", "name the layers to keep once each, increasing (e.g. teacher:0,11, or teacher:0,-1"),
         ("teacher:1,1", "name the layers to keep once each"),
+        ("teacher:0,-5", "name the layers to keep once each"),  # a 4-layer teacher has no fifth layer from the top
+        ("teacher:3,-1", "name the layers to keep once each"),  # -1 is layer 3: twice
     ],
 )
 def test_named_teacher_layers_it_lacks_or_out_of_order_are_refused(tmp_path, tiny_teacher_path, student, says):

@@ -172,9 +172,10 @@ def test_truncate_transformer_keeps_the_first_layers(tiny_teacher_path):
         truncate_transformer(teacher[0], 5)
 
 
-def test_a_teacher_student_keeps_the_layers_it_names(tiny_teacher_path):
+@pytest.mark.parametrize("spec", ["teacher:0,3", "teacher:0,-1"])  # -1: the top layer, counted as in Python
+def test_a_teacher_student_keeps_the_layers_it_names(tiny_teacher_path, spec):
     teacher = load_sentence_transformer(tiny_teacher_path)
-    tower = query_modules(build_student("teacher:0,3", teacher, asymmetric=True))
+    tower = query_modules(build_student(spec, teacher, asymmetric=True))
     kept = tower[0].auto_model
     assert kept.config.num_hidden_layers == 2 and len(kept.encoder.layer) == 2
     full = teacher[0].auto_model.encoder.layer

@@ -115,8 +115,15 @@ def _student_problems(config: DistillConfig) -> list[str]:
         reference = config.ce.cross_encoder  # a CE run's teacher:N student copies the cross-encoder's encoder
     total = teacher_layers(reference) if reference else None
     if len(numbers) > 1:
+        if total is not None and any(-total <= n < 0 for n in numbers):
+            numbers = [n + total if n < 0 else n for n in numbers]  # counted from the top, as in Python
+        elif total is None and any(n < 0 for n in numbers):
+            return []  # a hub teacher: its layer count is known once it loads
         if numbers != sorted(set(numbers)) or numbers[0] < 0:
-            return [f"{flag}: name the layers to keep once each, increasing from 0 (e.g. teacher:0,11)"]
+            return [
+                f"{flag}: name the layers to keep once each, increasing (e.g. teacher:0,11, or teacher:0,-1 for "
+                "the bottom and the top layer)"
+            ]
         if total is not None and numbers[-1] >= total:
             return [f"{flag}: {reference} has layers 0 to {total - 1}"]
         return []

@@ -51,7 +51,7 @@ from embeddistill.models.teachers import (
 
 logger = logging.getLogger(__name__)
 
-_TEACHER_PREFIX = re.compile(r"^teacher:(\d+(?:,\d+)+|\d+)$")
+_TEACHER_PREFIX = re.compile(r"^teacher:(-?\d+(?:,-?\d+)+|\d+)$")
 QUERY_ROUTE, DOCUMENT_ROUTE = "query", "document"
 
 
@@ -88,14 +88,17 @@ def select_layers(transformer: Transformer, indices: list[int], owner: str = "th
     return truncated
 
 
-def teacher_layer_indices(spec: str) -> list[int] | None:
-    """The teacher's layers a ``teacher:...`` student keeps (``teacher:2`` -> [0, 1]; ``teacher:0,11`` -> [0, 11]);
+def teacher_layer_indices(spec: str, total: int) -> list[int] | None:
+    """The layers of a ``total``-layer teacher that a ``teacher:...`` student keeps (``teacher:2`` -> [0, 1];
+    ``teacher:0,11`` -> [0, 11]; a negative one counts from the top, as in Python: ``teacher:0,-1`` -> [0, total - 1]);
     None for any other student."""
     match = _TEACHER_PREFIX.match(spec)
     if not match:
         return None
     numbers = [int(n) for n in match.group(1).split(",")]
-    return list(range(numbers[0])) if len(numbers) == 1 else numbers
+    if len(numbers) == 1:
+        return list(range(numbers[0]))
+    return [n + total if n < 0 else n for n in numbers]
 
 
 def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
@@ -118,7 +121,8 @@ def query_tower_modules(
             raise ValueError(f"student_layers={layers} with student {spec!r}: give the layer count in 'teacher:N' only")
         transformer = next(m for m in teacher_modules if isinstance(m, Transformer))
         pooling = next(m for m in teacher_modules if isinstance(m, Pooling))
-        return [select_layers(transformer, teacher_layer_indices(spec)), copy.deepcopy(pooling)]
+        indices = teacher_layer_indices(spec, transformer.auto_model.config.num_hidden_layers)
+        return [select_layers(transformer, indices), copy.deepcopy(pooling)]
     student = load_sentence_transformer(spec, device=device, trust_remote_code=trust_remote_code)
     # Drop the student's own normalisation and projections: projection and normalisation into the
     # teacher's space are added after it.
