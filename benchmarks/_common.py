@@ -2,6 +2,7 @@
 
 * :func:`local_model`: a model folder assembled by ``../shared/models/get-models``, or the hub name elsewhere.
 * :func:`train_peer`: the peer, sentence-transformers' own ``EmbedDistillLoss`` trained by its own trainer.
+* :func:`encode_values` / :func:`decode_values`: per-query scores as the result files store them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.returncode else "")
+
+
+def encode_values(values) -> str:
+    """Per-query values as one space-separated string, 4 decimals: thousands of queries stay one line of JSON."""
+    return " ".join(f"{round(float(value), 4):g}" for value in values)
+
+
+def decode_values(text: str) -> list[float]:
+    return [float(value) for value in text.split()]
 
 
 def local_model(name: str, hub_name: str) -> str:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, git_commit
+from _common import REPO, decode_values, git_commit
 from headline import METRIC, holm, per_query, seed_averaged
 
 from embeddistill.evaluation.significance import paired_permutation_test
@@ -191,7 +191,7 @@ def ce_scores(data: dict, dataset: str, side: tuple[str, str]) -> dict[int, dict
     architecture, variant = side
     rows = entry["teachers"].get(architecture, {}).get("students", {}).get(variant, {})
     return {
-        int(seed): dict(zip(entry["query_ids"], map(float, row["per_query"][METRIC].split()), strict=True))
+        int(seed): dict(zip(entry["query_ids"], decode_values(row["per_query"][METRIC]), strict=True))
         for seed, row in rows.items()
     }
 

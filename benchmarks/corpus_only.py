@@ -107,7 +107,6 @@ def merged(results: list[dict]) -> dict:
         for name, row in result["datasets"].items():
             datasets[name] = {**row, "command": result["command"], "git_commit": result["git_commit"]}
     first["datasets"] = datasets
-    first["merged_from"] = [result["command"] for result in results]
     return first
 
 

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import git_commit
+from _common import encode_values, git_commit
 from _splits import write_group_split
 
 from embeddistill.config import DistillConfig, TeacherTrainingConfig
@@ -84,11 +84,6 @@ SQUAD = ("squad", "squad-dev")  # the entry --squad-article-split replaces, and 
 
 def teacher_folder(work: Path, architecture: str) -> Path:
     return work / f"{architecture}-ce"
-
-
-def encode_values(values) -> str:
-    """Per-query values as one space-separated string, 4 decimals (as ``quality.py`` writes them)."""
-    return " ".join(f"{round(float(value), 4):g}" for value in values)
 
 
 def system(result, query_ids: list[str], reference=None) -> dict:

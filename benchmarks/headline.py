@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, git_commit
+from _common import REPO, decode_values, git_commit
 from _report_format import SPEED_CPU_ENCODERS
 
 from embeddistill.evaluation.significance import paired_permutation_test
@@ -94,8 +94,7 @@ def dev_candidates(folder: Path) -> dict[str, dict]:
 
 
 def per_query(row: dict, split: str, query_ids: list[str]) -> dict[str, float]:
-    values = [float(v) for v in row["per_query"][split][METRIC].split()]
-    return dict(zip(query_ids, values, strict=True))
+    return dict(zip(query_ids, decode_values(row["per_query"][split][METRIC]), strict=True))
 
 
 def collect(tables: list[dict], key: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]:

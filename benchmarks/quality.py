@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from _common import REPO, git_commit, local_model, train_peer
+from _common import REPO, decode_values, encode_values, git_commit, local_model, train_peer
 from _splits import document_group, write_group_split, write_held_out_split, write_merged_split
 
 from embeddistill.config import DistillConfig
@@ -228,15 +228,6 @@ def score_splits(run: dict[str, dict[str, float]], qrels: dict[str, dict], metri
         aggregate, per_query = score_run(split_run, split_qrels, metrics)
         scored[split] = {"metrics": aggregate, "per_query": per_query}
     return scored
-
-
-def encode_values(values: list[float]) -> str:
-    """Per-query values as one space-separated string, 4 decimals: thousands of queries stay one line of JSON."""
-    return " ".join(f"{round(value, 4):g}" for value in values)
-
-
-def decode_values(text: str) -> list[float]:
-    return [float(value) for value in text.split()]
 
 
 def row_from_scores(scored: dict[str, dict], query_ids: dict[str, list[str]]) -> dict:
