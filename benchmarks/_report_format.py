@@ -28,6 +28,7 @@ SPEED_CPU_ENCODERS = {
     "mpnet-L0L11-asym": "teacher:2 (asymmetric)",  # the same two mpnet layers' cost, whichever two they are
     "minilm-asym": "all-MiniLM-L6-v2 + projection (asymmetric)",
     "minilm-2L-asym": "2-layer MiniLM + projection (asymmetric)",
+    "minilm-L0L5-asym": "2-layer MiniLM + projection (asymmetric)",  # likewise for MiniLM's two layers
     "minilm-sym": "all-MiniLM-L6-v2 + projection (symmetric)",
 }
 RETENTION_CHART = "chart_retention.png"

@@ -7,7 +7,7 @@ FOLDER`` with the library's defaults (generated queries only; ``--learning-rate 
 chosen by the label-free check), and only then scores teacher and student with the dataset's test qrels, which
 the run never saw. SQuAD's test questions are the article split of ``benchmarks/quality.py`` (seed 42). The
 student is asymmetric, so it searches the teacher's own index (the teacher cache already holds it).
-Defaults: the quickstart pair, all-MiniLM-L6-v2 into ``teacher:2``.
+Defaults: the quickstart pair, all-MiniLM-L6-v2 into ``teacher:0,-1`` (the library's default student).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--teacher", default="")
-    parser.add_argument("--student", default="teacher:2")
+    parser.add_argument("--student", default="teacher:0,-1")
     parser.add_argument("--work", default=str(REPO / "runs" / "corpus_only"))
     parser.add_argument("--cache-dir", default="", help="teacher embedding cache (default: the library's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "corpus_only.json"))

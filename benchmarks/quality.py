@@ -14,7 +14,9 @@ Teacher: all-mpnet-base-v2 (``--teacher``). Students (``--students``), each in t
 * ``minilm-2L-asym``: all-MiniLM-L6-v2's first 2 layers (``student_layers: 2``) + projection, asymmetric;
 * ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index);
 * ``mpnet-L0L11-asym``, ``mpnet-L1L11-asym``: the teacher's layers 0 and 11 (1 and 11) instead of its first two
-  (``teacher:0,11``), asymmetric: candidates for which layers a 2-layer student keeps, compared on ``--dev``.
+  (``teacher:0,11``), asymmetric: candidates for which layers a 2-layer student keeps, compared on ``--dev``;
+* ``minilm-L0L5-asym``: all-MiniLM-L6-v2's bottom and top layers (``student_layers: [0, -1]``) + projection,
+  asymmetric: the same question for the 2-layer MiniLM student.
 
 Methods (``--methods``): ``embeddistill`` (the library defaults: score + embedding matching + generated queries);
 ``score-only`` (query and document EM weights 0); ``peer`` (sentence-transformers' ``EmbedDistillLoss``, L2, trained
@@ -149,6 +151,10 @@ STUDENTS = {
     # Candidates for which 2 teacher layers to keep (not in the headline unless chosen on dev)
     "mpnet-L0L11-asym": ("teacher:0,11 (the teacher's bottom and top layers), asymmetric", {"student": "teacher:0,11"}),
     "mpnet-L1L11-asym": ("teacher:1,11 (the teacher's 2nd and top layers), asymmetric", {"student": "teacher:1,11"}),
+    "minilm-L0L5-asym": (
+        "all-MiniLM-L6-v2's bottom and top layers + projection, asymmetric",
+        {"student": "{minilm}", "student_layers": [0, -1]},
+    ),
 }
 
 METHODS = {

@@ -35,7 +35,7 @@ def test_defaults():
     assert config.out == ""
     assert config.data.train_split == "train" and config.data.eval_split == "test"
     assert config.data.extra_queries == []
-    assert config.model.student == "teacher:2"
+    assert config.model.student == "teacher:0,-1"
     assert config.model.asymmetric is True
     assert config.model.trust_remote_code is False
     assert config.loss.score_weight == 1.0 and config.loss.query_em_weight == 1.0

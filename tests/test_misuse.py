@@ -61,7 +61,7 @@ def distill_args(out: Path, *extra: str, teacher: str = "some/teacher") -> list[
         (["--start-weight", "1.5"], "--start-weight must be at most 1"),
         (["--hard-negatives", "60"], "--hard-negatives 60 cannot be drawn from the teacher's top"),
         (["--latency-batch-sizes", "1", "0"], "--latency-batch-sizes must be at least 1; got 0"),
-        (["--student", "teacher:0"], "--student teacher:0: N counts the teacher's first N layers"),
+        (["--student", "teacher:0"], "--student teacher:0: N counts the first N layers"),
         (["--score-weight", "0", "--query-em-weight", "0", "--document-em-weight", "0"], "every loss weight is 0"),
     ],
 )
@@ -89,6 +89,24 @@ def test_more_student_layers_than_the_teacher_has_are_refused_from_its_config_al
 def test_named_teacher_layers_it_lacks_or_out_of_order_are_refused(tmp_path, tiny_teacher_path, student, says):
     err = refused(run_cli(*distill_args(tmp_path / "out", "--student", student, teacher=tiny_teacher_path)))
     assert f"--student {student}: " in err and says in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("layers", "says"),
+    [
+        (["5"], "has 4 layers; use 1 to 4"),
+        (["0", "4"], "has layers 0 to 3"),
+        (["2", "1"], "name the layers to keep once each, increasing (e.g. 0 11, or 0 -1"),
+        (["0"], "N counts the first N layers"),
+    ],
+)
+def test_named_student_layers_it_lacks_are_refused_from_its_config_alone(
+    tmp_path, tiny_teacher_path, tiny_student_path, layers, says
+):
+    options = ["--student", tiny_student_path, "--student-layers", *layers]
+    err = refused(run_cli(*distill_args(tmp_path / "out", *options, teacher=tiny_teacher_path)))
+    assert f"--student-layers {' '.join(layers)}: " in err and says in err
     assert not (tmp_path / "out").exists()
 
 

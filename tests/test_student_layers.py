@@ -1,8 +1,10 @@
-"""``model.student_layers``: keep only the first N transformer layers of a named student model."""
+"""``model.student_layers``: keep only some transformer layers of a named student model (N: the first N;
+several: those layers, a negative one counting from the top)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.config import DistillConfig
@@ -21,8 +23,9 @@ def _tower_layers(student) -> int:
 
 
 def test_option_exists_with_all_layers_by_default():
-    assert DistillConfig().model.student_layers == 0
-    assert DistillConfig.from_dict({"student_layers": 2}).model.student_layers == 2
+    assert DistillConfig().model.student_layers == []
+    assert DistillConfig.from_dict({"student_layers": 2}).model.student_layers == [2]  # a config written before
+    assert DistillConfig.from_dict({"student_layers": [0, -1]}).model.student_layers == [0, -1]
 
 
 @pytest.mark.parametrize("asymmetric", [True, False])
@@ -38,6 +41,20 @@ def test_keeps_the_first_layers_and_still_projects(tiny_teacher_path, tiny_stude
     assert _tower_layers(SentenceTransformer(str(tmp_path / "student"))) == 2
 
 
+def test_a_layer_list_keeps_those_layers_counting_negatives_from_the_top(tiny_teacher_path, tiny_student_path):
+    teacher = load_sentence_transformer(tiny_teacher_path)
+    whole = load_sentence_transformer(tiny_student_path)
+    student = build_student(tiny_student_path, teacher, asymmetric=True, layers=[0, -1])
+    assert _tower_layers(student) == 2
+    kept = next(m for m in query_modules(student) if isinstance(m, Transformer)).auto_model
+    original = next(m for m in whole if isinstance(m, Transformer)).auto_model
+    top = original.config.num_hidden_layers - 1
+    kept_weights = [p for n, p in kept.named_parameters() if ".1." in n and "layer" in n]
+    top_weights = [p for n, p in original.named_parameters() if f".{top}." in n and "layer" in n]
+    assert kept_weights and len(kept_weights) == len(top_weights)  # the second kept layer is the original top one
+    assert all(torch.equal(a, b) for a, b in zip(kept_weights, top_weights, strict=True))
+
+
 def test_zero_keeps_every_layer(tiny_teacher_path, tiny_student_path):
     teacher = load_sentence_transformer(tiny_teacher_path)
     assert _tower_layers(build_student(tiny_student_path, teacher, asymmetric=True)) == 4
@@ -47,8 +64,10 @@ def test_zero_keeps_every_layer(tiny_teacher_path, tiny_student_path):
     ("spec", "layers", "message"),
     [
         ("STUDENT", 5, "first 5 layers"),
-        ("STUDENT", -1, "0 \\(all layers\\) or positive"),
-        ("teacher:2", 1, "give the layer count in 'teacher:N' only"),
+        ("STUDENT", [-1], "a positive layer count or the layers to keep"),
+        ("STUDENT", [0, 4], "has layers 0 to 3"),
+        ("STUDENT", [1, 0], "give them increasing"),
+        ("teacher:2", 1, "give the layers in 'teacher:...' only"),
     ],
 )
 def test_bad_layer_counts_fail_clearly(tiny_teacher_path, tiny_student_path, spec, layers, message):

@@ -102,35 +102,46 @@ def check_distill(config: DistillConfig) -> list[str]:
 
 def _student_problems(config: DistillConfig) -> list[str]:
     """``teacher:N`` must name 1 to the teacher's number of layers, ``teacher:0,11`` layers it has, in increasing
-    order (``--student-layers`` is for named students)."""
+    order; ``--student-layers`` does the same for a named student model."""
     match = _TEACHER_LAYERS.match(config.model.student)
+    layers = config.model.student_layers
     if not match:
-        return []
+        if not layers:
+            return []
+        flag = f"--student-layers {' '.join(map(str, layers))}"
+        return _layer_spec_problems(layers, teacher_layers(config.model.student), config.model.student, flag, "")
     flag = f"--student {config.model.student}"
-    if config.model.student_layers:
-        return [f"--student-layers {config.model.student_layers} with {flag}: give the layers in 'teacher:N' only"]
-    numbers = [int(n) for n in match.group(1).split(",")]
+    if layers:
+        return [f"--student-layers {' '.join(map(str, layers))} with {flag}: give the layers in 'teacher:...' only"]
     reference = config.model.teacher or config.ce.first_stage
     if config.ce.cross_encoder and Path(config.ce.cross_encoder).expanduser().is_dir():
         reference = config.ce.cross_encoder  # a CE run's teacher:N student copies the cross-encoder's encoder
     total = teacher_layers(reference) if reference else None
+    numbers = [int(n) for n in match.group(1).split(",")]
+    return _layer_spec_problems(numbers, total, reference, flag, "teacher:")
+
+
+def _layer_spec_problems(numbers: list[int], total: int | None, model: str, flag: str, prefix: str) -> list[str]:
+    """One number N keeps the first N layers (1 to ``total``); several name the layers to keep, once each and
+    increasing, a negative one counting from the top. ``total`` is None where only loading the model tells."""
     if len(numbers) > 1:
         if total is not None and any(-total <= n < 0 for n in numbers):
             numbers = [n + total if n < 0 else n for n in numbers]  # counted from the top, as in Python
         elif total is None and any(n < 0 for n in numbers):
-            return []  # a hub teacher: its layer count is known once it loads
+            return []  # a hub model: its layer count is known once it loads
         if numbers != sorted(set(numbers)) or numbers[0] < 0:
+            example = f"{prefix}0,11, or {prefix}0,-1" if prefix else "0 11, or 0 -1"
             return [
-                f"{flag}: name the layers to keep once each, increasing (e.g. teacher:0,11, or teacher:0,-1 for "
-                "the bottom and the top layer)"
+                f"{flag}: name the layers to keep once each, increasing (e.g. {example} for the bottom and the top "
+                "layer)"
             ]
         if total is not None and numbers[-1] >= total:
-            return [f"{flag}: {reference} has layers 0 to {total - 1}"]
+            return [f"{flag}: {model} has layers 0 to {total - 1}"]
         return []
     if numbers[0] < 1:
-        return [f"{flag}: N counts the teacher's first N layers, so it is at least 1"]
+        return [f"{flag}: N counts the first N layers, so it is at least 1"]
     if total is not None and numbers[0] > total:
-        return [f"{flag}: {reference} has {total} layers; use teacher:1 to teacher:{total}"]
+        return [f"{flag}: {model} has {total} layers; use {prefix}1 to {prefix}{total}"]
     return []
 
 

@@ -77,11 +77,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     teacher: str = option("", "teacher: a sentence-transformers model name or local path")
-    student: str = option("teacher:2", "query encoder: 'teacher:N' (first N layers), 'teacher:0,11' or a model")
-    student_layers: int = option(
-        0,
-        "keep only the first N transformer layers of the student model (0 = all; for 'teacher:N' say N there)",
-        minimum=0,
+    student: str = option("teacher:0,-1", "query encoder: 'teacher:0,-1' (bottom, top layer), 'teacher:N' or a model")
+    student_layers: list[int] = option(
+        [], "layers of a named student to keep: N the first N, '0 -1' its bottom and top ones (none = all)"
     )
     asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
     projection_init: str = option(

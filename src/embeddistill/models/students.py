@@ -88,17 +88,22 @@ def select_layers(transformer: Transformer, indices: list[int], owner: str = "th
     return truncated
 
 
-def teacher_layer_indices(spec: str, total: int) -> list[int] | None:
-    """The layers of a ``total``-layer teacher that a ``teacher:...`` student keeps (``teacher:2`` -> [0, 1];
-    ``teacher:0,11`` -> [0, 11]; a negative one counts from the top, as in Python: ``teacher:0,-1`` -> [0, total - 1]);
-    None for any other student."""
-    match = _TEACHER_PREFIX.match(spec)
-    if not match:
-        return None
-    numbers = [int(n) for n in match.group(1).split(",")]
+def layer_indices(numbers: list[int], total: int) -> list[int]:
+    """The layers of a ``total``-layer encoder that a layer spec keeps: one number N is the first N layers
+    ([2] -> [0, 1]); several name the layers, a negative one counting from the top as in Python ([0, -1] ->
+    [0, total - 1])."""
     if len(numbers) == 1:
         return list(range(numbers[0]))
     return [n + total if n < 0 else n for n in numbers]
+
+
+def teacher_layer_indices(spec: str, total: int) -> list[int] | None:
+    """The layers of a ``total``-layer teacher that a ``teacher:...`` student keeps (``teacher:2`` -> [0, 1];
+    ``teacher:0,11`` -> [0, 11]; ``teacher:0,-1`` -> [0, total - 1]); None for any other student."""
+    match = _TEACHER_PREFIX.match(spec)
+    if not match:
+        return None
+    return layer_indices([int(n) for n in match.group(1).split(",")], total)
 
 
 def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
@@ -106,19 +111,21 @@ def _modules_of(model: SentenceTransformer) -> list[nn.Module]:
 
 
 def query_tower_modules(
-    spec: str, teacher: SentenceTransformer, device: str, trust_remote_code: bool, layers: int = 0
+    spec: str, teacher: SentenceTransformer, device: str, trust_remote_code: bool, layers: int | list[int] = 0
 ) -> list[nn.Module]:
     """Transformer + pooling modules of the student's encoder (no projection or normalisation yet).
 
-    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them).
+    ``layers`` keeps only some transformer layers of a named student model, as ``teacher:...`` does for the
+    teacher's: N (or [N]) the first N, [0, -1] the bottom and top ones; 0 or [] keeps them all.
     """
-    if layers < 0:
-        raise ValueError(f"student_layers must be 0 (all layers) or positive, got {layers}")
+    layers = [layers] if isinstance(layers, int) and layers else list(layers or [])
+    if len(layers) == 1 and layers[0] < 1:
+        raise ValueError(f"student_layers must be a positive layer count or the layers to keep, got {layers[0]}")
     teacher_modules = _modules_of(teacher)
     match = _TEACHER_PREFIX.match(spec)
     if match:
-        if layers:  # two layer counts for one tower would be ambiguous; teacher:N already says it
-            raise ValueError(f"student_layers={layers} with student {spec!r}: give the layer count in 'teacher:N' only")
+        if layers:  # two layer specs for one tower would be ambiguous; teacher:... already says it
+            raise ValueError(f"student_layers={layers} with student {spec!r}: give the layers in 'teacher:...' only")
         transformer = next(m for m in teacher_modules if isinstance(m, Transformer))
         pooling = next(m for m in teacher_modules if isinstance(m, Pooling))
         indices = teacher_layer_indices(spec, transformer.auto_model.config.num_hidden_layers)
@@ -128,9 +135,17 @@ def query_tower_modules(
     # teacher's space are added after it.
     modules = [m for m in _modules_of(student) if not isinstance(m, Normalize | Dense)]
     if layers:
-        modules = [truncate_transformer(m, layers, owner=spec) if isinstance(m, Transformer) else m for m in modules]
-        logger.info("student: keeping the first %d transformer layers of %s", layers, spec)
+        modules = [_keep_layers(m, layers, spec) if isinstance(m, Transformer) else m for m in modules]
     return modules
+
+
+def _keep_layers(transformer: Transformer, layers: list[int], owner: str) -> Transformer:
+    if len(layers) == 1:
+        logger.info("student: keeping the first %d transformer layers of %s", layers[0], owner)
+        return truncate_transformer(transformer, layers[0], owner=owner)
+    indices = layer_indices(layers, transformer.auto_model.config.num_hidden_layers)
+    logger.info("student: keeping transformer layers %s of %s", indices, owner)
+    return select_layers(transformer, indices, owner=owner)
 
 
 def _output_dimension(modules: list[nn.Module]) -> int:
@@ -186,12 +201,12 @@ def build_student(
     asymmetric: bool,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    layers: int = 0,
+    layers: int | list[int] = 0,
     query_prompt: str = "",
 ) -> SentenceTransformer:
     """Build a student sentence-transformers model whose (query) embeddings live in the teacher's space.
 
-    ``layers`` keeps only the first N transformer layers of a named student model (0 = all of them);
+    ``layers`` keeps some transformer layers of a named student model (see :func:`query_tower_modules`);
     ``query_prompt`` is put before every query the student embeds (saved with it).
     """
     tower = query_tower_modules(spec, teacher, device, trust_remote_code, layers)
