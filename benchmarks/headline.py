@@ -4,7 +4,10 @@
 
 Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS].json`` (written by
 ``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training seed), and
-``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's defaults):
+``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's defaults; ``row``
+names the quality table's row: the 2-layer mpnet student is the default ``--student teacher:0,-1``, the teacher's
+bottom and top layers, and the 2-layer MiniLM one keeps MiniLM's bottom and top layers, ``--student-layers 0 -1``,
+the choice made on dev; ``first_layers`` holds both kept as their first two layers, the earlier recipe):
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
@@ -46,7 +49,14 @@ from embeddistill.runtime import environment_record
 from embeddistill.storage import atomic_write_json
 
 SETS = (("scifact", "test"), ("nfcorpus", "test"), ("squad", "test"), ("msmarco-dl", "dl19"), ("msmarco-dl", "dl20"))
-STUDENTS = ("mpnet-2L-asym", "minilm-asym", "minilm-2L-asym", "minilm-sym")
+# The headline's students and the quality-table row each is measured by (the recipe's layer choice).
+STUDENTS = {
+    "mpnet-2L-asym": "mpnet-L0L11-asym",
+    "minilm-asym": "minilm-asym",
+    "minilm-2L-asym": "minilm-L0L5-asym",
+    "minilm-sym": "minilm-sym",
+}
+FIRST_LAYERS = ("mpnet-2L-asym", "minilm-2L-asym")  # the same students keeping their first two layers
 OFF_THE_SHELF = "all-MiniLM-L6-v2"
 METHOD = "embeddistill"
 METRIC = "nDCG@10"
@@ -54,7 +64,7 @@ TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?(?:_(?P<variant>mix|dev|dev_mix))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
-GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym")  # rows of the _mix tables
+GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
 
 def load_tables(folder: Path) -> list[dict]:
@@ -198,6 +208,7 @@ def student_entry(tables: list[dict], row: str, label: str, ref: Reference) -> d
     found = collect(tables, f"{row}/{METHOD}")
     means = five_set_means(found)
     entry: dict = {
+        "row": row,
         "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
         "nDCG@10": {
             f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
@@ -243,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     shelf = five_set_means(shelf_found)
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
     ref = Reference(teacher_mean, shelf_found, shelf_retention, speed, args.permutation_rounds)
-    students = {student: student_entry(default_tables, student, student, ref) for student in STUDENTS}
+    students = {name: student_entry(default_tables, row, name, ref) for name, row in STUDENTS.items()}
+    first_layers = {row: student_entry(default_tables, row, f"{row} (first layers)", ref) for row in FIRST_LAYERS}
     general = {
         name: student_entry(general_tables(tables), name, f"{name} + general queries", ref) for name in GENERAL_STUDENTS
     }
@@ -264,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             OFF_THE_SHELF: {"mean_nDCG@10": shelf[min(shelf)] if shelf else None, "retention_mean": shelf_retention}
         },
         "students": students,
+        "first_layers": first_layers,
         "with_general_queries": {
             "recipe": "the library's defaults + --extra-queries (13,817 MS MARCO dev-small and eval-small queries, no "
-            "labels); mpnet-L0L11-asym: --student teacher:0,11 (the choice made on dev)",
+            "labels); with them, dev chose the teacher's layers 0 and 11 for the 2-layer mpnet student "
+            "(mpnet-L0L11-asym) and MiniLM's first two layers for the 2-layer MiniLM one (minilm-2L-asym)",
             "students": general,
             "dev": dev_candidates(Path(args.dev_tables)),
         },
