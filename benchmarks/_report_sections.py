@@ -387,9 +387,10 @@ def _headline_rows(students: dict[str, dict]) -> list[list[str]]:
     for name, student in students.items():
         seeds = ", ".join(f"{split} {len(s)}" for split, s in student["seeds"].items())
         beats = student.get("beats_off_the_shelf")
+        row = student.get("row", name)
         body.append(
             [
-                f"`{name}`",
+                f"`{name}`" if row == name else f"`{name}` (row `{row}`)",
                 percent(student.get("retention_mean")) or "not all five sets measured",
                 percent(student.get("retention_sd")),
                 times(student.get("cpu_speedup_batch1")),
@@ -438,6 +439,9 @@ def render_headline(data: dict) -> list[str]:
         "",
     ]
     lines += table(HEADLINE_HEADER, _headline_rows(data["students"]))
+    if data.get("first_layers"):
+        lines += ["The same students keeping their first two layers (the previous recipe):", ""]
+        lines += table(HEADLINE_HEADER, _headline_rows(data["first_layers"]))
     if data.get("with_general_queries"):
         lines += _general_queries(data["with_general_queries"])
     label_free = data["label_free"]

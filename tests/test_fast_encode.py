@@ -178,22 +178,6 @@ def test_chunks_come_back_in_order_with_progress(tiny_teacher_path):
     assert torch.is_grad_enabled()  # the generator's inference mode does not leak into the caller
 
 
-@pytest.mark.parametrize(
-    ("count", "chunk_size", "sizes"),
-    [
-        (5183, 2048, [256, 512, 1024, 2048, 1343]),  # the speed benchmark's corpus: the device starts after 256
-        (300, 2048, [256, 44]),
-        (100, 64, [64, 36]),  # a chunk size below the first chunk's caps it
-        (0, 2048, []),
-    ],
-)
-def test_ramped_chunks_start_small_and_double_up_to_the_chunk_size(count, chunk_size, sizes):
-    texts = [str(i) for i in range(count)]
-    chunks = encoding.ramped_chunks(texts, chunk_size)
-    assert [len(c) for c in chunks] == sizes
-    assert [t for c in chunks for t in c] == texts  # every text once, in order
-
-
 def test_no_texts(tiny_teacher_path):
     model = load_sentence_transformer(tiny_teacher_path)
     assert encode(model, [], "document").shape == (0, 32)

@@ -45,37 +45,34 @@ def test_tables_of_other_experiments_are_not_read_as_the_headline():
     assert headline.TABLE_NAME.match("quality_scifact_s42_nogen.json") is None
 
 
-def test_the_general_queries_recipe_is_scored_on_its_own_tables_and_dl_on_the_plain_ones(tmp_path):
+def test_each_student_is_scored_by_its_recipe_row_and_general_queries_on_their_own_tables(tmp_path):
+    # The 2-layer mpnet student's headline row is the default teacher:0,-1 (mpnet-L0L11-asym); its first-two-layer
+    # row is kept apart; the general-queries recipe reads the _mix tables, and DL's plain ones.
     shelf = headline.OFF_THE_SHELF
+    plain = {"teacher": 1.0, shelf: 0.5, "mpnet-L0L11-asym/embeddistill": 0.4, "mpnet-2L-asym/embeddistill": 0.3}
     for dataset in ("scifact", "nfcorpus", "squad"):
-        _table(
-            tmp_path,
-            f"quality_{dataset}_s42.json",
-            dataset,
-            {"teacher": 1.0, shelf: 0.5, "mpnet-2L-asym/embeddistill": 0.4},
-        )
+        _table(tmp_path, f"quality_{dataset}_s42.json", dataset, plain)
         _table(
             tmp_path, f"quality_{dataset}_s42_mix.json", dataset, {"teacher": 1.0, "mpnet-2L-asym/embeddistill": 0.8}
         )
-    _table(
-        tmp_path,
-        "quality_msmarco-dl_s42.json",
-        "msmarco-dl",
-        {"teacher": 1.0, shelf: 0.5, "mpnet-2L-asym/embeddistill": 0.6},
-    )
+    dl = {"teacher": 1.0, shelf: 0.5, "mpnet-L0L11-asym/embeddistill": 0.6, "mpnet-2L-asym/embeddistill": 0.6}
+    _table(tmp_path, "quality_msmarco-dl_s42.json", "msmarco-dl", dl)
     out = tmp_path / "headline.json"
     args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
     assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
     written = json.loads(out.read_text())
     assert written["off_the_shelf"][shelf]["retention_mean"] == pytest.approx(0.5)
     default = written["students"]["mpnet-2L-asym"]
+    assert default["row"] == "mpnet-L0L11-asym"
     assert default["retention_mean"] == pytest.approx((0.4 * 3 + 0.6 * 2) / 5)
     assert default["beats_off_the_shelf"] is False
+    assert written["first_layers"]["mpnet-2L-asym"]["retention_mean"] == pytest.approx((0.3 * 3 + 0.6 * 2) / 5)
     general = written["with_general_queries"]["students"]["mpnet-2L-asym"]
     assert general["retention_mean"] == pytest.approx((0.8 * 3 + 0.6 * 2) / 5)
     assert general["beats_off_the_shelf"] is True
     assert general["vs_off_the_shelf"]["scifact/test"]["mean_difference"] == pytest.approx(0.3)
     assert written["with_general_queries"]["dev"] == {}
     text = "\n".join(render_headline(written))
-    assert "| `mpnet-2L-asym` | 48.0% |" in text  # the defaults' table
+    assert "| `mpnet-2L-asym` (row `mpnet-L0L11-asym`) | 48.0% |" in text  # the defaults' table
+    assert "| `mpnet-2L-asym` | 42.0% |" in text  # the first two layers
     assert "**With general queries**" in text and "| `mpnet-2L-asym` | 72.0% |" in text

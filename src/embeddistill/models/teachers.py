@@ -24,7 +24,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks, ramped_chunks
+from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks
 from embeddistill.storage import ShardedCache, fingerprint, read_manifest, text_key, weights_hash
 from embeddistill.training import distributed
 
@@ -282,7 +282,7 @@ class EmbeddingCache(ShardedCache):
     ) -> None:
         # Longest first: shards of similar length waste no padding, and the ETA is pessimistic early on.
         texts = sorted(texts, key=len, reverse=True)
-        chunks = ramped_chunks(texts, self.shard_size)  # the first shards small: the device starts sooner
+        chunks = [texts[start : start + self.shard_size] for start in range(0, len(texts), self.shard_size)]
         show = distributed.is_main()  # under torchrun, rank 0's share stands for the progress of all
         with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2, disable=not show) as bar:
             # The fast path tokenises the next shard while this one is encoded; every shard is written as it ends.
