@@ -76,3 +76,32 @@ def test_each_student_is_scored_by_its_recipe_row_and_general_queries_on_their_o
     assert "| `mpnet-2L-asym` (row `mpnet-L0L11-asym`) | 48.0% |" in text  # the defaults' table
     assert "| `mpnet-2L-asym` | 42.0% |" in text  # the first two layers
     assert "**With general queries**" in text and "| `mpnet-2L-asym` | 72.0% |" in text
+
+
+def _trained_row(retention: float, history: list[float], kept: int, merged: float | None = None) -> dict:
+    validation = {
+        "metric": "agreement_nDCG@10",
+        "kept_step": kept,
+        "history": [{"step": step, "agreement_nDCG@10": value} for step, value in enumerate(history)],
+    }
+    if merged is not None:
+        validation["merged"] = {"agreement_nDCG@10": merged}
+    return {"training": {"validation": validation}, "evaluations": {"test": {"retention": {"nDCG@10": retention}}}}
+
+
+def test_label_free_points_use_the_weights_a_run_ends_with_and_its_rise_from_the_start():
+    table = {
+        "file": "quality_scifact_s42.json",
+        "rows": {
+            "teacher": {"evaluations": {}},  # not trained: no point
+            "plain/embeddistill": _trained_row(0.9, [0.2, 0.7, 0.6], kept=1),
+            "averaged/embeddistill": _trained_row(0.95, [0.3, 0.8], kept=1, merged=0.5),
+        },
+    }
+    points = {p["row"]: p for p in headline.label_free_points([table])}
+    assert set(points) == {"plain/embeddistill", "averaged/embeddistill"}
+    assert points["plain/embeddistill"]["agreement"] == pytest.approx(0.7)  # the kept step, not the last
+    assert points["plain/embeddistill"]["agreement_gain"] == pytest.approx(0.5)
+    assert points["averaged/embeddistill"]["agreement"] == pytest.approx(0.5)  # scored as averaged
+    assert points["averaged/embeddistill"]["agreement_gain"] == pytest.approx(0.2)
+    assert points["averaged/embeddistill"]["test_retention"] == pytest.approx(0.95)
