@@ -7,7 +7,7 @@
   (:mod:`embeddistill.models.vector_teacher`).
 
 Either way the teacher lends no layers and no document tower: the student is built from ``--student`` (a local
-model, e.g. with ``--student-layers 2``) and is asymmetric, searching the teacher's own document vectors.
+model, e.g. with ``--student-layers 0 -1``) and is asymmetric, searching the teacher's own document vectors.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def api_problems(config) -> list[str]:
     if model.student.startswith("teacher:"):
         problems.append(
             f"--student {model.student}: a black-box teacher lends no layers; give a local model, e.g. "
-            "--student sentence-transformers/all-MiniLM-L6-v2 --student-layers 2"
+            "--student sentence-transformers/all-MiniLM-L6-v2 --student-layers 0 -1"
         )
     if not model.asymmetric:
         problems.append("--no-asymmetric: a black-box teacher has no document tower to train against")

@@ -1,7 +1,7 @@
 """The student of a black-box teacher (an endpoint, or given vectors): a query encoder only.
 
 An API lends no layers and no document tower, so the student is built from a local model (``--student``, e.g.
-all-MiniLM-L6-v2 with ``--student-layers 2``), projected into the teacher's space when the dimensions differ and
+all-MiniLM-L6-v2 with ``--student-layers 0 -1``), projected into the teacher's space when the dimensions differ and
 normalised when the teacher's vectors are. It is saved as a plain sentence-transformers model whose every
 ``encode`` (``encode_query`` included) is a query embedding in the teacher's space: it searches the teacher's own
 document vectors (the index or vector database they already sit in), never documents it embeds itself.
@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def build_query_student(
-    spec: str, dimension: int, normalized: bool, device: str = "cpu", trust_remote_code: bool = False, layers: int = 0
+    spec: str,
+    dimension: int,
+    normalized: bool,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    layers: int | list[int] = 0,
 ) -> SentenceTransformer:
     """A query encoder from the local model ``spec`` whose embeddings live in a ``dimension``-d teacher space."""
     tower = query_tower_modules(spec, nn.Module(), device, trust_remote_code, layers)  # no teacher to copy from
