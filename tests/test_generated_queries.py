@@ -10,6 +10,7 @@ from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset
 from embeddistill.pipeline.dual_encoder import prepare
 from embeddistill.pipeline.stages import QuerySet, collect_training_queries, roundtrip_keep
+from embeddistill.querygen import crops_per_document
 from embeddistill.serving.indexing import FlatIndex
 
 
@@ -60,6 +61,26 @@ def test_generated_per_real_caps_the_mix(scifact_slice):
     assert uncapped.counts["generated"] > real  # the cap must bite for the test to mean anything
     assert capped.counts["generated"] == round(0.5 * real)
     assert set(capped.texts) <= set(uncapped.texts)
+
+
+def test_a_small_corpus_gets_every_crop_and_a_large_one_shares_the_budget():
+    # (documents, most, budget) -> crops each: round(budget / documents), between 1 and most.
+    assert crops_per_document(5_183, 8, 60_000) == 8  # SciFact: 60000 / 5183 = 11.6, capped at 8
+    assert crops_per_document(30_005, 8, 60_000) == 2  # the MS MARCO pool: 1.9997 rounds to 2
+    assert crops_per_document(1_000_000, 8, 60_000) == 1  # never none
+    assert crops_per_document(1_000_000, 8, 0) == 8  # no budget
+    assert crops_per_document(10, 0, 60_000) == 0  # crops off stay off
+
+
+def test_the_crop_budget_sets_how_many_crops_the_run_makes(scifact_slice):
+    dataset = RetrievalDataset.load(scifact_slice)
+    eval_ids = set(dataset.qrels("test"))
+    documents = len(dataset.corpus)
+    options = {"crops_per_document": 4, "perturbations_per_query": 0}
+    full = collect_training_queries(_config(scifact_slice, crop_budget=0, **options), dataset, eval_ids)
+    shared = collect_training_queries(_config(scifact_slice, crop_budget=2 * documents, **options), dataset, eval_ids)
+    assert full.counts["generated"] == 4 * documents
+    assert shared.counts["generated"] == 2 * documents
 
 
 def test_roundtrip_keeps_generated_queries_whose_source_the_teacher_ranks_high():

@@ -53,7 +53,16 @@ class DataConfig:
     train_query_fraction: float = option(
         1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
     )
-    crops_per_document: int = option(2, "cheap generated queries: random 8-16-word spans per document", minimum=0)
+    crops_per_document: int = option(
+        8, "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
+        minimum=0,
+    )  # fmt: skip
+    crop_budget: int = option(
+        60000,
+        "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least one), "
+        "about this many in all (0 = crops_per_document whatever the corpus)",
+        minimum=0,
+    )
     perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real query", minimum=0)
     max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)", minimum=0)
     generated_per_real: float = option(

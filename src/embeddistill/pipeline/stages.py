@@ -34,7 +34,7 @@ from embeddistill.models.students import (
 )
 from embeddistill.models.teachers import DualEncoderTeacher, query_prompt
 from embeddistill.pipeline.summary import RunSummary, System
-from embeddistill.querygen import GeneratedQuery, generate_queries, make_cheap_generators
+from embeddistill.querygen import GeneratedQuery, crops_per_document, generate_queries, make_cheap_generators
 from embeddistill.runtime import resolve_device, seed_everything
 from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json, atomic_write_text
@@ -119,7 +119,11 @@ def collect_training_queries(config: DistillConfig, dataset: RetrievalDataset, e
                 from_files.append(GeneratedQuery(f"extra:{query_id}", text, file_sources.get(query_id, ""), "file"))
             else:
                 add(f"extra:{query_id}", text, [], None, False, "extra")
-    generators = make_cheap_generators(data.crops_per_document, data.perturbations_per_query)
+    documents = len(dataset.corpus)
+    crops = crops_per_document(documents, data.crops_per_document, data.crop_budget)
+    if crops != data.crops_per_document:
+        logger.info("%d crops per document (%d documents, crop_budget %d)", crops, documents, data.crop_budget)
+    generators = make_cheap_generators(crops, data.perturbations_per_query)
     made = from_files + generate_queries(generators, dataset.corpus, labelled, config.training.seed, eval_texts)
     per_real = data.generated_per_real and ids  # without real queries a per-real ratio would keep nothing
     cap = min(data.max_generated or len(made), round(data.generated_per_real * len(ids)) if per_real else len(made))

@@ -17,6 +17,7 @@ __all__ = [
     "GENERATORS",
     "GeneratedQuery",
     "QueryGenerator",
+    "crops_per_document",
     "generate_queries",
     "make_cheap_generators",
     "make_generators",
@@ -48,6 +49,20 @@ GENERATORS: dict[str, GeneratorFactory] = {"crop": _crop, "perturb": _perturb, "
 """The registry of generators by name: ``factory(n, lm_model, cache_path, lm_options)`` makes one that writes
 ``n`` queries per source text. A new generator is one entry here (``generate-queries --generator`` offers every
 name); each factory imports its module only when called, so listing the names stays cheap."""
+
+
+def crops_per_document(documents: int, most: int, budget: int) -> int:
+    """Crops each document gets: ``most`` on a small corpus; on one with more than ``budget / most`` documents,
+    ``budget / documents`` rounded (at least one), so that generated queries, and the teacher's cost of embedding
+    them, stay near ``budget`` however large the corpus. ``budget`` 0 means no budget.
+
+    Small corpora are where more crops pay: eight a document against two raised the held-out retention of each
+    asymmetric student tried by 2.5 to 4.8 points (mean over SciFact, NFCorpus and SQuAD: 5,183, 3,633 and 2,067
+    documents); with the default budget a 30,005-passage corpus keeps two each.
+    """
+    if most == 0 or budget == 0 or documents == 0:
+        return most
+    return min(most, max(1, round(budget / documents)))
 
 
 def make_cheap_generators(crops_per_document: int, perturbations_per_query: int) -> list[QueryGenerator]:
