@@ -2,12 +2,16 @@
 
     python benchmarks/headline.py --out benchmarks/results/headline.json
 
-Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS].json`` (written by
-``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training seed), and
-``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's defaults; ``row``
-names the quality table's row: the 2-layer mpnet student is the default ``--student teacher:0,-1``, the teacher's
-bottom and top layers, and the 2-layer MiniLM one keeps MiniLM's bottom and top layers, ``--student-layers 0 -1``,
-the choice made on dev; ``first_layers`` holds both kept as their first two layers, the earlier recipe):
+Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS][_c8].json``
+(written by ``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training
+seed), and ``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's
+defaults; ``row`` names the quality table's row: the 2-layer mpnet student is the default ``--student teacher:0,-1``,
+the teacher's bottom and top layers, and the 2-layer MiniLM one keeps MiniLM's bottom and top layers,
+``--student-layers 0 -1``, the choice made on dev; ``first_layers`` holds both kept as their first two layers, the
+earlier recipe). A set whose ``_c8`` tables hold the student's row is read from them alone: they were trained with
+``--set crops_per_document=8``, which is what today's defaults (8 crops per document, ``crop_budget`` 60,000) make on
+SciFact, NFCorpus and SQuAD; on the 30,005-passage DL pool the budget leaves 2 a document, as the plain tables had.
+``tables_by_set`` says which tables each set came from (the symmetric student's are all plain: not rerun).
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
@@ -17,8 +21,9 @@ the choice made on dev; ``first_layers`` holds both kept as their first two laye
 * ``vs_off_the_shelf``: per set, the mean per-query nDCG@10 difference (per-query values averaged over seeds first)
   and its paired permutation p-value, Holm-corrected over every test this file makes.
 
-``with_general_queries``: the same for the recipe chosen on dev queries (``benchmarks/results/recipe_dev/``, 20% of
-the labelled training queries held out) for the asymmetric students: the library's defaults plus 13,817 general
+``with_general_queries``: the same, with 2 crops per document (the earlier default), for the recipe chosen on dev
+queries (``benchmarks/results/recipe_dev/``, 20% of the labelled training queries held out) for the asymmetric
+students: the library's defaults plus 13,817 general
 real queries (MS MARCO dev-small and eval-small, no labels: ``--extra-queries FILE``) mixed into training
 (tables ``quality_DATASET_sSEED_mix.json``; DL's own tables, whose training queries are these already), and for the
 2-layer mpnet student the teacher's layers 0 and 11 (``--student teacher:0,11``; same architecture and CPU cost as
@@ -63,9 +68,11 @@ OFF_THE_SHELF = "all-MiniLM-L6-v2"
 METHOD = "embeddistill"
 METRIC = "nDCG@10"
 TABLE_NAME = re.compile(
-    r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?(?:_(?P<variant>mix|dev|dev_mix))?\.json$"
+    r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
+    r"(?:_(?P<variant>mix|c8|dev|dev_mix|dev_c8))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
+CROPS = "c8"  # the tables trained with 8 crops per document, today's default on these corpora (crop_budget)
 GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
 
@@ -92,7 +99,7 @@ def dev_candidates(folder: Path) -> dict[str, dict]:
     """Dev retention of nDCG@10 of every candidate row in the dev tables (seed 42): per set and three-set mean."""
     found: dict[str, dict[str, float]] = {}
     for table in load_tables(folder):
-        suffix = " + general queries" if table["variant"] == "dev_mix" else ""
+        suffix = {"dev_mix": " + general queries", "dev_c8": " + 8 crops per document"}.get(table["variant"], "")
         for key, row in table["rows"].items():
             if "/" in key:
                 found.setdefault(key.split("/")[0] + suffix, {})[table["dataset"]] = row["evaluations"]["dev"][
@@ -208,13 +215,18 @@ class Reference:
     tests: list[tuple[str, dict, str, float, float]] = dataclasses.field(default_factory=list)
 
 
-def student_entry(tables: list[dict], row: str, label: str, ref: Reference) -> dict:
+def student_entry(tables: list[dict], row: str, label: str, ref: Reference, newer: list[dict] = ()) -> dict:
     """One student's seeds, per-set means, five-set retention and CPU speed-up; its paired tests against the
-    off-the-shelf model go into ``ref.tests`` under ``label``, to be Holm-corrected with every other one."""
+    off-the-shelf model go into ``ref.tests`` under ``label``, to be Holm-corrected with every other one.
+
+    A set the ``newer`` tables hold the row on is taken from them alone (``tables_by_set`` says which)."""
     found = collect(tables, f"{row}/{METHOD}")
+    newer_found = collect(list(newer), f"{row}/{METHOD}")
+    found.update(newer_found)
     means = five_set_means(found)
     entry: dict = {
         "row": row,
+        "tables_by_set": {f"{d}/{s}": CROPS if (d, s) in newer_found else "plain" for d, s in SETS},
         "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
         "nDCG@10": {
             f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
@@ -251,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tables = load_tables(Path(args.tables))
     default_tables = [t for t in tables if t["variant"] is None]
+    crop_tables = [t for t in tables if t["variant"] == CROPS]
     speed = json.loads(Path(args.speed_cpu).read_text()) if Path(args.speed_cpu).exists() else {}
     teacher = five_set_means(collect(default_tables, "teacher"))
     if teacher is None:
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     shelf = five_set_means(shelf_found)
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
     ref = Reference(teacher_mean, shelf_found, shelf_retention, speed, args.permutation_rounds)
-    students = {name: student_entry(default_tables, row, name, ref) for name, row in STUDENTS.items()}
+    students = {name: student_entry(default_tables, row, name, ref, crop_tables) for name, row in STUDENTS.items()}
     first_layers = {row: student_entry(default_tables, row, f"{row} (first layers)", ref) for row in FIRST_LAYERS}
     general = {
         name: student_entry(general_tables(tables), name, f"{name} + general queries", ref) for name in GENERAL_STUDENTS
@@ -284,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "students": students,
         "first_layers": first_layers,
         "with_general_queries": {
-            "recipe": "the library's defaults + --extra-queries (13,817 MS MARCO dev-small and eval-small queries, no "
-            "labels); with them, dev chose the teacher's layers 0 and 11 for the 2-layer mpnet student "
-            "(mpnet-L0L11-asym) and MiniLM's first two layers for the 2-layer MiniLM one (minilm-2L-asym)",
+            "recipe": "the earlier defaults (2 crops per document) + --extra-queries (13,817 MS MARCO dev-small and "
+            "eval-small queries, no labels); with them, dev chose the teacher's layers 0 and 11 for the 2-layer mpnet "
+            "student (mpnet-L0L11-asym) and MiniLM's first two layers for the 2-layer MiniLM one (minilm-2L-asym)",
             "students": general,
             "dev": dev_candidates(Path(args.dev_tables)),
         },

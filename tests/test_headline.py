@@ -34,6 +34,7 @@ def _table(folder: Path, name: str, dataset: str, rows: dict[str, float]) -> Non
         ("quality_scifact_s43_mix.json", "mix", None),
         ("quality_msmarco-dl_s42_e1.json", None, "1"),
         ("quality_squad_s42_dev_mix.json", "dev_mix", None),
+        ("quality_nfcorpus_s43_c8.json", "c8", None),
     ],
 )
 def test_table_names_give_their_variant(name, variant, epochs):
@@ -105,3 +106,19 @@ def test_label_free_points_use_the_weights_a_run_ends_with_and_its_rise_from_the
     assert points["averaged/embeddistill"]["agreement"] == pytest.approx(0.5)  # scored as averaged
     assert points["averaged/embeddistill"]["agreement_gain"] == pytest.approx(0.2)
     assert points["averaged/embeddistill"]["test_retention"] == pytest.approx(0.95)
+
+
+def test_a_set_with_crop_tables_reads_the_student_from_them_alone(tmp_path):
+    # SciFact has a _c8 table (8 crops per document, today's default there): the student's SciFact value comes from
+    # it; NFCorpus, SQuAD and DL have none and keep the plain tables' value.
+    shelf = headline.OFF_THE_SHELF
+    plain = {"teacher": 1.0, shelf: 0.5, "mpnet-L0L11-asym/embeddistill": 0.4}
+    for dataset in ("scifact", "nfcorpus", "squad", "msmarco-dl"):
+        _table(tmp_path, f"quality_{dataset}_s42.json", dataset, plain)
+    _table(tmp_path, "quality_scifact_s42_c8.json", "scifact", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.9})
+    out = tmp_path / "headline.json"
+    args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
+    assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
+    default = json.loads(out.read_text())["students"]["mpnet-2L-asym"]
+    assert default["retention_mean"] == pytest.approx((0.9 + 0.4 * 4) / 5)
+    assert default["tables_by_set"]["scifact/test"] == "c8" and default["tables_by_set"]["squad/test"] == "plain"
