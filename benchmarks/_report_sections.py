@@ -325,12 +325,22 @@ def render_smallest_same_backend(data: dict) -> list[str]:
     ]
     header = ["backend", "smallest ms b1 (p10-p90)", "teacher ms b1", "speed-up b1", "smallest ms b32",
               "teacher ms b32", "speed-up b32", "nDCG@10 vs fp32"]  # fmt: skip
+    others = [
+        f"with {block} call(s) in a row: int8 batch 1 {fmt(other['smallest']['onnx_int8']['batch1_ms'])} ms against "
+        f"the teacher's {fmt(other['teacher']['onnx_int8']['batch1_ms'])} ms"
+        for block, other in smallest.get("other_blocks", {}).items()
+    ]
+    kept = smallest.get("parity", {}).get("kept_from")
     return [
         "",
         f"The smallest student (2-layer MiniLM + projection) and the teacher in the same backend and precision, "
-        f"interleaved on the same batches: `{fmt(run.get('command'))}` (commit {fmt(run.get('git_commit'))}; load "
+        f"interleaved on the same batches, each encoder making {fmt(smallest.get('block', 1))} call(s) in a row: "
+        f"`{fmt(run.get('command'))}` (commit {fmt(run.get('git_commit'))}; load "
         f"before {fmt(run.get('load_average_1_5_15_before'))}). Retrieval parity of int8: "
-        f"{fmt(smallest.get('parity', {}).get('model'))} on SciFact test.",
+        f"{fmt(smallest.get('parity', {}).get('model'))} on SciFact test"
+        + (f", from `{fmt(kept.get('command'))}` (commit {fmt(kept.get('git_commit'))})" if kept else "")
+        + "."
+        + (f" Also measured {'; '.join(others)}." if others else ""),
         "",
         *table(header, body),
     ]

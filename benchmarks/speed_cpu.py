@@ -59,6 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", default=["encoders", "smallest"], choices=["encoders", "smallest"])
     parser.add_argument("--smallest", default="", help="smallest student folder (default: built, untrained)")
     parser.add_argument("--parity-student", default="", help="trained student for the ONNX retrieval-parity check")
+    parser.add_argument(
+        "--keep-parity",
+        action="store_true",
+        help="no --parity-student: keep the parity check already in --out (its run's command and commit go with it)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=[10, 1],
+        help="smallest section: calls each encoder makes in a row before the next runs (the first is the headline)",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--memory-probe", default="", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--queries-file", default="", help=argparse.SUPPRESS)
@@ -225,6 +237,17 @@ def smallest_models(args, work: Path) -> tuple[dict[str, str], str]:
     return {"teacher": args.teacher, "smallest": str(work / "student-smallest")}, "as built, untrained (speed only)"
 
 
+def kept_parity(previous: dict) -> dict | None:
+    """The parity check of the previous smallest run in ``previous`` (the --out file), with that run's record."""
+    smallest = previous.get("smallest", {})
+    if not smallest.get("parity", {}).get("run"):
+        return None
+    ratios = {b: smallest[b]["nDCG@10_ratio_vs_fp32"] for b in ("onnx_fp32", "onnx_int8") if b in smallest}
+    run = previous.get("smallest_run", {})
+    parity = smallest["parity"] | {"kept_from": {key: run.get(key) for key in ("command", "git_commit", "date")}}
+    return {"parity": parity, "ratios": ratios}
+
+
 def smallest_run(args, argv, queries: list[str]) -> dict:
     from _speed_onnx import smallest_section
 
@@ -239,8 +262,9 @@ def smallest_run(args, argv, queries: list[str]) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1_5_15_before": list(load_before),
         "load_average_1_5_15_after": list(os.getloadavg()),
-        "method": "benchmarks/_speed_onnx.py: six encoders interleaved per repeat on the same batch of SciFact test "
-        "queries, tokenisation included; ONNX Runtime and torch with the same thread count",
+        "method": "benchmarks/_speed_onnx.py: six encoders interleaved on the same batches of SciFact test queries, "
+        f"tokenisation included, each making {args.blocks[0]} calls in a row before the next (other_blocks: "
+        f"{', '.join(map(str, args.blocks[1:])) or 'none'}); ONNX Runtime and torch with the same thread count",
         "repeats_batch1": args.repeats,
     }
     return section
@@ -276,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         "versions"
     ]
     if "smallest" in args.sections:
+        kept = kept_parity(result) if args.keep_parity and not args.parity_student else None
         result.update(smallest_run(args, argv, queries))
+        if kept:
+            result["smallest"]["parity"] = kept["parity"]
+            for backend, ratio in kept["ratios"].items():
+                result["smallest"][backend]["nDCG@10_ratio_vs_fp32"] = ratio
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
