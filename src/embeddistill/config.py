@@ -58,23 +58,19 @@ class DataConfig:
         minimum=0,
     )  # fmt: skip
     crop_budget: int = option(
-        60000,
-        "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least one), "
-        "about this many in all (0 = crops_per_document whatever the corpus)",
-        minimum=0,
-    )
+        60000, "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least "
+        "one), about this many in all (0 = crops_per_document whatever the corpus)", minimum=0,
+    )  # fmt: skip
     perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real query", minimum=0)
     max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)", minimum=0)
     generated_per_real: float = option(
-        0.0,
-        "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)",
+        0.0, "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)",
         minimum=0.0,
-    )
+    )  # fmt: skip
     roundtrip_top_k: int = option(
-        0,
-        "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k",
+        0, "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k",
         minimum=0,
-    )
+    )  # fmt: skip
     validation_queries: int = option(
         500,
         "hold out this many training queries (seeded, at most a tenth) for the label-free check: the student's "
@@ -243,12 +239,8 @@ class CrossEncoderConfig:
     first_stage: str = option(
         "", "cross-encoder teachers: the dual encoder whose top documents are the candidates (default: --teacher)"
     )
-    cross_encoder_batch_size: int = option(
-        64, "pairs per batch when the cross-encoder scores candidates", minimum=1, shapes=False
-    )
-    cross_encoder_max_length: int = option(
-        0, "cross-encoder maximum tokens per pair (0 = the model's own setting)", minimum=0
-    )
+    cross_encoder_batch_size: int = option(64, "pairs per cross-encoder scoring batch", minimum=1, shapes=False)
+    cross_encoder_max_length: int = option(0, "cross-encoder tokens per pair (0 = the model's own)", minimum=0)
     ce_query_target: str = option(
         "anchor",
         "cross-encoder EM target of a query: its segment embedding paired with its anchor document, or the mean "
@@ -266,9 +258,7 @@ class CrossEncoderConfig:
         "cross-encoder teachers: random documents added to every query's scored candidates (in-batch-like)",
         minimum=0,
     )
-    rerank_depth: int = option(
-        100, "cross-encoder teachers: rerank this many first-stage documents per query", minimum=1
-    )
+    rerank_depth: int = option(100, "cross-encoder teachers: first-stage documents reranked per query", minimum=1)
 
 
 @dataclass
