@@ -623,8 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dev",
         action="store_true",
-        help=f"score on {DEV_FRACTION:.0%} of the labelled training queries held out (SQuAD: whole training articles) "
-        "instead of the test split, to choose settings; the test qrels are not read",
+        help=f"score on {DEV_FRACTION * 100:.0f}%% of the labelled training queries held out (SQuAD: whole training "
+        "articles) instead of the test split, to choose settings; the test qrels are not read",
     )
     parser.add_argument(
         "--start-weight-sweep",
