@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import textwrap
 
@@ -18,9 +19,11 @@ from embeddistill.config import (
     TeacherApiConfig,
     TeacherTrainingConfig,
     TrainingConfig,
+    add_config_arguments,
     apply_arguments,
     config_from_args,
     leaf_fields,
+    option,
 )
 
 
@@ -336,3 +339,17 @@ def test_train_teacher_flags_come_from_the_config_fields():
             TeacherTrainingConfig(),
             parser.parse_args(["train-teacher", "--base", "b", "--dataset", "d", "--out", "o", "--epochs", "2.5"]),
         )
+
+
+def test_a_percent_sign_in_an_option_help_prints_as_is_in_help():
+    @dataclasses.dataclass
+    class Sampling:
+        keep: float = option(0.5, "keep 50% of the queries", minimum=0.0)
+
+    @dataclasses.dataclass
+    class Config:
+        sampling: Sampling = dataclasses.field(default_factory=Sampling)
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Config())
+    assert "keep 50% of the queries (default: 0.5)" in " ".join(parser.format_help().split())

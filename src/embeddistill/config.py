@@ -407,6 +407,7 @@ def _add_argument(group, section: Any, f: dataclasses.Field, value: Any) -> None
     flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
     required = bool(f.metadata.get("required"))
     help_text = f.metadata.get("help", "") + ("" if required else f" (default: {value!r})")
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help when printing: a bare % would crash --help
     annotation = _field_type(section, f)
     if annotation is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
