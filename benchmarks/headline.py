@@ -2,16 +2,17 @@
 
     python benchmarks/headline.py --out benchmarks/results/headline.json
 
-Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS][_c8].json``
+Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS][_c8|_c24].json``
 (written by ``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training
 seed), and ``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's
 defaults; ``row`` names the quality table's row: the 2-layer mpnet student is the default ``--student teacher:0,-1``,
 the teacher's bottom and top layers, and the 2-layer MiniLM one keeps MiniLM's bottom and top layers,
 ``--student-layers 0 -1``, the choice made on dev; ``first_layers`` holds both kept as their first two layers, the
-earlier recipe). A set whose ``_c8`` tables hold the student's row is read from them alone: they were trained with
-``--set crops_per_document=8``, which is what today's defaults (8 crops per document, ``crop_budget`` 60,000) make on
-SciFact, NFCorpus and SQuAD; on the 30,005-passage DL pool the budget leaves 2 a document, as the plain tables had.
-``tables_by_set`` says which tables each set came from (the symmetric student's are all plain: not rerun).
+earlier recipe). Each set is read from the newest tables that hold the student's row on it: ``_c24`` (today's
+defaults: 24 crops per document, 2 epochs, ``crop_budget`` 150,000, on SciFact, NFCorpus and SQuAD), else ``_c8``
+(8 crops, 6 epochs: the previous defaults), else the plain tables (2 crops, 6 epochs). ``tables_by_set`` says which
+tables each set came from: the DL sets are plain (not rerun: the budget gives the 30,005-passage DL pool 5 crops a
+document today, 2 then), and so is every set of the symmetric student.
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
@@ -69,10 +70,18 @@ METHOD = "embeddistill"
 METRIC = "nDCG@10"
 TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
-    r"(?:_(?P<variant>mix|c8|dev|dev_mix|dev_c8))?\.json$"
+    r"(?:_(?P<variant>mix|c8|c24|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
-CROPS = "c8"  # the tables trained with 8 crops per document, today's default on these corpora (crop_budget)
+# Tables trained with more crops per document than the plain ones, oldest recipe first: a set that a later one holds
+# the row on is read from that one alone. c24: today's defaults (24 crops, 2 epochs); c8: 8 crops, 6 epochs.
+CROPS = ("c8", "c24")
+DEV_SUFFIX = {
+    "dev_mix": " + general queries",
+    "dev_c8": " + 8 crops per document",
+    "dev_c16e3": " + 16 crops per document, 3 epochs",
+    "dev_c24e2": " + 24 crops per document, 2 epochs",
+}
 GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
 
@@ -99,7 +108,7 @@ def dev_candidates(folder: Path) -> dict[str, dict]:
     """Dev retention of nDCG@10 of every candidate row in the dev tables (seed 42): per set and three-set mean."""
     found: dict[str, dict[str, float]] = {}
     for table in load_tables(folder):
-        suffix = {"dev_mix": " + general queries", "dev_c8": " + 8 crops per document"}.get(table["variant"], "")
+        suffix = DEV_SUFFIX.get(table["variant"], "")
         for key, row in table["rows"].items():
             if "/" in key:
                 found.setdefault(key.split("/")[0] + suffix, {})[table["dataset"]] = row["evaluations"]["dev"][
@@ -215,18 +224,24 @@ class Reference:
     tests: list[tuple[str, dict, str, float, float]] = dataclasses.field(default_factory=list)
 
 
-def student_entry(tables: list[dict], row: str, label: str, ref: Reference, newer: list[dict] = ()) -> dict:
+def student_entry(
+    tables: list[dict], row: str, label: str, ref: Reference, newer: dict[str, list[dict]] | None = None
+) -> dict:
     """One student's seeds, per-set means, five-set retention and CPU speed-up; its paired tests against the
     off-the-shelf model go into ``ref.tests`` under ``label``, to be Holm-corrected with every other one.
 
-    A set the ``newer`` tables hold the row on is taken from them alone (``tables_by_set`` says which)."""
+    ``newer`` maps a table variant to its tables, oldest first: a set that a variant holds the row on is taken from
+    the last such variant alone (``tables_by_set`` says which)."""
     found = collect(tables, f"{row}/{METHOD}")
-    newer_found = collect(list(newer), f"{row}/{METHOD}")
-    found.update(newer_found)
+    source = dict.fromkeys(found, "plain")
+    for variant, variant_tables in (newer or {}).items():
+        variant_found = collect(variant_tables, f"{row}/{METHOD}")
+        found.update(variant_found)
+        source.update(dict.fromkeys(variant_found, variant))
     means = five_set_means(found)
     entry: dict = {
         "row": row,
-        "tables_by_set": {f"{d}/{s}": CROPS if (d, s) in newer_found else "plain" for d, s in SETS},
+        "tables_by_set": {f"{d}/{s}": source.get((d, s), "plain") for d, s in SETS},
         "seeds": {f"{d}/{s}": sorted(found.get((d, s), {})) for d, s in SETS},
         "nDCG@10": {
             f"{d}/{s}": float(np.mean([np.mean(list(v.values())) for v in found[(d, s)].values()]))
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tables = load_tables(Path(args.tables))
     default_tables = [t for t in tables if t["variant"] is None]
-    crop_tables = [t for t in tables if t["variant"] == CROPS]
+    crop_tables = {variant: [t for t in tables if t["variant"] == variant] for variant in CROPS}
     speed = json.loads(Path(args.speed_cpu).read_text()) if Path(args.speed_cpu).exists() else {}
     teacher = five_set_means(collect(default_tables, "teacher"))
     if teacher is None:

@@ -77,7 +77,7 @@ import yaml
 from _common import REPO, decode_values, encode_values, git_commit, local_model, train_peer
 from _splits import document_group, write_group_split, write_held_out_split, write_merged_split
 
-from embeddistill.config import DistillConfig
+from embeddistill.config import DistillConfig, TrainingConfig
 from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
 from embeddistill.evaluation.latency import measure_latency
 from embeddistill.evaluation.metrics import score_run
@@ -596,7 +596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help=f"distill options of the '{DEV_CHOSEN}' method, chosen on dev queries (benchmarks/choose_defaults.py)",
     )
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=TrainingConfig().epochs, help="default: the library's")
     parser.add_argument("--seed", type=int, default=42, help="training seed (and, by default, the SQuAD split's)")
     parser.add_argument(
         "--split-seed",

@@ -65,11 +65,13 @@ def test_generated_per_real_caps_the_mix(scifact_slice):
 
 def test_a_small_corpus_gets_every_crop_and_a_large_one_shares_the_budget():
     # (documents, most, budget) -> crops each: round(budget / documents), between 1 and most.
-    assert crops_per_document(5_183, 8, 60_000) == 8  # SciFact: 60000 / 5183 = 11.6, capped at 8
-    assert crops_per_document(30_005, 8, 60_000) == 2  # the MS MARCO pool: 1.9997 rounds to 2
-    assert crops_per_document(1_000_000, 8, 60_000) == 1  # never none
-    assert crops_per_document(1_000_000, 8, 0) == 8  # no budget
-    assert crops_per_document(10, 0, 60_000) == 0  # crops off stay off
+    assert crops_per_document(5_183, 24, 150_000) == 24  # SciFact: 150000 / 5183 = 28.9, capped at 24
+    assert crops_per_document(30_005, 24, 150_000) == 5  # the MS MARCO pool: 4.9992 rounds to 5
+    assert crops_per_document(5_183, 8, 60_000) == 8  # the earlier defaults: 11.6, capped at 8
+    assert crops_per_document(30_005, 8, 60_000) == 2  # 1.9997 rounds to 2
+    assert crops_per_document(1_000_000, 24, 150_000) == 1  # never none
+    assert crops_per_document(1_000_000, 24, 0) == 24  # no budget
+    assert crops_per_document(10, 0, 150_000) == 0  # crops off stay off
 
 
 def test_the_crop_budget_sets_how_many_crops_the_run_makes(scifact_slice):

@@ -35,6 +35,8 @@ def _table(folder: Path, name: str, dataset: str, rows: dict[str, float]) -> Non
         ("quality_msmarco-dl_s42_e1.json", None, "1"),
         ("quality_squad_s42_dev_mix.json", "dev_mix", None),
         ("quality_nfcorpus_s43_c8.json", "c8", None),
+        ("quality_squad_s44_c24.json", "c24", None),
+        ("quality_scifact_s42_dev_c24e2.json", "dev_c24e2", None),
     ],
 )
 def test_table_names_give_their_variant(name, variant, epochs):
@@ -108,17 +110,20 @@ def test_label_free_points_use_the_weights_a_run_ends_with_and_its_rise_from_the
     assert points["averaged/embeddistill"]["test_retention"] == pytest.approx(0.95)
 
 
-def test_a_set_with_crop_tables_reads_the_student_from_them_alone(tmp_path):
-    # SciFact has a _c8 table (8 crops per document, today's default there): the student's SciFact value comes from
-    # it; NFCorpus, SQuAD and DL have none and keep the plain tables' value.
+def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
+    # SciFact has _c8 and _c24 tables (the previous and today's defaults): its value comes from _c24 alone; NFCorpus
+    # has only a _c8 table and takes it; SQuAD and DL have neither and keep the plain tables' value.
     shelf = headline.OFF_THE_SHELF
     plain = {"teacher": 1.0, shelf: 0.5, "mpnet-L0L11-asym/embeddistill": 0.4}
     for dataset in ("scifact", "nfcorpus", "squad", "msmarco-dl"):
         _table(tmp_path, f"quality_{dataset}_s42.json", dataset, plain)
     _table(tmp_path, "quality_scifact_s42_c8.json", "scifact", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.9})
+    _table(tmp_path, "quality_scifact_s42_c24.json", "scifact", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.8})
+    _table(tmp_path, "quality_nfcorpus_s42_c8.json", "nfcorpus", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.6})
     out = tmp_path / "headline.json"
     args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
     assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
     default = json.loads(out.read_text())["students"]["mpnet-2L-asym"]
-    assert default["retention_mean"] == pytest.approx((0.9 + 0.4 * 4) / 5)
-    assert default["tables_by_set"]["scifact/test"] == "c8" and default["tables_by_set"]["squad/test"] == "plain"
+    assert default["retention_mean"] == pytest.approx((0.8 + 0.6 + 0.4 * 3) / 5)
+    sources = default["tables_by_set"]
+    assert (sources["scifact/test"], sources["nfcorpus/test"], sources["squad/test"]) == ("c24", "c8", "plain")

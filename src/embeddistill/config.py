@@ -54,11 +54,11 @@ class DataConfig:
         1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
     )
     crops_per_document: int = option(
-        8, "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
+        24, "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
         minimum=0,
     )  # fmt: skip
     crop_budget: int = option(
-        60000, "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least "
+        150000, "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least "
         "one), about this many in all (0 = crops_per_document whatever the corpus)", minimum=0,
     )  # fmt: skip
     perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real query", minimum=0)
@@ -151,7 +151,7 @@ class LossConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = option(6, "passes over the training queries", minimum=1)
+    epochs: int = option(2, "passes over the training queries (more varied crops beat more passes)", minimum=1)
     batch_size: int = option(
         64,
         "queries per step",
