@@ -233,7 +233,7 @@ def student_entry(
     ``newer`` maps a table variant to its tables, oldest first: a set that a variant holds the row on is taken from
     the last such variant alone (``tables_by_set`` says which)."""
     found = collect(tables, f"{row}/{METHOD}")
-    source = dict.fromkeys(found, "plain")
+    source: dict = {}
     for variant, variant_tables in (newer or {}).items():
         variant_found = collect(variant_tables, f"{row}/{METHOD}")
         found.update(variant_found)
