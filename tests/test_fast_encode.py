@@ -17,6 +17,7 @@ from embeddistill.models.encoding import (
     encode,
     encode_chunks,
     preprocess_chunk,
+    ramped_chunks,
     rust_tokenizer,
     tokenize_chunk,
 )
@@ -176,6 +177,15 @@ def test_chunks_come_back_in_order_with_progress(tiny_teacher_path):
     assert sum(seen) == len(TEXTS)
     np.testing.assert_allclose(np.concatenate(parts), _reference(model, TEXTS, "query"), atol=TOLERANCE)
     assert torch.is_grad_enabled()  # the generator's inference mode does not leak into the caller
+
+
+def test_chunks_start_small_and_double_up_to_the_chunk_size():
+    texts = [str(i) for i in range(20)]
+    chunks = ramped_chunks(texts, chunk_size=6, first=2)
+    assert [len(c) for c in chunks] == [2, 4, 6, 6, 2]
+    assert sum(chunks, []) == texts
+    assert [len(c) for c in ramped_chunks(texts[:3], chunk_size=2, first=256)] == [2, 1]
+    assert ramped_chunks([], chunk_size=4) == []
 
 
 def test_no_texts(tiny_teacher_path):

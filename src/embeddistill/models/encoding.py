@@ -5,7 +5,8 @@ the CPU (a device sync per batch), uses a fixed number of texts per batch whatev
 eager attention. :func:`encode_chunks` computes the very same embeddings (the model's own preprocessing and
 modules, in the model's own dtype) but:
 
-* tokenises each chunk once, in the background while the device encodes the previous chunk, straight through the
+* tokenises each chunk once, in the background while the device encodes the previous chunk (:func:`ramped_chunks`
+  keeps the first chunk small: the device waits for that one alone), straight through the
   Rust ``tokenizers`` backend (:class:`RustTokenizer`: ``encode_batch`` without offsets or padding, which releases
   the GIL and spreads the texts over all cores), padded per length-sorted chunk into preallocated arrays; a sample
   of every chunk is checked against the model's own ``preprocess``, which is used instead (in background threads)
@@ -59,6 +60,7 @@ PROBE_TEXTS = (  # checked once per model: empty and blank texts, unicode, a tex
     "cells " * 1100,
 )
 CUDA_PAD_MULTIPLE = 8
+FIRST_CHUNK = 256  # texts of the first chunk (see ramped_chunks)
 
 
 @dataclass
@@ -408,14 +410,33 @@ def _submit_next(
     return None if texts is None else prefetch.submit(tokenize_chunk, model, texts, kind, tokenizers)
 
 
+def ramped_chunks(texts: list[str], chunk_size: int, first: int = FIRST_CHUNK) -> list[list[str]]:
+    """``texts`` in order, cut into chunks of ``first``, twice that, ... up to ``chunk_size`` texts.
+
+    Nothing overlaps the first chunk's tokenisation (every later one is tokenised while the device encodes the one
+    before): a small first chunk gets the device going at once, the large later ones amortise each chunk's copy.
+    """
+    chunks, start, size = [], 0, min(first, chunk_size)
+    while start < len(texts):
+        chunks.append(texts[start : start + size])
+        start, size = start + size, min(2 * size, chunk_size)
+    return chunks
+
+
 def encode(
     model: SentenceTransformer, texts: list[str], kind: str, batch_size: int = 32, chunk_size: int = 2048, **options
 ) -> np.ndarray:
-    """Embed ``texts`` in chunks of ``chunk_size`` (see :func:`encode_chunks`); fp32 rows in input order."""
-    chunks = [texts[i : i + chunk_size] for i in range(0, len(texts), chunk_size)]
+    """Embed ``texts`` in :func:`ramped_chunks` of up to ``chunk_size`` (see :func:`encode_chunks`); fp32 rows in
+    input order. Texts are sorted longest first (by characters) beforehand, so each chunk holds texts of similar
+    length and its batches carry little padding."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    chunks = ramped_chunks([texts[i] for i in order], chunk_size)
     parts = list(encode_chunks(model, chunks, kind, batch_size, **options))
-    dimension = embedding_dimension(model)
-    return np.concatenate(parts) if parts else np.zeros((0, dimension), dtype=np.float32)
+    if not parts:
+        return np.zeros((0, embedding_dimension(model)), dtype=np.float32)
+    out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+    out[order] = np.concatenate(parts)
+    return out
 
 
 def _encode_with_sentence_transformers(
