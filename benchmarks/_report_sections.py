@@ -454,6 +454,15 @@ def render_headline(data: dict) -> list[str]:
         lines += table(HEADLINE_HEADER, _headline_rows(data["first_layers"]))
     if data.get("with_general_queries"):
         lines += _general_queries(data["with_general_queries"])
+    if data.get("dl_at_earlier_recipe"):
+        earlier = ", ".join(
+            f"`{name}` {percent(e['retention_mean'])}" for name, e in data["dl_at_earlier_recipe"]["students"].items()
+        )
+        lines += [
+            "With DL19 and DL20 as the earlier recipe trained them (2 crops per passage, 6 epochs), the other sets as "
+            f"in the first table: {earlier}.",
+            "",
+        ]
     label_free = data["label_free"]
     lines += [
         f"Label-free agreement of the weights each run ends with against test retention, {label_free['runs']} "

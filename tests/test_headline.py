@@ -37,6 +37,7 @@ def _table(folder: Path, name: str, dataset: str, rows: dict[str, float]) -> Non
         ("quality_nfcorpus_s43_c8.json", "c8", None),
         ("quality_squad_s44_c24.json", "c24", None),
         ("quality_scifact_s42_dev_c24e2.json", "dev_c24e2", None),
+        ("quality_nfcorpus_s42_dev_c48e1.json", "dev_c48e1", None),
     ],
 )
 def test_table_names_give_their_variant(name, variant, epochs):
@@ -112,7 +113,8 @@ def test_label_free_points_use_the_weights_a_run_ends_with_and_its_rise_from_the
 
 def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
     # SciFact has _c8 and _c24 tables (the previous and today's defaults): its value comes from _c24 alone; NFCorpus
-    # has only a _c8 table and takes it; SQuAD and DL have neither and keep the plain tables' value.
+    # has only a _c8 table and takes it; SQuAD has neither and keeps the plain tables' value; DL has a _c24 table,
+    # which the headline reads and dl_at_earlier_recipe does not.
     shelf = headline.OFF_THE_SHELF
     plain = {"teacher": 1.0, shelf: 0.5, "mpnet-L0L11-asym/embeddistill": 0.4}
     for dataset in ("scifact", "nfcorpus", "squad", "msmarco-dl"):
@@ -120,10 +122,16 @@ def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
     _table(tmp_path, "quality_scifact_s42_c8.json", "scifact", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.9})
     _table(tmp_path, "quality_scifact_s42_c24.json", "scifact", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.8})
     _table(tmp_path, "quality_nfcorpus_s42_c8.json", "nfcorpus", {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": 0.6})
+    _table(tmp_path, "quality_msmarco-dl_s42_c24.json", "msmarco-dl", {"mpnet-L0L11-asym/embeddistill": 0.2})
     out = tmp_path / "headline.json"
     args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
     assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
-    default = json.loads(out.read_text())["students"]["mpnet-2L-asym"]
-    assert default["retention_mean"] == pytest.approx((0.8 + 0.6 + 0.4 * 3) / 5)
+    written = json.loads(out.read_text())
+    default = written["students"]["mpnet-2L-asym"]
+    assert default["retention_mean"] == pytest.approx((0.8 + 0.6 + 0.4 + 0.2 * 2) / 5)
     sources = default["tables_by_set"]
     assert (sources["scifact/test"], sources["nfcorpus/test"], sources["squad/test"]) == ("c24", "c8", "plain")
+    assert sources["msmarco-dl/dl19"] == sources["msmarco-dl/dl20"] == "c24"
+    earlier = written["dl_at_earlier_recipe"]["students"]["mpnet-2L-asym"]
+    assert earlier["retention_mean"] == pytest.approx((0.8 + 0.6 + 0.4 * 3) / 5)
+    assert earlier["tables_by_set"]["msmarco-dl/dl19"] == "plain"
