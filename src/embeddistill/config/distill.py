@@ -1,39 +1,20 @@
-"""Configuration: dataclasses with help text, loadable from YAML, overridable by command-line flags.
-
-One system for every command: a field is declared once with :func:`option` (default, help, choices), and
-:func:`add_config_arguments` turns every field into a flag, so no default is ever written twice. Every field name
-is unique across sections, so each field is also a flag (``--learning-rate 2e-4``), and a YAML file may be nested
-by section (``training: {learning_rate: 1e-3}``) or flat; as sections are only flattened, files written before the
-cross-encoder fields moved into their own ``ce`` section (``model: {cross_encoder: ...}``) still load unchanged.
-"""
+"""``embeddistill distill``'s settings: :class:`DistillConfig` and its sections, one per concern (data, model,
+loss, training, evaluation) plus one per teacher lane that needs its own (``ce``: cross-encoder teachers, ``api``:
+black-box teachers). Every field name is unique across sections, so each is also a flag and a flat YAML key."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from embeddistill.config.options import apply_arguments, apply_overrides, flatten, option
+
 MIN_BATCH_SIZE = 2  # distill: one query and its in-batch negatives from at least one other
-
-
-def option(default: Any, help: str, **kwargs) -> Any:
-    """A config field: its default, its help text and argparse extras (``choices``, ``required``, ``flag``).
-
-    Keeping the flag's description on the field is what lets one builder serve every command. The field's limits
-    are declared here too and checked, with every other rule between options, by :mod:`embeddistill.checks`:
-    ``minimum`` / ``maximum`` (inclusive), ``above`` (exclusive), applied to each item of a list; ``why`` explains
-    a limit in the error. ``shapes=False`` marks a setting that cannot change a run's result (threads, cache
-    folder, evaluation depth): ``--resume`` lets it differ from the checkpoint's.
-    """
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+SECTION_NAMES = ("data", "model", "loss", "training", "evaluation", "ce", "api")
 
 
 @dataclass
@@ -46,31 +27,38 @@ class DataConfig:
     train_split: str = option("train", "qrels split whose queries are labelled training queries ('' for none)")
     eval_split: str = option("test", "qrels split to evaluate on")
     dev_fraction: float = option(
-        0.0, "hold out this fraction of the labelled training queries as the evaluation set (eval_split ignored)",
-        minimum=0.0, maximum=0.9,
-    )  # fmt: skip
+        0.0,
+        "hold out this fraction of the labelled training queries as the evaluation set (eval_split ignored)",
+        minimum=0.0,
+        maximum=0.9,
+    )
     extra_queries: list[str] = option([], "extra unlabeled query files (.jsonl with _id/text, or .tsv id<TAB>text)")
     train_query_fraction: float = option(
         1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
     )
     crops_per_document: int = option(
-        24, "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
+        24,
+        "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
         minimum=0,
-    )  # fmt: skip
+    )
     crop_budget: int = option(
-        150000, "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least "
-        "one), about this many in all (0 = crops_per_document whatever the corpus)", minimum=0,
-    )  # fmt: skip
+        150000,
+        "a corpus with more than crop_budget / crops_per_document documents gets fewer crops each (at least "
+        "one), about this many in all (0 = crops_per_document whatever the corpus)",
+        minimum=0,
+    )
     perturbations_per_query: int = option(2, "cheap generated queries: perturbed copies per real query", minimum=0)
     max_generated: int = option(0, "cap on generated queries, sampled at random (0 = no cap)", minimum=0)
     generated_per_real: float = option(
-        0.0, "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)",
+        0.0,
+        "mix ratio: at most this many generated queries per real (labelled or extra) query (0 = no limit)",
         minimum=0.0,
-    )  # fmt: skip
+    )
     roundtrip_top_k: int = option(
-        0, "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k",
+        0,
+        "round-trip filter: keep a generated query only if the teacher ranks its source document in its top k",
         minimum=0,
-    )  # fmt: skip
+    )
     validation_queries: int = option(
         500,
         "hold out this many training queries (seeded, at most a tenth) for the label-free check: the student's "
@@ -300,7 +288,7 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, values: dict) -> DistillConfig:
         config = cls()
-        apply_overrides(config, flatten(values), source="config")
+        apply_overrides(config, flatten(values, section_names=SECTION_NAMES), source="config")
         return config
 
     @classmethod
@@ -312,187 +300,11 @@ class DistillConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of options at the top level")
         config = cls()
-        apply_overrides(config, flatten(values, str(path)), source=str(path))
+        apply_overrides(config, flatten(values, str(path), SECTION_NAMES), source=str(path))
         return config
-
-
-def sections(config: Any) -> list[Any]:
-    """The config object itself and its nested section dataclasses."""
-    nested = [getattr(config, f.name) for f in dataclasses.fields(config)]
-    return [config] + [value for value in nested if dataclasses.is_dataclass(value)]
-
-
-def leaf_fields(config: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
-    """``{field_name: (section_object, field)}`` for every non-section field."""
-    leaves: dict[str, tuple[Any, dataclasses.Field]] = {}
-    for section in sections(config):
-        for f in dataclasses.fields(section):
-            if dataclasses.is_dataclass(getattr(section, f.name)):
-                continue
-            if f.name in leaves:
-                raise AssertionError(f"config field {f.name!r} is defined twice")
-            leaves[f.name] = (section, f)
-    return leaves
-
-
-SECTION_NAMES = ("data", "model", "loss", "training", "evaluation", "ce", "api")
-
-
-def flatten(values: dict, source: str = "config") -> dict:
-    """Flatten ``{section: {option: value}}`` to ``{option: value}``; sections must be known names."""
-    flat: dict = {}
-    for key, value in values.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{source}: option names must be strings, got {key!r}")
-        if isinstance(value, dict):
-            if key not in SECTION_NAMES:
-                raise ValueError(f"{source}: unknown section {key!r}; sections are {', '.join(SECTION_NAMES)}")
-            flat.update(flatten(value, source))
-        else:
-            flat[key.replace("-", "_")] = value
-    return flat
-
-
-def _field_type(section: Any, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(type(section))
-    return hints[f.name]
-
-
-def _coerce(value: Any, annotation: Any, name: str, source: str, special: tuple = ()) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (list, typing.List):  # noqa: UP006
-        (item_type,) = typing.get_args(annotation)
-        items = value if isinstance(value, list) else [value]
-        return [_coerce(item, item_type, name, source) for item in items]
-    if origin in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "on"):
-            return True
-        if str(value).lower() in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{source}: option {name!r} expects true/false, got {value!r}")
-    expected = " or ".join([annotation.__name__, *map(repr, special)])
-    problem = ValueError(f"{source}: option {name!r} expects {expected}, got {value!r}")
-    if isinstance(value, str) and value in special:
-        return value
-    if isinstance(value, bool | list | dict):  # never silently turn true into 1 or a list into its repr
-        raise problem
-    try:
-        coerced = annotation(value)
-    except (TypeError, ValueError):
-        raise problem from None
-    if annotation is int and float(value) != coerced:  # 2.5 epochs is a mistake, not 2
-        raise problem
-    return coerced
-
-
-def apply_overrides(config: Any, values: dict, source: str) -> None:
-    leaves = leaf_fields(config)
-    for name, value in values.items():
-        if name not in leaves:
-            raise ValueError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(leaves))}")
-        section, f = leaves[name]
-        coerced = _coerce(value, _field_type(section, f), name, source, f.metadata.get("special", ()))
-        choices = f.metadata.get("choices")
-        if choices and coerced not in choices:
-            raise ValueError(f"{source}: option {name!r} must be one of {choices}, got {coerced!r}")
-        setattr(section, name, coerced)
-
-
-def _add_argument(group, section: Any, f: dataclasses.Field, value: Any) -> None:
-    """One flag for one field; ``default=None`` means 'not given', so YAML values survive unless overridden."""
-    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-    required = bool(f.metadata.get("required"))
-    help_text = f.metadata.get("help", "") + ("" if required else f" (default: {value!r})")
-    help_text = help_text.replace("%", "%%")  # argparse %-formats help when printing: a bare % would crash --help
-    annotation = _field_type(section, f)
-    if annotation is bool:
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-    elif typing.get_origin(annotation) is list:
-        nargs = "+" if required else "*"
-        group.add_argument(flag, dest=f.name, nargs=nargs, default=None, required=required, help=help_text)
-    else:
-        choices = f.metadata.get("choices")
-        group.add_argument(flag, dest=f.name, default=None, choices=choices, required=required, help=help_text)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config: Any) -> None:
-    """One flag per config field of every section (grouped by section in ``--help``), for any config dataclass."""
-    for section in sections(config):
-        group = parser.add_argument_group(type(section).__name__.removesuffix("Config").lower() or "general")
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if not dataclasses.is_dataclass(value):
-                _add_argument(group, section, f, value)
-
-
-def apply_arguments(config: Any, args: argparse.Namespace) -> Any:
-    """Set every field whose flag was given on the command line (coerced and checked like YAML values)."""
-    given = {name: getattr(args, name) for name in leaf_fields(config) if getattr(args, name, None) is not None}
-    apply_overrides(config, given, source="command line")
-    return config
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """``distill``: defaults, then ``--config`` YAML, then flags."""
     config = DistillConfig.from_yaml(args.config) if getattr(args, "config", None) else DistillConfig()
     return apply_arguments(config, args)
-
-
-@dataclass
-class TeacherTrainingConfig:
-    """Settings of ``embeddistill train-teacher`` (each one a flag, built by :func:`add_config_arguments`)."""
-
-    base: str = option("", "pretrained encoder or cross-encoder checkpoint (name or path)", required=True)
-    datasets: list[str] = option([], "one or more BEIR datasets", required=True, flag="--dataset")
-    split: str = option("train", "qrels split with the labelled training queries")
-    out: str = option("", "output folder (safetensors weights, tokenizer, JSON config)", required=True, shapes=False)
-    architecture: str = option(
-        "dual-pooling",
-        "dual-pooling (query and document segments pooled, s = <e_q, e_d>: it has embeddings to match) or standard "
-        "(a one-logit classification head over [CLS]: scores only), from the same base and data",
-        choices=["dual-pooling", "standard"],
-    )
-    negatives_from: str = option("", "dual encoder whose top documents are hard negatives (default: random documents)")
-    positives_in_pool: bool = option(
-        True, "positives: the judged documents the first stage ranks in its top depth + 50 (all where none is)"
-    )
-    distill_from: str = option("", "a standard cross-encoder whose scores are also distilled")
-    distill_weight: float = option(1.0, "weight of score distillation from --distill-from", minimum=0.0)
-    label_weight: float = option(
-        1.0, "weight of the label loss (softmax cross-entropy against the positive)", minimum=0.0
-    )
-    group_size: int = option(
-        8,
-        "documents per query: 1 positive and group-size - 1 hard negatives",
-        minimum=2,
-        why="a positive and a negative",
-    )
-    hard_negative_depth: int = option(50, "hard negatives come from the first stage's top-k documents", minimum=1)
-    epochs: int = option(3, "passes over the training queries", minimum=1)
-    batch_size: int = option(32, "queries per step", minimum=1)
-    learning_rate: float = option(3e-5, "AdamW peak learning rate", above=0.0)
-    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0.0)
-    warmup_ratio: float = option(
-        0.1, "fraction of steps with linear warm-up (then linear decay)", minimum=0.0, maximum=1.0
-    )
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", minimum=0.0)
-    temperature: float = option(0.05, "softmax temperature of the normalised (cosine) scores", above=0.0)
-    normalize: bool = option(True, "L2-normalise the pooled segment embeddings")
-    max_length: int = option(256, "tokens per (query, document) pair", minimum=8)
-    seed: int = option(42, "seed for sampling and initialisation")
-    device: str = option("auto", "'auto', 'cpu' or 'cuda'", shapes=False)
-    checkpoint_every: int = option(
-        200, "save a resumable checkpoint every N steps (0 = only at the end)", minimum=0, shapes=False
-    )
-    resume: bool = option(False, "continue from OUT.checkpoint/", shapes=False)
-    overwrite: bool = option(
-        False, "start again although OUT.checkpoint/ holds an earlier run's checkpoint", shapes=False
-    )
-    cache_dir: str = option("", "embedding cache of --negatives-from", shapes=False)
-    trust_remote_code: bool = option(
-        False, "allow models that execute code from their repository (off unless asked)", shapes=False
-    )
