@@ -27,7 +27,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 from _common import REPO, git_commit, local_model
 from sentence_transformers import SentenceTransformer
 
@@ -81,19 +80,21 @@ def distill(args, name: str, train: Path) -> dict:
     }
 
 
-def agreement(student: np.ndarray, teacher: np.ndarray, documents: np.ndarray) -> float:
-    judged = teacher_judgements(teacher @ documents.T, AGREEMENT_DEPTH)
-    return float(agreement_ndcg(student @ documents.T, judged).mean())
-
-
-def dl_scores(index: FlatIndex, pool: RetrievalDataset, folder: Path, encode) -> dict[str, float]:
-    scores = {}
+def dl_splits(pool: RetrievalDataset, folder: Path) -> dict[str, tuple[list[str], dict]]:
+    """DL19 and DL20: their judged query ids (in the pool) and qrels."""
+    splits = {}
     for split in ("dl19", "dl20"):
         qrels = load_qrels(folder / "qrels" / f"{split}.tsv")
         ids = sorted(q for q in qrels if q in pool.queries)
+        splits[split] = ids, {q: qrels[q] for q in ids}
+    return splits
+
+
+def dl_scores(index: FlatIndex, pool: RetrievalDataset, splits: dict, encode) -> dict[str, float]:
+    scores = {}
+    for split, (ids, qrels) in splits.items():
         embeddings = encode([pool.queries[q] for q in ids])
-        result = evaluate_embeddings(split, ids, embeddings, index, {q: qrels[q] for q in ids}, ["nDCG@10"], 100)
-        scores[split] = result.metrics["nDCG@10"]
+        scores[split] = evaluate_embeddings(split, ids, embeddings, index, qrels, ["nDCG@10"], 100).metrics["nDCG@10"]
     return scores
 
 
@@ -115,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     doc_ids = list(pool.corpus)
     documents = teacher.embed_documents([pool.corpus[d] for d in doc_ids])
     index = FlatIndex(documents, doc_ids)
-    teacher_held_out = teacher.embed_queries(held_out)
+    splits = dl_splits(pool, Path(args.pool))
+    # The teacher's graded top 10 of each held-out query: the same for every run.
+    judged = teacher_judgements(teacher.embed_queries(held_out) @ documents.T, AGREEMENT_DEPTH)
     for name, run in runs.items():
         student = QueryEncoder.of(SentenceTransformer(str(Path(args.work) / name / "student"), device="cpu"))
-        run["agreement_nDCG@10_held_out_real"] = agreement(student.encode(held_out), teacher_held_out, documents)
-        run["nDCG@10_after_the_choice"] = dl_scores(index, pool, Path(args.pool), student.encode)
+        agreement = agreement_ndcg(student.encode(held_out) @ documents.T, judged)
+        run["agreement_nDCG@10_held_out_real"] = float(agreement.mean())
+        run["nDCG@10_after_the_choice"] = dl_scores(index, pool, splits, student.encode)
     chosen = max(runs, key=lambda name: runs[name]["agreement_nDCG@10_held_out_real"])
     result = {
         "benchmark": "dl_recipe",
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": Path(args.teacher).name,
         "student": "teacher:0,5",
         "held_out_real_queries": len(held_out),
-        "teacher_nDCG@10": dl_scores(index, pool, Path(args.pool), teacher.embed_queries),
+        "teacher_nDCG@10": dl_scores(index, pool, splits, teacher.embed_queries),
         "runs": runs,
         "chosen_by_label_free_agreement": chosen,
         **environment_record(),
