@@ -35,6 +35,9 @@ retention of every candidate that choice was made from.
 the label-free teacher agreement of the weights the run ends with (held-out training queries, no labels) with the
 row's test retention of nDCG@10 (each DL row counted on DL19 and DL20 as one mean);
 ``spearman_gain_vs_test_retention`` the same for the agreement's rise from the run's start (read after the fact).
+``real_queries_only``: whether agreement on the real held-out queries alone would rank runs better, per dataset,
+against the same runs' mixed agreement: on the dev tables (against dev retention: what a choice may use) and on the
+test tables.
 """
 
 from __future__ import annotations
@@ -195,21 +198,31 @@ def label_free_points(tables: list[dict]) -> list[dict]:
                     "row": key,
                     "agreement": final[validation["metric"]],
                     "agreement_gain": final[validation["metric"]] - start,
+                    "agreement_real": final.get(f"{validation['metric']}_real"),
                     "test_retention": float(np.mean(retention)),
                 }
             )
     return points
 
 
-def within_dataset(points: list[dict]) -> dict[str, float | None]:
-    """Spearman per dataset (tables of one dataset, any seed): what choosing settings for one corpus relies on."""
+def within_dataset(points: list[dict], key: str = "agreement") -> dict[str, float | None]:
+    """Spearman per dataset (tables of one dataset, any seed): what choosing settings for one corpus relies on.
+    ``key`` names the agreement (``agreement_real``: the real held-out queries alone; points without it are left out).
+    A dev table's ``test_retention`` is its dev retention."""
     by_dataset: dict[str, list[dict]] = {}
     for point in points:
-        by_dataset.setdefault(TABLE_NAME.match(point["table"])["dataset"], []).append(point)
+        if point[key] is not None:
+            by_dataset.setdefault(TABLE_NAME.match(point["table"])["dataset"], []).append(point)
     return {
-        dataset: spearman([p["agreement"] for p in group], [p["test_retention"] for p in group])
+        dataset: spearman([p[key] for p in group], [p["test_retention"] for p in group])
         for dataset, group in sorted(by_dataset.items())
     }
+
+
+def real_queries_only(points: list[dict]) -> dict[str, dict]:
+    """Within-dataset Spearman of the real-query agreement and of the mixed one, on the runs that have both."""
+    both = [p for p in points if p["agreement_real"] is not None]
+    return {"real": within_dataset(both, "agreement_real"), "mixed": within_dataset(both)}
 
 
 @dataclasses.dataclass
@@ -345,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             "spearman_gain_vs_test_retention": spearman(
                 [p["agreement_gain"] for p in points], [p["test_retention"] for p in points]
             ),
+            "real_queries_only": {
+                "dev": real_queries_only(label_free_points(load_tables(Path(args.dev_tables)))),
+                "test": real_queries_only(points),
+            },
             "points": points,
         },
         "significance": "paired permutation test on per-query nDCG@10 averaged over seeds, Holm over all tests here",

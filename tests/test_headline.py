@@ -111,6 +111,18 @@ def test_label_free_points_use_the_weights_a_run_ends_with_and_its_rise_from_the
     assert points["averaged/embeddistill"]["test_retention"] == pytest.approx(0.95)
 
 
+def test_real_query_agreement_is_ranked_only_on_the_runs_that_have_it():
+    # Three runs with the real-query agreement (it ranks them as retention does, the mixed one in reverse) and one
+    # without it, whose point must not enter either ranking.
+    points = [
+        {"table": "quality_scifact_s42.json", "agreement": a, "agreement_real": r, "test_retention": t}
+        for a, r, t in [(0.9, 0.1, 0.90), (0.8, 0.2, 0.95), (0.7, 0.3, 0.99), (0.1, None, 0.5)]
+    ]
+    ranked = headline.real_queries_only(points)
+    assert ranked["real"]["scifact"] == pytest.approx(1.0)
+    assert ranked["mixed"]["scifact"] == pytest.approx(-1.0)
+
+
 def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
     # SciFact has _c8 and _c24 tables (the previous and today's defaults): its value comes from _c24 alone; NFCorpus
     # has only a _c8 table and takes it; SQuAD has neither and keeps the plain tables' value; DL has a _c24 table,
