@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import same_as_ours
+from _common import git_commit, same_as_ours
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from embeddistill import runtime
@@ -626,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "speed_gpu",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
         "device": torch.cuda.get_device_name() if device == "cuda" else environment_record(())["machine"]["cpu"],
         "versions": {
             **environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
