@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import train_peer
+from _common import git_commit, train_peer
 
 from embeddistill.config import DistillConfig
 from embeddistill.evaluation.metrics import score_run
@@ -118,6 +118,7 @@ def main() -> None:
         {
             "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
+            "git_commit": git_commit(),
             "device": (
                 torch.cuda.get_device_name() if torch.cuda.is_available() else environment_record(())["machine"]["cpu"]
             ),

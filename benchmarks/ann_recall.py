@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = Path.home() / ".cache" / "embeddistill-models" / "all-MiniLM-L6-v2"
@@ -147,6 +148,7 @@ def main() -> int:
     report = {
         "command": "python benchmarks/ann_recall.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
         "dataset": str(dataset.path),
         "documents": len(doc_ids),
         "queries": len(query_ids),

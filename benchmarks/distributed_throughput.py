@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from _common import git_commit
 
 from embeddistill.config import TrainingConfig
 from embeddistill.losses import EmbedDistillLoss
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "benchmark": "distributed_throughput",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
             "device": name,
             "device_type": device.type,
             "torch": torch.__version__,

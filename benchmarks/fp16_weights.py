@@ -15,7 +15,7 @@ import json
 import logging
 
 import torch
-from _common import local_model
+from _common import git_commit, local_model
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.data import resolve_dataset
@@ -47,6 +47,7 @@ def main() -> None:
         {
             "command": f"python benchmarks/fp16_weights.py --out {args.out}",
             "date": datetime.date.today().isoformat(),
+            "git_commit": git_commit(),
             "teacher": teacher.rstrip("/").split("/")[-1],
             "documents": len(texts),
             "min_cosine": float(cosine.min()),

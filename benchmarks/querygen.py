@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import git_commit
 from ablation import run_ours
 
 from embeddistill.data import RetrievalDataset
@@ -158,6 +159,7 @@ def provenance(argv: list[str]) -> dict:
     return {
         "command": "python benchmarks/querygen.py " + " ".join(argv[1:]),
         "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else environment_record(())["machine"]["cpu"],

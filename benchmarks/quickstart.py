@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from _common import REPO, local_model
+from _common import REPO, git_commit, local_model
 
 
 def main() -> int:
@@ -40,6 +40,7 @@ def main() -> int:
     result = {
         "command": "python benchmarks/quickstart.py " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
         "wall_seconds_including_teacher_cache": wall,
         **summary,
     }

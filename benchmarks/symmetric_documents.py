@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from _common import local_model
+from _common import git_commit, local_model
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.data import load_corpus, resolve_dataset
@@ -87,6 +87,7 @@ def main() -> None:
         "command": f"python benchmarks/symmetric_documents.py --dataset {args.dataset} --documents {args.documents} "
         f"--repeats {args.repeats} --out {args.out}",
         "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
         "student": student.rstrip("/").split("/")[-1],
         "dataset": args.dataset,
         "documents": len(texts),

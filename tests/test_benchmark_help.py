@@ -20,3 +20,10 @@ def test_every_benchmark_script_prints_its_help_and_exits_cleanly(script, monkey
         runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
     assert exited.value.code in (0, None)
     assert "usage" in capsys.readouterr().out.lower() or script == "quickstart.py"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_that_records_its_command_records_its_git_commit_too(script):
+    source = (BENCHMARKS / script).read_text()
+    if '"command"' in source:
+        assert "git_commit" in source, f"{script} writes a result with its command but not the commit it ran at"

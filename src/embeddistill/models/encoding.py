@@ -14,7 +14,8 @@ modules, in the model's own dtype) but:
 * sorts a chunk by token length and fills batches up to a **token budget** (``batch_size * max_seq_length`` padded
   tokens: the memory of ``batch_size`` longest texts), so short texts go many to a batch;
 * copies a chunk's token ids to the device once (pinned, non-blocking) and slices batches there; embeddings stay on
-  the device until the chunk is done, so the device never waits for the host inside a chunk;
+  the device until the chunk is done, and go back to the host only once the next chunk is queued, so the device
+  never waits for the host, within a chunk or between chunks;
 * pads batches to a multiple of 8 tokens on CUDA (tensor-core friendly shapes), not at all on the CPU;
 * runs MPNet's attention through ``scaled_dot_product_attention`` (its relative-position bias as the additive mask,
   computed once per batch instead of once per layer), while encoding only: the model is restored afterwards.
@@ -328,8 +329,8 @@ def _model_device(model: SentenceTransformer) -> torch.device:
 
 def _embed_chunk(
     model: SentenceTransformer, chunk: TokenizedChunk, kind: str, budget: int, on_batch: Callable[[int], None] | None
-) -> np.ndarray:
-    """Embeddings of one tokenised chunk, rows back in input order."""
+) -> HostCopy:
+    """Embeddings of one tokenised chunk, rows back in input order, on their way to the host."""
     device = _model_device(model)
     rows = len(chunk.order)
     multiple = pad_multiple(device)
@@ -348,7 +349,27 @@ def _embed_chunk(
         if on_batch is not None:
             on_batch(stop - start)
     inverse = torch.from_numpy(np.argsort(chunk.order)).to(out.device)
-    return out[inverse].cpu().numpy()
+    return HostCopy(out[inverse])
+
+
+class HostCopy:
+    """A device tensor's copy to the host, started without waiting: on CUDA it lands in pinned memory while the
+    device goes on with the work queued after it, and :meth:`numpy` waits for it alone. Waiting at once (``.cpu()``)
+    would leave the device idle until the host had queued the next chunk's first batch."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.host, self.done = tensor.cpu(), None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def numpy(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy()
 
 
 def _fit_width(tensor: torch.Tensor, width: int, pad: int) -> torch.Tensor:
@@ -387,6 +408,7 @@ def encode_chunks(
     ):
         iterator = iter(chunks)
         pending = _submit_next(prefetch, tokenizers, model, iterator, kind)
+        previous = None
         while pending is not None:
             chunk = pending.result()
             pending = _submit_next(prefetch, tokenizers, model, iterator, kind)  # while the device works on this one
@@ -395,8 +417,12 @@ def encode_chunks(
                 sdpa_attention(model) if sdpa else contextlib.nullcontext(),
                 compiled_transformer(model) if compile else contextlib.nullcontext(),
             ):
-                embeddings = _embed_chunk(model, chunk, kind, budget, on_batch)
-            yield embeddings  # outside the contexts: the caller runs with its own grad mode and model
+                current = _embed_chunk(model, chunk, kind, budget, on_batch)
+            if previous is not None:  # this chunk is queued: the device keeps busy while the host takes the last
+                yield previous.numpy()  # outside the contexts: the caller runs with its own grad mode and model
+            previous = current
+        if previous is not None:
+            yield previous.numpy()
 
 
 def _submit_next(
