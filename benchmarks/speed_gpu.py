@@ -34,6 +34,8 @@ of the local model folders, since weights do not travel): the teacher is all-mpn
         --out benchmarks/results/speed_gpu.json
 
 ``--smoke`` shrinks models and sizes for a CPU check of the script. Needs ``datasets`` for the peer trainer.
+``--sections`` picks what runs (e.g. ``--sections encode`` after a change to the encoding path); a section not run
+is kept from the existing ``--out`` file, and ``section_runs`` says which command and commit each section is from.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from embeddistill.training.distillation import DistillationTrainer
 from embeddistill.training.teacher_finetuning import CrossEncoderTrainer, TeacherExample
 
 TEACHER_FOLDER = "all-mpnet-base-v2"
+SECTIONS = ("encode", "train", "symmetric", "dual_pooling")
 SMOKE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 
@@ -92,6 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-out", default="", help="write a torch.profiler table of our training step here")
     parser.add_argument("--encode-profile-out", default="", help="write torch.profiler tables of our encoding here")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few texts and steps (CPU check)")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=list(SECTIONS),
+        help="what runs; a section not run is kept from the existing --out file, with the command and commit it "
+        "ran at (section_runs)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.encode_batch_sizes, args.repeats = [4], 1
@@ -583,21 +594,70 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    result = kept_sections(out) if set(args.sections) != set(SECTIONS) else {}
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    stamp = {
+        "command": command,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    work = Path(tempfile.mkdtemp(prefix="speed-gpu-"))
+    try:
+        peak = matmul_peak(device)
+        print("peak", peak, flush=True)
+        result.update(run_sections(args, device, peak, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.update(
+        benchmark="speed_gpu",
+        **stamp,
+        device=torch.cuda.get_device_name() if device == "cuda" else environment_record(())["machine"]["cpu"],
+        versions={
+            **environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
+            "cuda": torch.version.cuda,
+        },
+        smoke=args.smoke,
+        teacher="all-mpnet-base-v2 architecture, random weights",
+        bf16_matmul_peak=peak,
+    )
+    result["section_runs"] = {**result.get("section_runs", {}), **{name: stamp for name in args.sections}}
+    result["summary"] = summary(result, max(args.encode_batch_sizes))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"device": result["device"], **result["summary"]}, indent=2))
+    return 0
+
+
+def kept_sections(out: Path) -> dict:
+    """The existing result, each section stamped with the run it came from (files from before ``--sections``
+    carry one command and commit for all)."""
+    if not out.is_file():
+        return {}
+    result = json.loads(out.read_text())
+    stamp = {key: result.get(key) for key in ("command", "git_commit", "date")}
+    result["section_runs"] = {
+        **{name: stamp for name in SECTIONS if name in result},
+        **result.get("section_runs", {}),
+    }
+    return result
+
+
+def run_sections(args, device: str, peak: dict, work: Path) -> dict:
+    """The sections ``args.sections`` names, each under its own key."""
     documents, query_texts = beir_texts(Path(args.data))
     passages, passage_queries = beir_texts(Path(args.passages))
     passages = passages[: args.passage_count]
     if args.smoke:
         documents, query_texts = documents[:48], query_texts[:64]
-    work = Path(tempfile.mkdtemp(prefix="speed-gpu-"))
-    try:
-        peak = matmul_peak(device)
-        print("peak", peak, flush=True)
-        teacher = random_sentence_transformer(Path(args.configs) / TEACHER_FOLDER, work, device, args.smoke)
-        teacher.max_seq_length = args.max_seq_length
-        teacher.eval()
+    teacher = random_sentence_transformer(Path(args.configs) / TEACHER_FOLDER, work, device, args.smoke)
+    teacher.max_seq_length = args.max_seq_length
+    teacher.eval()
+    teacher_bf16 = teacher.to(torch.bfloat16) if device == "cuda" else teacher
+    sections = {}
+    if "encode" in args.sections:
         lengths = token_lengths(teacher.tokenizer, documents, args.max_seq_length)
         flops = forward_flops(teacher[0].auto_model.config, lengths)
-        teacher_bf16 = teacher.to(torch.bfloat16) if device == "cuda" else teacher
         encode = bench_encode(args, teacher_bf16, documents, flops, peak["tflops"], work)
         encode.update(
             documents=len(documents),
@@ -607,45 +667,28 @@ def main(argv: list[str] | None = None) -> int:
             forward_flops_corpus=flops,
             **fastest_encoding(encode["runs"]),
         )
-        train = bench_training(args, teacher_bf16.float(), query_texts, peak["tflops"], device, work)
-        symmetric = bench_symmetric(args, teacher_bf16, passages, passage_queries, device, work)
-        dual_pooling = bench_dual_pooling(args, passages, passage_queries, device, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    largest = max(args.encode_batch_sizes)
-    runs = encode["runs"]
-    summary = {
+        sections["encode"] = encode
+    if "train" in args.sections:
+        sections["train"] = bench_training(args, teacher_bf16.float(), query_texts, peak["tflops"], device, work)
+    if "symmetric" in args.sections:
+        sections["symmetric"] = bench_symmetric(args, teacher_bf16, passages, passage_queries, device, work)
+    if "dual_pooling" in args.sections:
+        sections["dual_pooling"] = bench_dual_pooling(args, passages, passage_queries, device, work)
+    return sections
+
+
+def summary(result: dict, largest: int) -> dict:
+    runs = result["encode"]["runs"]
+    return {
         "encode_ours_over_sentence_transformers": runs[f"ours_bs{largest}"]["documents_per_second"]
         / runs[f"sentence_transformers_bs{largest}"]["documents_per_second"],
-        "train_ours_over_sentence_transformers": train["runs"]["ours_distillation_trainer"]["queries_per_second"]
-        / train["runs"]["sentence_transformers_trainer"]["queries_per_second"],
-        "symmetric_training_attention_over_pytorch": symmetric["speedup"],
-        "dual_pooling_training_attention_over_pytorch": dual_pooling["training_speedup"],
+        "train_ours_over_sentence_transformers": result["train"]["runs"]["ours_distillation_trainer"][
+            "queries_per_second"
+        ]
+        / result["train"]["runs"]["sentence_transformers_trainer"]["queries_per_second"],
+        "symmetric_training_attention_over_pytorch": result["symmetric"]["speedup"],
+        "dual_pooling_training_attention_over_pytorch": result["dual_pooling"]["training_speedup"],
     }
-    result = {
-        "benchmark": "speed_gpu",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else environment_record(())["machine"]["cpu"],
-        "versions": {
-            **environment_record(("torch", "transformers", "sentence-transformers"))["versions"],
-            "cuda": torch.version.cuda,
-        },
-        "smoke": args.smoke,
-        "teacher": "all-mpnet-base-v2 architecture, random weights",
-        "bf16_matmul_peak": peak,
-        "encode": encode,
-        "train": train,
-        "symmetric": symmetric,
-        "dual_pooling": dual_pooling,
-        "summary": summary,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"device": result["device"], **summary}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
