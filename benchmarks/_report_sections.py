@@ -351,6 +351,15 @@ def render_speed_gpu(data: dict) -> list[str]:
         f"Device {data.get('device')}; measured bf16 matmul peak {fmt(data['bf16_matmul_peak']['tflops'])} TFLOP/s.",
         "",
     ]
+    runs = data.get("section_runs", {})
+    if len({run.get("git_commit") for run in runs.values()}) > 1:  # sections from different runs: say which is which
+        lines += [
+            *(
+                f"- `{name}`: `{run.get('command')}` at {run.get('git_commit')} ({run.get('date')})"
+                for name, run in runs.items()
+            ),
+            "",
+        ]
     body = [
         [name, fmt(r["documents_per_second"]), percent(r["share_of_peak"])]
         for name, r in data["encode"]["runs"].items()
