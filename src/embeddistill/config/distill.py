@@ -209,6 +209,13 @@ class EvaluationConfig:
         50, "timed repeats per batch size for CPU query latency (median reported)", minimum=1, shapes=False
     )
     latency_batch_sizes: list[int] = option([1, 32], "batch sizes for CPU query latency", minimum=1, shapes=False)
+    baselines: list[str] = option(
+        ["auto"],
+        "off-the-shelf models scored beside the student, each searching its own index of the corpus: what a user "
+        "would serve instead of distilling ('auto': the student's own model as it comes, unless the student is "
+        "teacher layers; '' for none)",
+        shapes=False,
+    )
 
 
 @dataclass

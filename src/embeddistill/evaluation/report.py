@@ -1,8 +1,9 @@
 """The human-readable side-by-side report of a distillation run (``report.md`` and the CLI's table).
 
 One table for both lanes, read from a :class:`~embeddistill.pipeline.summary.RunSummary`: a dual-encoder run shows
-teacher and student, a cross-encoder run the first stage, the CE reranker and the student. Systems that were not
-timed (a CE reranks, it has no query encoder) show a dash.
+teacher and student, a cross-encoder run the first stage, the CE reranker and the student; below them, the
+off-the-shelf baselines scored beside the student (``--baselines``), each with a sentence saying whether the student
+beats it. Systems that were not timed (a CE reranks, it has no query encoder) show a dash.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _systems(summary: RunSummary) -> list[tuple[str, System]]:
         start = dataclasses.replace(summary.student, metrics=agreement["start"], latency=None)
         start.query_encoder_parameters = start.query_encoder_compute_parameters = None  # the same encoder: a dash
         rows.append(("student at start", start))
-    return [*rows, (summary.student_label, summary.student)]
+    baselines = [(f"`{name}` as it comes", system) for name, system in summary.baselines.items()]
+    return [*rows, (summary.student_label, summary.student), *baselines]
 
 
 def _value(values: dict[str, float], metric: str) -> str:
@@ -159,6 +161,12 @@ def _api_line(summary: RunSummary) -> str:
     )
 
 
+def _baselines_line(summary: RunSummary) -> str:
+    """Whether the student beats each off-the-shelf model scored beside it (each searching its own index)."""
+    sentences = [sentence for _, sentence in summary.versus_baselines()]
+    return ("\n" + "\n".join(sentences) + "\n") if sentences else ""
+
+
 def write_report(path: Path, summary: RunSummary) -> None:
     """``report.md``: what was distilled into what, the table, and where the time went."""
     counts = summary.training_queries
@@ -170,7 +178,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
 {_evaluated_line(summary)}
 
 {report_table(summary)}
-
+{_baselines_line(summary)}
 CPU latency: median milliseconds to embed a batch of queries (tokenisation included),
 {summary.environment.threads} threads.{_spread_line(summary)}
 

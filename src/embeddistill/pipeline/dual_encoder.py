@@ -24,6 +24,7 @@ from embeddistill.models.students import QueryEncoder, build_student, is_asymmet
 from embeddistill.models.teachers import DualEncoderTeacher
 from embeddistill.pipeline.stages import (
     QuerySet,
+    baseline_models,
     collect_training_queries,
     described,
     device_of,
@@ -36,9 +37,11 @@ from embeddistill.pipeline.stages import (
     projection_init,
     query_latency,
     roundtrip_keep,
+    score_baseline,
     start_run,
     student_index,
     teacher_query_encoder,
+    whole_model_query_encoder,
     write_outputs,
     write_training_queries,
 )
@@ -289,28 +292,41 @@ def evaluate(prep: Prepared, student, training: dict, timings: dict) -> tuple[Ru
     Without labelled evaluation queries the quality is the student's label-free agreement with the teacher (the
     check training already ran, at the kept step): a corpus-only run has nothing else to measure it by.
     """
+    baselines = {name: score_baseline(prep.config, prep, name) for name in baseline_models(prep.config)}
     if not prep.eval_ids:
         agreement = kept_agreement(training.get("validation"))
-        return _summary(prep, student, training, timings, ({}, agreement), 0), []
+        return _summary(prep, student, training, timings, ({}, agreement), 0, baselines), []
     teacher_result = evaluate_queries(prep.config, "teacher", prep, prep.teacher_eval, prep.teacher_index)
     student_result = evaluate_student(prep, student)
     evaluated = len(teacher_result.per_query[next(iter(teacher_result.per_query))])
     metrics = (teacher_result.metrics, student_result.metrics)
-    return _summary(prep, student, training, timings, metrics, evaluated), [teacher_result, student_result]
+    summary = _summary(prep, student, training, timings, metrics, evaluated, baselines)
+    return summary, [teacher_result, student_result]
 
 
-def _summary(prep: Prepared, student, training: dict, timings: dict, metrics: tuple[dict, dict], evaluated: int):
-    """The :class:`RunSummary` of both systems' metrics (teacher's, student's), their CPU latency and size."""
+def _summary(
+    prep: Prepared,
+    student,
+    training: dict,
+    timings: dict,
+    metrics: tuple[dict, dict],
+    evaluated: int,
+    baselines: dict[str, tuple] | None = None,
+):
+    """The :class:`RunSummary` of the teacher's and the student's metrics, their CPU latency and size, and those of
+    the off-the-shelf ``baselines`` (name -> (model, scores), from :func:`score_baseline`)."""
     config = prep.config
     teacher_metrics, student_metrics = metrics
+    baselines = baselines or {}
     encoders = {"teacher": teacher_query_encoder(prep.teacher), "student": QueryEncoder.of(student)}
+    encoders.update({name: whole_model_query_encoder(model) for name, (model, _) in baselines.items()})
     latency = query_latency(config, encoders, _latency_texts(prep))
     teacher = described(encoders["teacher"], config.model.teacher, teacher_metrics, latency["teacher"])
     student_system = described(
         encoders["student"], config.model.student, student_metrics, latency["student"],
         asymmetric=config.model.asymmetric,
     )  # fmt: skip
-    return RunSummary(
+    summary = RunSummary(
         str(prep.dataset.path),
         config.data.eval_split if evaluated else "",
         evaluated,
@@ -322,7 +338,14 @@ def _summary(prep: Prepared, student, training: dict, timings: dict, metrics: tu
         training,
         timings,
         Environment.current(),
+        baselines={
+            name: described(encoders[name], name, scores, latency[name], asymmetric=False)
+            for name, (_, scores) in baselines.items()
+        },
     )
+    for below, sentence in summary.versus_baselines():
+        (logger.warning if below else logger.info)(sentence)
+    return summary
 
 
 def _latency_texts(prep: Prepared) -> list[str]:

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sentence_transformers import SentenceTransformer
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset, load_queries, load_query_sources, write_queries_jsonl
+from embeddistill.evaluation.agreement import AGREEMENT_METRIC, agreement_ndcg
 from embeddistill.evaluation.latency import measure_latency
 from embeddistill.evaluation.metrics import RunResult, evaluate_embeddings
 from embeddistill.evaluation.model_card import write_model_card
 from embeddistill.evaluation.report import write_report
 from embeddistill.losses import EmbedDistillLoss, LossWeights
+from embeddistill.models.encoding import DOCUMENT, QUERY, encode
 from embeddistill.models.students import (
     QueryEncoder,
     count_parameters,
@@ -32,7 +35,7 @@ from embeddistill.models.students import (
     projection_of,
     query_modules,
 )
-from embeddistill.models.teachers import DualEncoderTeacher, query_prompt
+from embeddistill.models.teachers import DualEncoderTeacher, load_sentence_transformer, query_prompt
 from embeddistill.pipeline.summary import RunSummary, System
 from embeddistill.querygen import GeneratedQuery, crops_per_document, generate_queries, make_cheap_generators
 from embeddistill.runtime import resolve_device, seed_everything
@@ -290,9 +293,56 @@ def student_index(student, prep, batch_size: int = 32) -> FlatIndex:
 
 
 def teacher_query_encoder(teacher: DualEncoderTeacher) -> QueryEncoder:
-    model = teacher.model
+    return whole_model_query_encoder(teacher.model)
+
+
+def whole_model_query_encoder(model) -> QueryEncoder:
+    """The query encoder of a sentence-transformers model that embeds queries and documents alike (its modules)."""
     modules = torch.nn.Sequential(*model._modules.values())
     return QueryEncoder(modules, model.tokenizer, model.max_seq_length, query_prompt(model))
+
+
+# -- off-the-shelf baselines ---------------------------------------------------------------------------------------
+
+
+def baseline_models(config: DistillConfig) -> list[str]:
+    """The off-the-shelf models to score beside the student (``evaluation.baselines``, ``auto`` resolved)."""
+    names = []
+    for name in config.evaluation.baselines:
+        if name == "auto":
+            student = config.model.student
+            name = "" if student.startswith("teacher:") else student
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTransformer, dict[str, float]]:
+    """``name`` used as it comes, searching its own index of the corpus: its metrics on the evaluation queries, or
+    without them its label-free agreement with the teacher on the held-out training queries (over the whole
+    corpus). Returns the model (its query encoder is timed beside the others) and the scores."""
+    model = load_sentence_transformer(name, device=device_of(config), trust_remote_code=config.model.trust_remote_code)
+    model.eval()
+    batch_size = config.model.teacher_batch_size
+    documents = _unit_rows(model, encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size))
+    if prep.eval_ids:
+        queries = _unit_rows(model, encode(model, prep.eval_texts, QUERY, batch_size=batch_size))
+        scores = evaluate_queries(config, name, prep, queries, FlatIndex(documents, prep.doc_ids)).metrics
+    elif prep.validation is not None:
+        queries = _unit_rows(model, encode(model, prep.validation.texts, QUERY, batch_size=batch_size))
+        agreement = agreement_ndcg(queries @ documents.T, prep.validation.judged)
+        scores = {AGREEMENT_METRIC: float(agreement.mean())}
+    else:
+        scores = {}
+    return model.to("cpu"), scores
+
+
+def _unit_rows(model, embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length where the model compares by cosine, so that the inner-product index ranks as the
+    model would."""
+    if getattr(model, "similarity_fn_name", None) not in (None, "cosine"):
+        return embeddings
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
 def query_latency(config: DistillConfig, encoders: dict[str, QueryEncoder], texts: list[str]) -> dict[str, dict]:

@@ -14,7 +14,7 @@ teacher, and ``metrics.json`` adds ``label_free_agreement`` (:attr:`RunSummary.a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from embeddistill.evaluation.latency import medians
 from embeddistill.runtime import environment_record
@@ -110,6 +110,29 @@ class RunSummary:
     environment: Environment
     cross_encoder: CrossEncoderParts | None = None
     teacher_api: dict | None = None  # a black-box teacher's endpoint: requests, texts sent, cache hits, waiting
+    baselines: dict[str, System] = field(default_factory=dict)  # off-the-shelf models, each with its own index
+
+    def versus_baselines(self) -> list[tuple[bool, str]]:
+        """Per baseline: whether the student is below it on the first metric both have, and a sentence saying so."""
+        verdicts = []
+        for name, baseline in self.baselines.items():
+            metric = next((m for m in self.student.metrics if m in baseline.metrics), None)
+            if metric is None:
+                continue
+            ours, theirs = self.student.metrics[metric], baseline.metrics[metric]
+            if ours >= theirs:
+                verdicts.append(
+                    (False, f"The student is above `{name}` as it comes: {metric} {ours:.4f} against {theirs:.4f}.")
+                )
+            else:
+                verdicts.append(
+                    (
+                        True,
+                        f"The student is below `{name}` as it comes: {metric} {ours:.4f} against "
+                        f"{theirs:.4f}. Serving `{name}` as it comes would be better here.",
+                    )
+                )
+        return verdicts
 
     @property
     def labelled(self) -> bool:
@@ -175,6 +198,8 @@ class RunSummary:
             tail["teacher_api"] = self.teacher_api
         if self.cross_encoder is None:
             systems = {"teacher": self.teacher.to_dict(), "student": self.student.to_dict()}
+            if self.baselines:
+                systems["baselines"] = {name: system.to_dict() for name, system in self.baselines.items()}
             label_free = {"label_free_agreement": self.agreement} if not self.labelled else {}
             return {**head, **systems, "retention": self.retention, "speedup": self.speedup, **label_free, **tail}
         ce = self.cross_encoder
@@ -216,6 +241,7 @@ class RunSummary:
             Environment(**values.get("environment", {"embeddistill": "", "torch": ""})),
             cross_encoder,
             values.get("teacher_api"),
+            {name: System.from_dict(system) for name, system in values.get("baselines", {}).items()},
         )
 
 
