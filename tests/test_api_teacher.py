@@ -103,6 +103,8 @@ def test_a_run_through_the_served_teacher_distils_from_the_local_teachers_embedd
     first = _distill(tmp_path, "http", api)
     local = _distill(tmp_path, "local", [*common, "--teacher", tiny_teacher_path])
     assert first["teacher"]["nDCG@10"] == pytest.approx(local["teacher"]["nDCG@10"], abs=1e-6)
+    baseline = tiny_student_path  # the student's own model as it comes, scored by both lanes alike
+    assert first["baselines"][baseline]["nDCG@10"] == pytest.approx(local["baselines"][baseline]["nDCG@10"])
     counts = first["teacher_api"]
     assert counts["requests"] >= counts["texts_sent"] / 16 and counts["texts_sent"] > 300 and counts["retries"] == 0
     assert "Teacher endpoint:" in (tmp_path / "http" / "report.md").read_text()

@@ -21,12 +21,15 @@ from embeddistill.models.students import QueryEncoder
 from embeddistill.models.vector_teacher import VectorTeacher
 from embeddistill.pipeline import dual_encoder
 from embeddistill.pipeline.stages import (
+    baseline_encoders,
+    baseline_systems,
     described,
     device_of,
     evaluate_queries,
     initialise_projection,
     projection_init,
     query_latency,
+    scored_baselines,
     start_run,
 )
 from embeddistill.pipeline.summary import Environment, RunSummary, System, kept_agreement, ratios
@@ -74,14 +77,18 @@ def evaluate(prep: dual_encoder.Prepared, student, training: dict, timings: dict
         evaluated = len(prep.eval_ids)
     else:
         student_metrics = kept_agreement(training.get("validation"))
-    encoder = QueryEncoder.of(student)
-    latency = query_latency(config, {"student": encoder}, dual_encoder._latency_texts(prep))
+    baselines = scored_baselines(config, prep)
+    encoders = {"student": QueryEncoder.of(student), **baseline_encoders(baselines)}
+    latency = query_latency(config, encoders, dual_encoder._latency_texts(prep))
     teacher = System(prep.teacher.name, teacher_metrics)
-    student_system = described(encoder, config.model.student, student_metrics, latency["student"], asymmetric=True)
+    student_system = described(
+        encoders["student"], config.model.student, student_metrics, latency["student"], asymmetric=True
+    )
     summary = RunSummary(
         str(prep.dataset.path), config.data.eval_split if evaluated else "", evaluated, teacher, student_system,
         ratios(student_metrics, teacher_metrics), {}, prep.query_set.counts, training, timings,
         Environment.current(), teacher_api=api_counts(prep.teacher),
+        baselines=baseline_systems(baselines, encoders, latency),
     )  # fmt: skip
     return summary, results
 

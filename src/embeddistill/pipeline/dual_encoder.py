@@ -24,7 +24,8 @@ from embeddistill.models.students import QueryEncoder, build_student, is_asymmet
 from embeddistill.models.teachers import DualEncoderTeacher
 from embeddistill.pipeline.stages import (
     QuerySet,
-    baseline_models,
+    baseline_encoders,
+    baseline_systems,
     collect_training_queries,
     described,
     device_of,
@@ -37,11 +38,10 @@ from embeddistill.pipeline.stages import (
     projection_init,
     query_latency,
     roundtrip_keep,
-    score_baseline,
+    scored_baselines,
     start_run,
     student_index,
     teacher_query_encoder,
-    whole_model_query_encoder,
     write_outputs,
     write_training_queries,
 )
@@ -292,7 +292,7 @@ def evaluate(prep: Prepared, student, training: dict, timings: dict) -> tuple[Ru
     Without labelled evaluation queries the quality is the student's label-free agreement with the teacher (the
     check training already ran, at the kept step): a corpus-only run has nothing else to measure it by.
     """
-    baselines = {name: score_baseline(prep.config, prep, name) for name in baseline_models(prep.config)}
+    baselines = scored_baselines(prep.config, prep)
     if not prep.eval_ids:
         agreement = kept_agreement(training.get("validation"))
         return _summary(prep, student, training, timings, ({}, agreement), 0, baselines), []
@@ -319,14 +319,14 @@ def _summary(
     teacher_metrics, student_metrics = metrics
     baselines = baselines or {}
     encoders = {"teacher": teacher_query_encoder(prep.teacher), "student": QueryEncoder.of(student)}
-    encoders.update({name: whole_model_query_encoder(model) for name, (model, _) in baselines.items()})
+    encoders.update(baseline_encoders(baselines))
     latency = query_latency(config, encoders, _latency_texts(prep))
     teacher = described(encoders["teacher"], config.model.teacher, teacher_metrics, latency["teacher"])
     student_system = described(
         encoders["student"], config.model.student, student_metrics, latency["student"],
         asymmetric=config.model.asymmetric,
     )  # fmt: skip
-    summary = RunSummary(
+    return RunSummary(
         str(prep.dataset.path),
         config.data.eval_split if evaluated else "",
         evaluated,
@@ -338,14 +338,8 @@ def _summary(
         training,
         timings,
         Environment.current(),
-        baselines={
-            name: described(encoders[name], name, scores, latency[name], asymmetric=False)
-            for name, (_, scores) in baselines.items()
-        },
+        baselines=baseline_systems(baselines, encoders, latency),
     )
-    for below, sentence in summary.versus_baselines():
-        (logger.warning if below else logger.info)(sentence)
-    return summary
 
 
 def _latency_texts(prep: Prepared) -> list[str]:
@@ -384,4 +378,6 @@ def save_and_evaluate(
     timings["evaluation_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - started
     write_outputs(out, summary, results)
+    for below, sentence in summary.versus_baselines():
+        (logger.warning if below else logger.info)(sentence)
     return summary

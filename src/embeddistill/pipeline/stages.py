@@ -337,6 +337,23 @@ def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTran
     return model.to("cpu"), scores
 
 
+def scored_baselines(config: DistillConfig, prep) -> dict[str, tuple[SentenceTransformer, dict[str, float]]]:
+    """Every baseline of ``config`` scored (:func:`score_baseline`): name -> (model, scores)."""
+    return {name: score_baseline(config, prep, name) for name in baseline_models(config)}
+
+
+def baseline_systems(baselines: dict[str, tuple], encoders: dict[str, QueryEncoder], latency: dict) -> dict:
+    """name -> :class:`System` of each scored baseline, with the latency its query encoder (in ``encoders``) had."""
+    return {
+        name: described(encoders[name], name, scores, latency[name], asymmetric=False)
+        for name, (_, scores) in baselines.items()
+    }
+
+
+def baseline_encoders(baselines: dict[str, tuple]) -> dict[str, QueryEncoder]:
+    return {name: whole_model_query_encoder(model) for name, (model, _) in baselines.items()}
+
+
 def _unit_rows(model, embeddings: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length where the model compares by cosine, so that the inner-product index ranks as the
     model would."""
