@@ -70,3 +70,14 @@ def test_without_labels_the_teacher_as_a_baseline_agrees_with_itself_fully(tmp_p
     )  # fmt: skip
     assert metrics["baselines"][tiny_teacher_path]["agreement_nDCG@10"] == pytest.approx(1.0)
     assert f"The student is below `{tiny_teacher_path}` as it comes: agreement_nDCG@10" in report
+
+
+def test_a_baseline_that_cannot_be_loaded_is_skipped_with_a_warning_and_the_run_still_reports(
+    tmp_path, tiny_teacher_path, scifact_slice
+):
+    missing = "embeddistill-tests/no-such-model-anywhere"  # a hub id: offline (or online) it cannot be loaded
+    metrics, report = _distill(
+        tmp_path, tiny_teacher_path, "teacher:2", scifact_slice, "--asymmetric", "--baselines", missing, *FAST
+    )
+    assert "baselines" not in metrics and metrics["student"]["nDCG@10"] >= 0
+    assert f"--baselines {missing}: skipped" in (tmp_path / "run" / "distill.log").read_text()

@@ -63,6 +63,7 @@ def distill_args(out: Path, *extra: str, teacher: str = "some/teacher") -> list[
         (["--latency-batch-sizes", "1", "0"], "--latency-batch-sizes must be at least 1; got 0"),
         (["--student", "teacher:0"], "--student teacher:0: N counts the first N layers"),
         (["--score-weight", "0", "--query-em-weight", "0", "--document-em-weight", "0"], "every loss weight is 0"),
+        (["--baselines", "./no/such/model"], "--baselines ./no/such/model: no such folder"),
     ],
 )
 def test_impossible_options_are_refused_before_anything_is_loaded(tmp_path, options, says):

@@ -85,6 +85,7 @@ def check_distill(config: DistillConfig) -> list[str]:
     if not any(weights.values()):
         problems.append(f"every loss weight is 0 ({', '.join(map(flag, weights))}): nothing would be trained")
     problems += _student_problems(config)
+    problems += _baseline_problems(config)
     problems += api_problems(config)  # a black-box teacher (endpoint or vectors)
     if problems:
         raise OptionError("\n  ".join(["options that cannot work:", *problems]))
@@ -143,6 +144,22 @@ def _layer_spec_problems(numbers: list[int], total: int | None, model: str, flag
     if total is not None and numbers[0] > total:
         return [f"{flag}: {model} has {total} layers; use {prefix}1 to {prefix}{total}"]
     return []
+
+
+def _baseline_problems(config: DistillConfig) -> list[str]:
+    """``--baselines`` entries that name a local folder (a path, not a hub id ``org/name``) which is not there."""
+    problems = []
+    for name in config.evaluation.baselines:
+        if name in ("", "auto"):
+            continue
+        path = Path(name).expanduser()
+        looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists()
+        if looks_local and not path.is_dir():
+            problems.append(
+                f"--baselines {name}: no such folder; give a sentence-transformers model folder or a hub id "
+                "(org/name), or leave it out"
+            )
+    return problems
 
 
 def teacher_layers(name_or_path: str) -> int | None:

@@ -338,8 +338,15 @@ def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTran
 
 
 def scored_baselines(config: DistillConfig, prep) -> dict[str, tuple[SentenceTransformer, dict[str, float]]]:
-    """Every baseline of ``config`` scored (:func:`score_baseline`): name -> (model, scores)."""
-    return {name: score_baseline(config, prep, name) for name in baseline_models(config)}
+    """Every baseline of ``config`` scored (:func:`score_baseline`): name -> (model, scores). One that cannot be
+    loaded (a hub id with no network, say) is skipped with a warning: the trained student matters more."""
+    scored = {}
+    for name in baseline_models(config):
+        try:
+            scored[name] = score_baseline(config, prep, name)
+        except (OSError, ValueError) as error:
+            logger.warning("--baselines %s: skipped, it could not be loaded (%s)", name, error)
+    return scored
 
 
 def baseline_systems(baselines: dict[str, tuple], encoders: dict[str, QueryEncoder], latency: dict) -> dict:
