@@ -1,0 +1,56 @@
+"""A student against the model its user would otherwise serve, in one ``distill`` run (``--baselines``).
+
+all-mpnet-base-v2 distilled into an asymmetric all-MiniLM-L6-v2 query encoder (the library's defaults otherwise);
+the run scores all-MiniLM-L6-v2 as it comes beside the student (``--baselines auto``: the student's own model,
+searching its own index of the corpus) and says which is better on the test queries.
+
+    python benchmarks/baselines_check.py     # SciFact; writes runs/baselines_check/ and the result file
+    python benchmarks/baselines_check.py --dataset ../shared/datasets/nfcorpus --out benchmarks/results/x.json
+
+Any further argument goes to ``embeddistill distill``. Offline machines get the models from
+``../shared/models/get-models``; elsewhere the hub names are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+
+from _common import REPO, git_commit, local_model
+
+from embeddistill.pipeline.summary import RunSummary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "scifact"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "baselines_scifact.json"))
+    args, extra = parser.parse_known_args()
+    teacher = local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
+    student = local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
+    run = REPO / "runs" / "baselines_check"
+    command = ["embeddistill", "distill", "--teacher", teacher, "--student", student, "--dataset", args.dataset]
+    command += ["--max-seq-length", "256", "--out", str(run), "--overwrite", *extra]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    result = {
+        "command": "python benchmarks/baselines_check.py " + " ".join(sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
+        "distill_command": " ".join(command),
+        "wall_seconds": time.perf_counter() - started,
+        "verdicts": [sentence for _, sentence in RunSummary.from_dict(metrics).versus_baselines()],
+        **metrics,
+    }
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
