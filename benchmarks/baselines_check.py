@@ -29,9 +29,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "scifact"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "baselines_scifact.json"))
+    parser.add_argument("--teacher", default="", help="default: all-mpnet-base-v2 (get-models, else the hub)")
+    parser.add_argument("--student", default="", help="default: all-MiniLM-L6-v2 (get-models, else the hub)")
     args, extra = parser.parse_known_args()
-    teacher = local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
-    student = local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
+    teacher = args.teacher or local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
+    student = args.student or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     run = REPO / "runs" / "baselines_check"
     command = ["embeddistill", "distill", "--teacher", teacher, "--student", student, "--dataset", args.dataset]
     command += ["--max-seq-length", "256", "--out", str(run), "--overwrite", *extra]
