@@ -35,7 +35,8 @@ def main() -> int:
     teacher = args.teacher or local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
     student = args.student or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     run = REPO / "runs" / "baselines_check"
-    command = ["embeddistill", "distill", "--teacher", teacher, "--student", student, "--dataset", args.dataset]
+    command = [sys.executable, "-m", "embeddistill.cli", "distill", "--teacher", teacher, "--student", student]
+    command += ["--dataset", args.dataset]
     command += ["--max-seq-length", "256", "--out", str(run), "--overwrite", *extra]
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -44,7 +45,7 @@ def main() -> int:
         "command": "python benchmarks/baselines_check.py " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "git_commit": git_commit(),
-        "distill_command": " ".join(command),
+        "distill_command": " ".join(["embeddistill", *command[3:]]),
         "wall_seconds": time.perf_counter() - started,
         "verdicts": [sentence for _, sentence in RunSummary.from_dict(metrics).versus_baselines()],
         **metrics,
