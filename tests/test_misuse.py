@@ -72,6 +72,14 @@ def test_impossible_options_are_refused_before_anything_is_loaded(tmp_path, opti
     assert not (tmp_path / "out").exists()  # not even the output folder was made
 
 
+def test_a_max_seq_length_past_the_teachers_position_embeddings_is_refused_from_its_config_alone(
+    tmp_path, tiny_teacher_path
+):
+    err = refused(run_cli(*distill_args(tmp_path / "out", "--max-seq-length", "256", teacher=tiny_teacher_path)))
+    assert f"--max-seq-length 256: {tiny_teacher_path} embeds positions up to 128; give at most 128" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_more_student_layers_than_the_teacher_has_are_refused_from_its_config_alone(tmp_path, tiny_teacher_path):
     err = refused(run_cli(*distill_args(tmp_path / "out", "--student", "teacher:99", teacher=tiny_teacher_path)))
     assert f"--student teacher:99: {tiny_teacher_path} has 4 layers; use teacher:1 to teacher:4" in err

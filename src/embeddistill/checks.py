@@ -86,6 +86,7 @@ def check_distill(config: DistillConfig) -> list[str]:
         problems.append(f"every loss weight is 0 ({', '.join(map(flag, weights))}): nothing would be trained")
     problems += _student_problems(config)
     problems += _baseline_problems(config)
+    problems += _max_length_problems(config)
     problems += api_problems(config)  # a black-box teacher (endpoint or vectors)
     if problems:
         raise OptionError("\n  ".join(["options that cannot work:", *problems]))
@@ -162,9 +163,31 @@ def _baseline_problems(config: DistillConfig) -> list[str]:
     return problems
 
 
+def _max_length_problems(config: DistillConfig) -> list[str]:
+    """``--max-seq-length`` longer than the teacher's position embeddings reach (a shape error deep in the first
+    batch otherwise)."""
+    wanted, teacher = config.model.max_seq_length, config.model.teacher
+    values = _model_config(teacher) if wanted and teacher else None
+    if not values or not isinstance(values.get("max_position_embeddings"), int):
+        return []
+    # RoBERTa-style models number positions after the padding index: two of their slots are never a token's.
+    offset = 2 if values.get("model_type") in ("roberta", "xlm-roberta", "mpnet", "camembert") else 0
+    limit = values["max_position_embeddings"] - offset
+    if wanted <= limit:
+        return []
+    return [f"--max-seq-length {wanted}: {teacher} embeds positions up to {limit}; give at most {limit}"]
+
+
 def teacher_layers(name_or_path: str) -> int | None:
     """The number of transformer layers of a model, from its ``config.json`` alone (no weights are loaded); None
     where it cannot be found without loading the model (a hub name not in the local cache, an unknown layout)."""
+    values = _model_config(name_or_path) or {}
+    return next((values[key] for key in _LAYER_KEYS if isinstance(values.get(key), int)), None)
+
+
+def _model_config(name_or_path: str) -> dict | None:
+    """The transformer's ``config.json`` of a local folder or an already downloaded hub model (nothing is
+    fetched and no weights are loaded); None where there is none to read."""
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         folder = _hub_snapshot(name_or_path)
@@ -175,9 +198,8 @@ def teacher_layers(name_or_path: str) -> int | None:
             values = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for key in _LAYER_KEYS:
-            if isinstance(values.get(key), int):
-                return values[key]
+        if any(isinstance(values.get(key), int) for key in (*_LAYER_KEYS, "max_position_embeddings")):
+            return values
     return None
 
 

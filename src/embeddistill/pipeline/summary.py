@@ -120,18 +120,11 @@ class RunSummary:
             if metric is None:
                 continue
             ours, theirs = self.student.metrics[metric], baseline.metrics[metric]
-            if ours >= theirs:
-                verdicts.append(
-                    (False, f"The student is above `{name}` as it comes: {metric} {ours:.4f} against {theirs:.4f}.")
-                )
-            else:
-                verdicts.append(
-                    (
-                        True,
-                        f"The student is below `{name}` as it comes: {metric} {ours:.4f} against "
-                        f"{theirs:.4f}. Serving `{name}` as it comes would be better here.",
-                    )
-                )
+            where = "above" if ours > theirs else "level with" if ours == theirs else "below"
+            sentence = f"The student is {where} `{name}` as it comes: {metric} {ours:.4f} against {theirs:.4f}."
+            if ours < theirs:
+                sentence += f" Serving `{name}` as it comes would be better here."
+            verdicts.append((ours < theirs, sentence))
         return verdicts
 
     @property
