@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
 
 from embeddistill.config import DistillConfig
 from embeddistill.data import RetrievalDataset, load_queries, load_query_sources, write_queries_jsonl
@@ -324,7 +325,9 @@ def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTran
     model = load_sentence_transformer(name, device=device_of(config), trust_remote_code=config.model.trust_remote_code)
     model.eval()
     batch_size = config.model.teacher_batch_size
-    documents = _unit_rows(model, encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size))
+    with tqdm(total=len(prep.doc_texts), desc=f"baseline {Path(name).name}", unit="text", mininterval=2) as bar:
+        documents = encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size, on_batch=bar.update)
+    documents = _unit_rows(model, documents)
     if prep.eval_ids:
         queries = _unit_rows(model, encode(model, prep.eval_texts, QUERY, batch_size=batch_size))
         scores = evaluate_queries(config, name, prep, queries, FlatIndex(documents, prep.doc_ids)).metrics
