@@ -1,5 +1,5 @@
 """The stages both lanes are built from: run set-up, training queries, teacher loading, the criterion, the
-projection's initialisation, evaluation, latency and writing a run's outputs.
+projection's initialisation, evaluation, off-the-shelf baselines, latency and writing a run's outputs.
 
 A dual-encoder run (:mod:`embeddistill.pipeline.dual_encoder`) and a cross-encoder run
 (:mod:`embeddistill.pipeline.cross_encoder`) differ in where their targets come from, not in these steps; keeping
