@@ -5,6 +5,8 @@ the run scores all-MiniLM-L6-v2 as it comes beside the student (``--baselines au
 searching its own index of the corpus) and says which is better on the test queries.
 
     python benchmarks/baselines_check.py     # SciFact; writes runs/baselines_check/ and the result file
+    python benchmarks/baselines_check.py --dataset ../shared/datasets/squad-dev --group-split \
+        --out benchmarks/results/baselines_squad.json
     python benchmarks/baselines_check.py --dataset ../shared/datasets/nfcorpus --out benchmarks/results/x.json
 
 Any further argument goes to ``embeddistill distill``. Offline machines get the models from
@@ -21,6 +23,7 @@ import sys
 import time
 
 from _common import REPO, git_commit, local_model
+from _splits import write_group_split
 
 from embeddistill.pipeline.summary import RunSummary
 
@@ -29,14 +32,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "scifact"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "baselines_scifact.json"))
+    parser.add_argument(
+        "--group-split",
+        action="store_true",
+        help="train and test on halves of the test split's queries divided by article (SQuAD-dev; seed 42, as the "
+        "quality tables do), written under runs/baselines_check/data",
+    )
     parser.add_argument("--teacher", default="", help="default: all-mpnet-base-v2 (get-models, else the hub)")
     parser.add_argument("--student", default="", help="default: all-MiniLM-L6-v2 (get-models, else the hub)")
     args, extra = parser.parse_known_args()
     teacher = args.teacher or local_model("mpnet", "sentence-transformers/all-mpnet-base-v2")
     student = args.student or local_model("minilm", "sentence-transformers/all-MiniLM-L6-v2")
     run = REPO / "runs" / "baselines_check"
+    dataset = args.dataset
+    if args.group_split:
+        dataset = str(run.parent / "baselines_check_data")
+        write_group_split(args.dataset, dataset, split="test", train_fraction=0.5, seed=42)
     command = [sys.executable, "-m", "embeddistill.cli", "distill", "--teacher", teacher, "--student", student]
-    command += ["--dataset", args.dataset]
+    command += ["--dataset", dataset]
     command += ["--max-seq-length", "256", "--out", str(run), "--overwrite", *extra]
     started = time.perf_counter()
     subprocess.run(command, check=True)
