@@ -36,7 +36,7 @@ def main() -> int:
         "--group-split",
         action="store_true",
         help="train and test on halves of the test split's queries divided by article (SQuAD-dev; seed 42, as the "
-        "quality tables do), written under runs/baselines_check/data",
+        "quality tables do), written to runs/baselines_check_data",
     )
     parser.add_argument("--teacher", default="", help="default: all-mpnet-base-v2 (get-models, else the hub)")
     parser.add_argument("--student", default="", help="default: all-MiniLM-L6-v2 (get-models, else the hub)")

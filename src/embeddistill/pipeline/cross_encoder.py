@@ -60,6 +60,7 @@ from embeddistill.pipeline.stages import (
     start_run,
     student_index,
     teacher_query_encoder,
+    unit_rows,
     write_outputs,
     write_training_queries,
 )
@@ -105,10 +106,6 @@ def build_candidates(
     return rows, width
 
 
-def _normalize_rows(array: np.ndarray) -> np.ndarray:
-    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-
-
 def embedding_targets(
     candidates: np.ndarray,
     query_embeddings: np.ndarray,
@@ -129,8 +126,8 @@ def embedding_targets(
     counts = np.bincount(flat_docs, minlength=n_documents)
     document_mean = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
     if normalize:
-        query_mean = _normalize_rows(query_mean)
-        document_mean = _normalize_rows(document_mean) * (counts > 0)[:, None]
+        query_mean = unit_rows(query_mean)
+        document_mean = unit_rows(document_mean) * (counts > 0)[:, None]
     query_anchor = query_embeddings[:, 0]
     queries = query_anchor if query_target == "anchor" else query_mean
     documents = document_mean.copy()

@@ -311,13 +311,12 @@ def _summary(
     timings: dict,
     metrics: tuple[dict, dict],
     evaluated: int,
-    baselines: dict[str, tuple] | None = None,
+    baselines: dict[str, tuple],
 ):
     """The :class:`RunSummary` of the teacher's and the student's metrics, their CPU latency and size, and those of
     the off-the-shelf ``baselines`` (name -> (model, scores), from :func:`score_baseline`)."""
     config = prep.config
     teacher_metrics, student_metrics = metrics
-    baselines = baselines or {}
     encoders = {"teacher": teacher_query_encoder(prep.teacher), "student": QueryEncoder.of(student)}
     encoders.update(baseline_encoders(baselines))
     latency = query_latency(config, encoders, _latency_texts(prep))

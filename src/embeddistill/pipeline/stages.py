@@ -324,19 +324,18 @@ def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTran
     corpus). Returns the model (its query encoder is timed beside the others) and the scores."""
     model = load_sentence_transformer(name, device=device_of(config), trust_remote_code=config.model.trust_remote_code)
     model.eval()
+    query_texts = prep.eval_texts if prep.eval_ids else prep.validation.texts if prep.validation is not None else []
+    if not query_texts:  # nothing to score it on: its size and latency alone
+        return model.to("cpu"), {}
     batch_size = config.model.teacher_batch_size
     with tqdm(total=len(prep.doc_texts), desc=f"baseline {Path(name).name}", unit="text", mininterval=2) as bar:
         documents = encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size, on_batch=bar.update)
-    documents = _unit_rows(model, documents)
+    documents = _as_the_model_compares(model, documents)
+    queries = _as_the_model_compares(model, encode(model, query_texts, QUERY, batch_size=batch_size))
     if prep.eval_ids:
-        queries = _unit_rows(model, encode(model, prep.eval_texts, QUERY, batch_size=batch_size))
         scores = evaluate_queries(config, name, prep, queries, FlatIndex(documents, prep.doc_ids)).metrics
-    elif prep.validation is not None:
-        queries = _unit_rows(model, encode(model, prep.validation.texts, QUERY, batch_size=batch_size))
-        agreement = agreement_ndcg(queries @ documents.T, prep.validation.judged)
-        scores = {AGREEMENT_METRIC: float(agreement.mean())}
     else:
-        scores = {}
+        scores = {AGREEMENT_METRIC: float(agreement_ndcg(queries @ documents.T, prep.validation.judged).mean())}
     return model.to("cpu"), scores
 
 
@@ -364,12 +363,14 @@ def baseline_encoders(baselines: dict[str, tuple]) -> dict[str, QueryEncoder]:
     return {name: whole_model_query_encoder(model) for name, (model, _) in baselines.items()}
 
 
-def _unit_rows(model, embeddings: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length where the model compares by cosine, so that the inner-product index ranks as the
-    model would."""
-    if getattr(model, "similarity_fn_name", None) not in (None, "cosine"):
-        return embeddings
-    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+def _as_the_model_compares(model, embeddings: np.ndarray) -> np.ndarray:
+    """Rows at unit length where the model compares by cosine, so that the inner-product index ranks as it would."""
+    return embeddings if getattr(model, "similarity_fn_name", None) not in (None, "cosine") else unit_rows(embeddings)
+
+
+def unit_rows(array: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit L2 length (an all-zero row stays zero)."""
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
 
 
 def query_latency(config: DistillConfig, encoders: dict[str, QueryEncoder], texts: list[str]) -> dict[str, dict]:
