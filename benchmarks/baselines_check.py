@@ -1,6 +1,7 @@
 """A student against the model its user would otherwise serve, in one ``distill`` run (``--baselines``).
 
-all-mpnet-base-v2 distilled into an asymmetric all-MiniLM-L6-v2 query encoder (the library's defaults otherwise);
+all-mpnet-base-v2 distilled into an asymmetric all-MiniLM-L6-v2 query encoder (``--asymmetric``: a whole named
+student is symmetric by default; the library's defaults otherwise);
 the run scores all-MiniLM-L6-v2 as it comes beside the student (``--baselines auto``: the student's own model,
 searching its own index of the corpus) and says which is better on the test queries.
 
@@ -49,7 +50,7 @@ def main() -> int:
         dataset = str(run.parent / "baselines_check_data")
         write_group_split(args.dataset, dataset, split="test", train_fraction=0.5, seed=42)
     command = [sys.executable, "-m", "embeddistill.cli", "distill", "--teacher", teacher, "--student", student]
-    command += ["--dataset", dataset]
+    command += ["--asymmetric", "--dataset", dataset]
     command += ["--max-seq-length", "256", "--out", str(run), "--overwrite", *extra]
     started = time.perf_counter()
     subprocess.run(command, check=True)

@@ -11,8 +11,10 @@ the teacher's bottom and top layers, and the 2-layer MiniLM one keeps MiniLM's b
 earlier recipe). Each set is read from the newest tables that hold the student's row on it: ``_c24`` (today's
 defaults: 24 crops per document, 2 epochs, ``crop_budget`` 150,000, on SciFact, NFCorpus and SQuAD), else ``_c8``
 (8 crops, 6 epochs: the previous defaults), else the plain tables (2 crops, 6 epochs). ``tables_by_set`` says which
-tables each set came from: on DL, ``_c24`` gives the 30,005-passage pool 5 crops a passage (the budget); the
-symmetric student has not been retrained with today's defaults, so all its sets are plain.
+tables each set came from: on DL, ``_c24`` gives the 30,005-passage pool 5 crops a passage (the budget). The
+symmetric student's defaults are the plain tables' recipe (a whole pretrained student is trained gently: 2 crops, 6
+epochs; ``embeddistill.config.recipe``), so all its sets are plain; ``recipe`` says, per student, the command and
+how its tables stand against the library's defaults.
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
@@ -66,6 +68,15 @@ STUDENTS = {
     "minilm-asym": "minilm-asym",
     "minilm-2L-asym": "minilm-L0L5-asym",
     "minilm-sym": "minilm-sym",
+}
+# The command that gives each student, and how its tables' recipe stands against the library's defaults today
+# (embeddistill.config.recipe: a whole named student is symmetric, 2 crops, 6 epochs; any other 24 crops, 2 epochs).
+RECIPES = {
+    "mpnet-2L-asym": "distill (the default student, teacher:0,-1): its defaults, asymmetric, 24 crops, 2 epochs",
+    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 2 epochs",
+    "minilm-2L-asym": "--student all-MiniLM-L6-v2 --student-layers 0 -1: its defaults, asymmetric, 24 crops, 2 epochs",
+    "minilm-sym": "--student all-MiniLM-L6-v2: its defaults, symmetric, 2 crops, 6 epochs, start weight 0.5, on "
+    "SciFact, NFCorpus and SQuAD; DL19 and DL20 at 1 epoch, not 6 (six would not fit a device call)",
 }
 FIRST_LAYERS = ("mpnet-2L-asym", "minilm-2L-asym")  # the same students keeping their first two layers
 OFF_THE_SHELF = "all-MiniLM-L6-v2"
@@ -303,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
     ref = Reference(teacher_mean, shelf_found, shelf_retention, speed, args.permutation_rounds)
     students = {name: student_entry(default_tables, row, name, ref, crop_tables) for name, row in STUDENTS.items()}
+    for name, entry in students.items():
+        entry["recipe"] = RECIPES[name]
     first_layers = {row: student_entry(default_tables, row, f"{row} (first layers)", ref) for row in FIRST_LAYERS}
     general = {
         name: student_entry(general_tables(tables), name, f"{name} + general queries", ref) for name in GENERAL_STUDENTS

@@ -10,9 +10,10 @@ One command per table (per dataset); each writes ``benchmarks/results/quality_DA
 Teacher: all-mpnet-base-v2 (``--teacher``). Students (``--students``), each in the teacher's space:
 
 * ``mpnet-2L-asym``: ``teacher:2`` (the teacher's embeddings and first 2 layers), asymmetric;
-* ``minilm-asym``: all-MiniLM-L6-v2 + a 384->768 projection, asymmetric;
+* ``minilm-asym``: all-MiniLM-L6-v2 + a 384->768 projection, asymmetric (``--asymmetric``);
 * ``minilm-2L-asym``: all-MiniLM-L6-v2's first 2 layers (``student_layers: 2``) + projection, asymmetric;
-* ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index);
+* ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index), what
+  ``--student all-MiniLM-L6-v2`` gives, with its recipe (2 crops per document, 6 epochs, unless set);
 * ``mpnet-L0L11-asym``, ``mpnet-L1L11-asym``: the teacher's layers 0 and 11 (1 and 11) instead of its first two
   (``teacher:0,11``), asymmetric: candidates for which layers a 2-layer student keeps, compared on ``--dev``;
 * ``minilm-L0L5-asym``: all-MiniLM-L6-v2's bottom and top layers (``student_layers: [0, -1]``) + projection,
@@ -77,7 +78,7 @@ import yaml
 from _common import REPO, decode_values, encode_values, git_commit, local_model, train_peer
 from _splits import document_group, write_group_split, write_held_out_split, write_merged_split
 
-from embeddistill.config import DistillConfig, TrainingConfig
+from embeddistill.config import DistillConfig, TrainingConfig, resolve_student_recipe
 from embeddistill.data import load_qrels, read_trec_run, resolve_dataset
 from embeddistill.evaluation.latency import measure_latency
 from embeddistill.evaluation.metrics import score_run
@@ -142,7 +143,7 @@ DATASETS = {
 
 STUDENTS = {
     "mpnet-2L-asym": ("teacher:2 (the teacher's first 2 layers), asymmetric", {"student": "teacher:2"}),
-    "minilm-asym": ("all-MiniLM-L6-v2 + projection, asymmetric", {"student": "{minilm}"}),
+    "minilm-asym": ("all-MiniLM-L6-v2 + projection, asymmetric", {"student": "{minilm}", "asymmetric": True}),
     "minilm-2L-asym": (
         "all-MiniLM-L6-v2's first 2 layers + projection, asymmetric",
         {"student": "{minilm}", "student_layers": 2},
@@ -312,7 +313,7 @@ def row_options(context: Context, student: str, method: str) -> dict:
 
 def row_config(context: Context, student: str, method: str, out: Path) -> DistillConfig:
     options = {**context.base, **row_options(context, student, method)}
-    return DistillConfig.from_dict({**options, "out": str(out), "resume": True})
+    return resolve_student_recipe(DistillConfig.from_dict({**options, "out": str(out), "resume": True}))
 
 
 def row_prep(context: Context, config: DistillConfig, out: Path) -> Prepared:
@@ -573,6 +574,10 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def epochs_value(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
@@ -596,7 +601,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help=f"distill options of the '{DEV_CHOSEN}' method, chosen on dev queries (benchmarks/choose_defaults.py)",
     )
-    parser.add_argument("--epochs", type=int, default=TrainingConfig().epochs, help="default: the library's")
+    parser.add_argument(
+        "--epochs", type=epochs_value, default=TrainingConfig().epochs, help="default: the library's (auto: by student)"
+    )
     parser.add_argument("--seed", type=int, default=42, help="training seed (and, by default, the SQuAD split's)")
     parser.add_argument(
         "--split-seed",

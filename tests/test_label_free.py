@@ -141,9 +141,11 @@ RUN = [
 
 
 def _distill(tmp_path, tiny_teacher_path, student_path, scifact_slice, *extra: str) -> dict:
-    """A short run of a student that starts far from the teacher (another random model, through a projection)."""
+    """A short run of a student that starts far from the teacher (another random model, through a projection):
+    asymmetric unless ``extra`` says ``--no-asymmetric``."""
     out = tmp_path / "run"
     argv = ["distill", "--teacher", tiny_teacher_path, "--student", student_path, "--dataset", str(scifact_slice)]
+    argv.append("--asymmetric")
     assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *RUN, *extra]) == 0
     return json.loads((out / "metrics.json").read_text())
 

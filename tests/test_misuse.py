@@ -172,9 +172,9 @@ def test_a_small_batch_size_trains_with_a_warning_that_says_why():
 def folder_with_checkpoint(out: Path, *options: str) -> Path:
     """An output folder as an interrupted run leaves it: config.yaml (of ``options``) and a checkpoint at step 5."""
     from embeddistill.cli import build_parser
-    from embeddistill.config import config_from_args
+    from embeddistill.config import config_from_args, resolve_student_recipe
 
-    config = config_from_args(build_parser().parse_args(distill_args(out, *options)))
+    config = resolve_student_recipe(config_from_args(build_parser().parse_args(distill_args(out, *options))))
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(config.to_yaml())
     (out / "checkpoint").mkdir()

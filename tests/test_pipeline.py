@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.cli import main
@@ -132,8 +133,11 @@ def test_final_checkpoint_is_complete(asymmetric_run):
 
 
 @pytest.mark.slow
-def test_symmetric_student_with_projection(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice):
-    """A student of another width gets a projection into the teacher's space and its own document index."""
+def test_a_whole_named_student_is_symmetric_by_default_with_a_projection(
+    tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
+):
+    """A student of another width gets a projection into the teacher's space and its own document index; with no
+    --asymmetric flag a whole named model keeps its own index (the recipe, recorded resolved in config.yaml)."""
     out = tmp_path / "sym"
     argv = [
         "distill",
@@ -141,14 +145,14 @@ def test_symmetric_student_with_projection(tmp_path, tiny_teacher_path, tiny_stu
         tiny_teacher_path,
         "--student",
         tiny_student_path,
-        "--no-asymmetric",
         "--dataset",
         str(scifact_slice),
         "--out",
         str(out),
         "--cache-dir",
         str(tmp_path / "cache"),
-        *FAST,
+        *FAST[:4],  # no --crops-per-document
+        *FAST[6:],
     ]
     assert main(argv) == 0
     student = SentenceTransformer(str(out / "student"), device="cpu")
@@ -158,6 +162,10 @@ def test_symmetric_student_with_projection(tmp_path, tiny_teacher_path, tiny_stu
     assert projection_of(student).linear.weight.shape == (32, 16)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert "document_em" in log[-1]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["model"]["asymmetric"] is False
+    assert recorded["data"]["crops_per_document"] == 2  # not given: the whole pretrained student's recipe
+    assert recorded["training"]["epochs"] == 1  # given: kept
 
 
 def test_truncate_transformer_keeps_the_first_layers(tiny_teacher_path):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from embeddistill.cli_serving import add_serving_commands
-from embeddistill.config import DistillConfig, add_config_arguments, config_from_args
+from embeddistill.config import DistillConfig, add_config_arguments, config_from_args, resolve_student_recipe
 from embeddistill.console import VERBOSITY, add_command, at_least, common_options
 from embeddistill.console import setup_logging as _setup_logging
 from embeddistill.data import DataError
@@ -47,7 +47,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise SystemExit(f"embeddistill distill: {', '.join(missing)} required (as flags or in --config)")
     from embeddistill.checks import check_distill
 
-    check_distill(config)  # every option, before anything is loaded (distill() checks again, and logs warnings)
+    check_distill(resolve_student_recipe(config))  # before anything loads (distill() checks again, and logs warnings)
     from embeddistill.training import distributed
 
     distributed.init_from_env(config.training.device)  # under torchrun: join the process group (else a no-op)

@@ -7,7 +7,8 @@ by section (``training: {learning_rate: 1e-3}``) or flat; as sections are only f
 cross-encoder fields moved into their own ``ce`` section (``model: {cross_encoder: ...}``) still load unchanged.
 
 ``options`` holds that machinery; ``distill`` the settings of ``embeddistill distill`` (:class:`DistillConfig` and
-its sections); ``teacher_training`` those of ``embeddistill train-teacher``.
+its sections); ``recipe`` the defaults that depend on the student (``auto``); ``teacher_training`` those of
+``embeddistill train-teacher``.
 """
 
 from embeddistill.config.distill import (
@@ -31,6 +32,7 @@ from embeddistill.config.options import (
     option,
     sections,
 )
+from embeddistill.config.recipe import resolve_student_recipe, starts_whole_pretrained
 from embeddistill.config.teacher_training import TeacherTrainingConfig
 
 __all__ = [
@@ -51,5 +53,7 @@ __all__ = [
     "flatten",
     "leaf_fields",
     "option",
+    "resolve_student_recipe",
     "sections",
+    "starts_whole_pretrained",
 ]

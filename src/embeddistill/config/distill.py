@@ -37,8 +37,10 @@ class DataConfig:
         1.0, "use this fraction of the labelled training queries (sparse-data runs)", above=0.0, maximum=1.0
     )
     crops_per_document: int = option(
-        24,
-        "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget)",
+        "auto",
+        "cheap generated queries: random 8-16-word spans per document (fewer on a large corpus: crop_budget); "
+        "'auto': 24, or 2 for a symmetric student that starts as a whole pretrained model",
+        special=("auto",),
         minimum=0,
     )
     crop_budget: int = option(
@@ -74,7 +76,12 @@ class ModelConfig:
     student_layers: list[int] = option(
         [], "layers of a named student to keep: N the first N, '0 -1' its bottom and top ones (none = all)"
     )
-    asymmetric: bool = option(True, "keep the teacher's document tower frozen and train only a query encoder")
+    asymmetric: bool = option(
+        "auto",
+        "keep the teacher's document tower frozen and train only a query encoder; 'auto': symmetric for a student "
+        "that starts as a whole pretrained model (it keeps its own index), asymmetric for any other",
+        special=("auto",),
+    )
     projection_init: str = option(
         "auto",
         "init of the student->teacher projection: 'lstsq' (least squares on training queries), 'orthogonal' "
@@ -139,7 +146,13 @@ class LossConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = option(2, "passes over the training queries (more varied crops beat more passes)", minimum=1)
+    epochs: int = option(
+        "auto",
+        "passes over the training queries (more varied crops beat more passes); 'auto': 2, or 6 for a symmetric "
+        "student that starts as a whole pretrained model",
+        special=("auto",),
+        minimum=1,
+    )
     batch_size: int = option(
         64,
         "queries per step",

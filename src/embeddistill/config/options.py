@@ -74,13 +74,14 @@ def _coerce(value: Any, annotation: Any, name: str, source: str, special: tuple 
     if origin in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if annotation is bool:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or value in special:
             return value
         if str(value).lower() in ("true", "1", "yes", "on"):
             return True
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{source}: option {name!r} expects true/false, got {value!r}")
+        expected = " or ".join(["true/false", *map(repr, special)])
+        raise ValueError(f"{source}: option {name!r} expects {expected}, got {value!r}")
     expected = " or ".join([annotation.__name__, *map(repr, special)])
     problem = ValueError(f"{source}: option {name!r} expects {expected}, got {value!r}")
     if isinstance(value, str) and value in special:

@@ -13,7 +13,7 @@ import logging
 
 from embeddistill.api_options import is_black_box
 from embeddistill.checks import check_distill
-from embeddistill.config import DistillConfig
+from embeddistill.config import DistillConfig, resolve_student_recipe
 from embeddistill.pipeline import black_box, cross_encoder, dual_encoder
 from embeddistill.pipeline.summary import RunSummary
 
@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 def distill(config: DistillConfig) -> RunSummary | None:
     """The whole run; ``None`` on the non-main ranks of a torchrun dual-encoder run (rank 0 writes the outputs).
 
-    The options are checked first (:func:`embeddistill.checks.check_distill`), before anything is loaded.
+    The student's ``auto`` recipe is resolved first (:mod:`embeddistill.config.recipe`), then the options are
+    checked (:func:`embeddistill.checks.check_distill`), before anything is loaded.
     """
-    for warning in check_distill(config):
+    for warning in check_distill(resolve_student_recipe(config)):
         logger.warning("%s", warning)
     lane = cross_encoder if config.ce.cross_encoder else black_box if is_black_box(config) else dual_encoder
     return lane.run(config)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embeddistill.config import DistillConfig
+from embeddistill.config import DistillConfig, resolve_student_recipe
 from embeddistill.data import RetrievalDataset
 from embeddistill.evaluation.metrics import RunResult, score_run
 from embeddistill.evaluation.reranking import rerank
@@ -250,6 +250,7 @@ def _targets(config: DistillConfig, cross_encoder, outputs: PairScores, stage: _
 
 def prepare_cross_encoder(config: DistillConfig, out: Path) -> CrossEncoderPrepared:
     """Data, candidates from the first stage, and the CE's scores (and embedding targets) over them, cached."""
+    resolve_student_recipe(config)  # done already by distill(); a caller of the stages alone gets the same recipe
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
     if not eval_qrels:  # its report compares the CE with its first stage on judged queries; there is no label-free one
@@ -297,9 +298,9 @@ def effective_config(config: DistillConfig, has_embeddings: bool) -> DistillConf
         config.training.start_weight = 0.0  # its results (cross_encoder.json) were measured without averaging
     if config.model.projection_init == "auto":
         config.model.projection_init = "lstsq"  # as measured in benchmarks/results/cross_encoder.json
-    if config.model.asymmetric:
+    if config.model.asymmetric is True:  # asked for ('auto' is symmetric here)
         logger.warning("a cross-encoder teacher has no document tower to keep: training a symmetric student")
-        config.model.asymmetric = False
+    config.model.asymmetric = False
     if not has_embeddings and (config.loss.query_em_weight or config.loss.document_em_weight):
         logger.warning(
             "%s is a standard cross-encoder (scores only): embedding matching is off", config.ce.cross_encoder

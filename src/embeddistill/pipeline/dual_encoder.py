@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embeddistill.config import DistillConfig
+from embeddistill.config import DistillConfig, resolve_student_recipe
 from embeddistill.data import RetrievalDataset
 from embeddistill.evaluation.agreement import AGREEMENT_METRIC, TeacherAgreement
 from embeddistill.evaluation.metrics import RunResult
@@ -95,6 +95,7 @@ def prepare(config: DistillConfig, out: Path, load_teacher=None) -> Prepared:
     ``load_teacher(dataset)``: another kind of teacher with ``embed_documents`` / ``embed_queries`` (the black-box
     lane's endpoint or vectors); by default the local dual encoder ``config.model.teacher``.
     """
+    resolve_student_recipe(config)  # done already by distill(); a caller of the stages alone gets the same recipe
     dataset = RetrievalDataset.load(config.data.dataset)
     eval_qrels = evaluation_qrels(config, dataset)
     if not eval_qrels:

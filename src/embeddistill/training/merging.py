@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from embeddistill.config import DistillConfig
+from embeddistill.config import DistillConfig, starts_whole_pretrained
 from embeddistill.models.students import query_modules
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def resolved_start_weight(config: DistillConfig) -> float:
     weight = config.training.start_weight
     if weight != "auto":
         return float(weight)
-    whole_pretrained = not config.model.student.startswith("teacher:") and not config.model.student_layers
-    return PRETRAINED_SYMMETRIC_START_WEIGHT if whole_pretrained and not config.model.asymmetric else 0.0
+    symmetric = config.model.asymmetric is False  # resolved by config.recipe before a run starts
+    return PRETRAINED_SYMMETRIC_START_WEIGHT if symmetric and starts_whole_pretrained(config.model) else 0.0
 
 
 def snapshot(student) -> dict[str, torch.Tensor]:
