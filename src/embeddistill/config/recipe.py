@@ -11,13 +11,17 @@ held-out training queries of SciFact, NFCorpus and SQuAD, never on a test split:
 student                            asymmetric  crops_per_document  epochs  dev evidence (three-set dev retention)
 =================================  ==========  ==================  ======  ==========================================
 ``teacher:N``, or a named model    yes         24                  2       24 crops x 2 epochs beat 8 x 6 on all nine
-with ``--student-layers``                                                  set-and-student pairs
-a whole named model                no          2                   6       all-MiniLM-L6-v2: symmetric 99.8% against
-                                                                           97.0% asymmetric at 24 x 2
+with ``--student-layers`` (and                                             set-and-student pairs
+any student asked to be
+asymmetric)
+a whole named model                no          2                   6       all-MiniLM-L6-v2: symmetric at 2 x 6 with
+                                                                           start weight 0.5, 99.8%, against 97.0%
+                                                                           asymmetric at 24 x 2
 =================================  ==========  ==================  ======  ==========================================
 
-A lane that allows one kind only decides ``asymmetric`` itself: a cross-encoder teacher has no document tower to
-keep (symmetric), a black-box teacher none to train against (asymmetric). A value the user gives is never changed.
+A teacher that allows one kind of student decides ``asymmetric`` itself: a cross-encoder teacher has no document
+tower to keep (symmetric), a black-box teacher none to train against (asymmetric). A value the user gives is never
+changed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 from embeddistill.api_options import is_black_box
 from embeddistill.config.distill import DistillConfig, ModelConfig
 
-__all__ = ["AUTO", "RECIPES", "lane_requirement", "resolve_student_recipe", "starts_whole_pretrained"]
+__all__ = ["RECIPES", "lane_requirement", "resolve_student_recipe", "starts_whole_pretrained"]
 
 logger = logging.getLogger(__name__)
 
