@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from embeddistill.cli import main
+from embeddistill.config import DistillConfig
 from embeddistill.models.students import (
     QueryEncoder,
     build_student,
@@ -21,6 +23,7 @@ from embeddistill.models.students import (
     truncate_transformer,
 )
 from embeddistill.models.teachers import load_sentence_transformer
+from embeddistill.pipeline.stages import student_index
 
 FAST = [
     "--epochs",
@@ -223,6 +226,20 @@ def test_lstsq_projection_ignores_directions_the_student_does_not_use():
     # On the directions the student does use, it is still the least-squares fit.
     best, *_ = np.linalg.lstsq(used, teacher_embeddings, rcond=None)
     np.testing.assert_allclose(student_embeddings @ weight.T, used @ best, atol=1e-4)
+
+
+def test_a_symmetric_students_own_index_is_its_encode_document_and_it_is_left_on_the_cpu(
+    tiny_teacher_path, tiny_student_path, scifact_slice
+):
+    student = build_student(tiny_student_path, load_sentence_transformer(tiny_teacher_path), asymmetric=False)
+    corpus = [json.loads(line) for line in (scifact_slice / "corpus.jsonl").read_text().splitlines()][:40]
+    texts = [f"{d.get('title', '')} {d['text']}".strip() for d in corpus]
+    prep = SimpleNamespace(config=DistillConfig(), doc_texts=texts, doc_ids=[d["_id"] for d in corpus])
+    index = student_index(student, prep, batch_size=8)
+    expected = student.encode_document(texts, batch_size=8, convert_to_numpy=True)
+    assert index.ids == prep.doc_ids
+    np.testing.assert_allclose(index.embeddings, expected, atol=1e-5)
+    assert next(student.parameters()).device.type == "cpu"
 
 
 def test_asymmetric_build_freezes_the_teacher_tower(tiny_teacher_path):
