@@ -54,7 +54,8 @@ def test_the_teacher_as_a_baseline_scores_exactly_what_the_teacher_scores(tmp_pa
 def test_a_whole_model_student_is_compared_with_itself_as_it_comes_by_default(
     tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice
 ):
-    metrics, report = _distill(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, "--asymmetric", *FAST)
+    metrics, report = _distill(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, *FAST)
+    assert RunSummary.from_dict(metrics).student.asymmetric is False  # no flag: its recipe, its own index
     assert set(metrics["baselines"]) == {tiny_student_path}
     assert 0 <= metrics["baselines"][tiny_student_path]["nDCG@10"] <= 1
     assert f"`{tiny_student_path}` as it comes" in report
