@@ -287,15 +287,20 @@ def evaluate_queries(
 
 def student_index(student, prep, batch_size: int = 32) -> FlatIndex:
     """The student's own index of the corpus (a symmetric student embeds documents too), as ``encode_document``
-    gives it, through the fast encoding path on the run's device: training leaves the student on the CPU, where
-    a corpus would take hours on a machine with a GPU. The student goes back to the CPU afterwards."""
+    gives it, on the run's device: training leaves the student on the CPU, where embedding a whole corpus is slow
+    on a machine with a GPU. The student goes back to the CPU afterwards."""
     student.to(device_of(prep.config))
     try:
-        with tqdm(total=len(prep.doc_texts), desc="student index", unit="text", mininterval=2) as bar:
-            documents = encode(student, prep.doc_texts, DOCUMENT, batch_size=batch_size, on_batch=bar.update)
+        documents = embed_corpus(student, prep, batch_size, "student index")
     finally:
         student.to("cpu")
     return FlatIndex(documents, prep.doc_ids)
+
+
+def embed_corpus(model, prep, batch_size: int, desc: str) -> np.ndarray:
+    """Every document of ``prep`` embedded by ``model`` through the fast encoding path, with a progress bar."""
+    with tqdm(total=len(prep.doc_texts), desc=desc, unit="text", mininterval=2) as bar:
+        return encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size, on_batch=bar.update)
 
 
 def teacher_query_encoder(teacher: DualEncoderTeacher) -> QueryEncoder:
@@ -333,9 +338,7 @@ def score_baseline(config: DistillConfig, prep, name: str) -> tuple[SentenceTran
     if not query_texts:  # nothing to score it on: its size and latency alone
         return model.to("cpu"), {}
     batch_size = config.model.teacher_batch_size
-    with tqdm(total=len(prep.doc_texts), desc=f"baseline {Path(name).name}", unit="text", mininterval=2) as bar:
-        documents = encode(model, prep.doc_texts, DOCUMENT, batch_size=batch_size, on_batch=bar.update)
-    documents = _as_the_model_compares(model, documents)
+    documents = _as_the_model_compares(model, embed_corpus(model, prep, batch_size, f"baseline {Path(name).name}"))
     queries = _as_the_model_compares(model, encode(model, query_texts, QUERY, batch_size=batch_size))
     if prep.eval_ids:
         scores = evaluate_queries(config, name, prep, queries, FlatIndex(documents, prep.doc_ids)).metrics
