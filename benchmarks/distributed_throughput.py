@@ -225,6 +225,7 @@ def bench_training(args, student_path: str, teacher_path: str, device: torch.dev
     documents = Documents([""] * docs, unit(docs))  # asymmetric: document texts are never embedded by the student
     config = TrainingConfig(
         epochs=1,
+        max_steps=0,
         batch_size=args.per_gpu_batch * world,
         learning_rate=1e-3,
         device=args.device,

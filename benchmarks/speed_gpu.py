@@ -344,6 +344,7 @@ def ours_training(args, teacher, queries: TrainingQueries, documents: Documents,
     student = build_student("teacher:2", teacher, asymmetric=True, device=device)
     config = TrainingConfig(
         epochs=args.repeats + 1,
+        max_steps=0,
         batch_size=args.train_batch,
         learning_rate=1e-3,
         device=device,
@@ -510,7 +511,7 @@ def bench_symmetric(args, teacher, passages: list[str], query_texts: list[str], 
     folder = Path(args.configs) / "all-MiniLM-L6-v2"
     random_sentence_transformer(folder, work, "cpu", args.smoke, seed=1)  # saved as work / folder.name
     precision = "bf16" if device == "cuda" else "fp32"
-    config = TrainingConfig(epochs=1, learning_rate=1e-3, device=device, precision=precision)
+    config = TrainingConfig(epochs=1, max_steps=0, learning_rate=1e-3, device=device, precision=precision)
     config.checkpoint_every = 0
     repeats, n = 2, args.symmetric_steps
     steps = args.warmup_steps + repeats * len(attention_ways()) * n

@@ -82,7 +82,7 @@ def train(teacher_path: str, inputs: dict[str, np.ndarray], asymmetric: bool, ou
     )
     criterion = EmbedDistillLoss(LossWeights(1.0, 1.0, 1.0, 0.5, 0.1), teacher_temperature=0.05)
     config = TrainingConfig(
-        epochs=2, batch_size=BATCH, learning_rate=2e-3, checkpoint_every=2, device="cpu", precision="fp32"
+        epochs=2, max_steps=0, batch_size=BATCH, learning_rate=2e-3, checkpoint_every=2, device="cpu", precision="fp32"
     )
     trainer = DistillationTrainer(
         student, queries, Documents(DOCUMENTS, inputs["documents"]), criterion, config, hard_negatives=3, out=out

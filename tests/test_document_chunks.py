@@ -70,3 +70,14 @@ def test_training_steps_run_attention_without_cudnn_and_restore_it_after():
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_prefilled_document_tokens_equal_those_tokenized_on_demand_and_skip_padding_rows(tiny_teacher_path):
+    tokenizer = QueryEncoder.of(load_sentence_transformer(tiny_teacher_path)).tokenizer
+    on_demand = DocumentTokens(TEXTS, tokenizer, 16)
+    prefilled = DocumentTokens(TEXTS, tokenizer, 16)
+    prefilled.prefill(np.array([[3, 1, -1], [1, 7, 10]]), chunk=2)  # a negative pool's -1 padding is no document
+    assert sorted(prefilled._ids) == [1, 3, 7, 10]
+    for got, expected in zip(prefilled.of([10, 3, 1, 7, 0]), on_demand.of([10, 3, 1, 7, 0]), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert max(len(ids) for ids in prefilled.of(range(len(TEXTS)))) == 16  # truncated to max_length

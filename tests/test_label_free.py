@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -192,3 +193,9 @@ def test_auto_learning_rate_tries_each_candidate_and_keeps_the_best(
     # The vanishing-rate trial is the untrained start: the full run's first check sees the same agreement.
     zero = search["trials"][1][AGREEMENT_METRIC]
     assert zero == pytest.approx(training["validation"]["history"][0][AGREEMENT_METRIC], abs=1e-6)
+    # --resume keeps the choice made: the short runs are not repeated (their folders stay gone).
+    for folder in (tmp_path / "run" / "tune").glob("lr-*"):
+        shutil.rmtree(folder)
+    resumed = _distill(tmp_path, tiny_teacher_path, tiny_student_path, scifact_slice, *extra, "--resume")
+    assert resumed["training"]["learning_rate_search"] == search
+    assert not list((tmp_path / "run" / "tune").glob("lr-*"))

@@ -331,7 +331,14 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_teacher_pat
     def trainer(out: Path, resume: bool) -> DistillationTrainer:
         out.mkdir(exist_ok=True)
         config = TrainingConfig(
-            epochs=1, batch_size=4, learning_rate=1e-3, checkpoint_every=1, device="cpu", resume=resume, seed=0
+            epochs=1,
+            max_steps=0,
+            batch_size=4,
+            learning_rate=1e-3,
+            checkpoint_every=1,
+            device="cpu",
+            resume=resume,
+            seed=0,
         )
         teacher = load_sentence_transformer(tiny_teacher_path)  # fresh: an asymmetric student freezes its teacher
         student = build_student("teacher:2", teacher, asymmetric=True)

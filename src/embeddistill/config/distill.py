@@ -175,7 +175,13 @@ class TrainingConfig:
     projection_learning_rate: float = option(
         1e-3, "peak learning rate of the student->teacher projection (0 = the encoder's learning rate)", minimum=0.0
     )
-    max_steps: int = option(0, "stop after this many optimiser steps (0 = run every epoch)", minimum=0)
+    max_steps: int = option(
+        "auto",
+        "stop after this many optimiser steps (0 = run every epoch); 'auto': 2000 for a symmetric student that "
+        "starts as a whole pretrained model (each of its steps embeds every candidate document), else 0",
+        special=("auto",),
+        minimum=0,
+    )
     validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)", minimum=0)
     keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
     start_weight: float = option(

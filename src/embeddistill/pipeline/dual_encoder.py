@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -47,10 +48,10 @@ from embeddistill.pipeline.stages import (
 )
 from embeddistill.pipeline.summary import Environment, RunSummary, kept_agreement, ratios, speedup
 from embeddistill.serving.indexing import FlatIndex
-from embeddistill.storage import honour_umask
+from embeddistill.storage import atomic_write_json, honour_umask
 from embeddistill.training import distributed
 from embeddistill.training.batching import Documents, TrainingQueries
-from embeddistill.training.distillation import DistillationTrainer
+from embeddistill.training.distillation import DistillationTrainer, planned_steps
 from embeddistill.training.merging import merge_with_start, resolved_start_weight, snapshot
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,10 @@ def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path, st
             "10 training queries), or give a number, e.g. --learning-rate 1e-4"
         )
     settings = config.training
-    steps = min(settings.tune_steps, math.ceil(len(queries.texts) / settings.batch_size) * settings.epochs)
+    steps = min(settings.tune_steps, planned_steps(settings, math.ceil(len(queries.texts) / settings.batch_size)))
+    chosen_before = _earlier_search(out / "search.json", settings, steps)
+    if chosen_before is not None:
+        return chosen_before
     trials = []
     for rate in config.training.learning_rate_candidates:
         training = dataclasses.replace(
@@ -275,7 +279,22 @@ def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path, st
     if distributed.is_main():
         best = max(trials, key=lambda trial: trial[AGREEMENT_METRIC])
         search = {"chosen": best["learning_rate"], "metric": AGREEMENT_METRIC, "trials": trials}
+        atomic_write_json(
+            out / "search.json", {"candidates": settings.learning_rate_candidates, "steps": steps, **search}
+        )
     return distributed.from_main(search if distributed.is_main() else None)
+
+
+def _earlier_search(path: Path, settings, steps: int) -> dict | None:
+    """With ``--resume``, the choice an interrupted run already made with the same candidates and steps (its short
+    runs are not repeated); else None."""
+    if not settings.resume or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.pop("candidates", None) != settings.learning_rate_candidates or saved.pop("steps", None) != steps:
+        return None
+    logger.info("--resume: the learning rate chosen before, %g (%s)", saved["chosen"], path)
+    return saved
 
 
 def evaluate_student(prep: Prepared, student, name: str = "student", own_index: bool | None = None) -> RunResult:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 CHUNK_TOKENS = 32768  # padded tokens per forward pass when a symmetric student embeds a step's documents
 
@@ -155,6 +156,13 @@ class DocumentTokens:
     def __init__(self, texts: list[str], tokenizer, max_length: int):
         self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
         self._ids: dict[int, np.ndarray] = {}
+
+    def prefill(self, rows: np.ndarray, chunk: int = 8192) -> None:
+        """Tokenize ``rows`` now, in large batches the fast tokenizer spreads over every core, instead of a step's
+        few hundred at a time on the training path (one of them per step would hold the GPU up in the first epoch)."""
+        rows = np.unique(rows[rows >= 0])
+        for start in tqdm(range(0, len(rows), chunk), desc="tokenize documents", unit="chunk", leave=False):
+            self.of(rows[start : start + chunk])
 
     def of(self, rows) -> list[np.ndarray]:
         rows = [int(r) for r in rows]

@@ -83,13 +83,13 @@ class DistillationTrainer:
         example = self.encoder.tokenize(["an example query"], self.device)
         self.tower = distributed.data_parallel(query_modules(student), self.device, example)
         self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
-        self.total_steps = self.batcher.steps_per_epoch * config.epochs
-        if config.max_steps:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        self.total_steps = planned_steps(config, self.batcher.steps_per_epoch)
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
         self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
         self.generated = torch.from_numpy(queries.generated).to(self.device)
         self.document_tokens = DocumentTokens(documents.texts, self.encoder.tokenizer, self.encoder.max_length)
+        if not self.asymmetric:  # every document a batch can draw: an anchor or one of the teacher's top documents
+            self.document_tokens.prefill(np.concatenate([queries.anchors.ravel(), queries.negative_pool.ravel()]))
         self.checkpoint_dir = self.out / "checkpoint"
         self.log_path = self.out / "train_log.jsonl"
         self.loop = TrainingLoop(
@@ -212,6 +212,15 @@ class DistillationTrainer:
 
     def save_checkpoint(self, step: int) -> None:
         self.loop.save_checkpoint(step)
+
+
+def planned_steps(config: TrainingConfig, steps_per_epoch: int) -> int:
+    """The run's optimiser steps: every epoch, or ``max_steps`` where that is fewer."""
+    unresolved = [name for name in ("epochs", "max_steps") if getattr(config, name) == "auto"]
+    if unresolved:
+        raise ValueError(f"{' and '.join(unresolved)} 'auto' must be resolved (resolve_student_recipe) before training")
+    total = steps_per_epoch * config.epochs
+    return min(total, config.max_steps) if config.max_steps else total
 
 
 def parameter_groups(student: SentenceTransformer, parameters: list, config: TrainingConfig) -> list[dict]:
