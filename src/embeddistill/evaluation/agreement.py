@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from embeddistill.models.encoding import DOCUMENT, encode
 from embeddistill.models.students import QueryEncoder, query_modules, searches_teacher_documents
 
 AGREEMENT_METRIC = "agreement_nDCG@10"
@@ -95,7 +96,9 @@ class TeacherAgreement:
             if searches_teacher_documents(student):
                 per_query = agreement_ndcg(queries @ self.teacher_documents.T, self.judged)
             else:
-                pool = student.encode_document(self.pool_texts, batch_size=64, convert_to_numpy=True)
+                # The fast encoding path: a check every eighth of a run on a pool of ~10^4 documents took 40% of
+                # a symmetric run's time through encode_document.
+                pool = encode(student, self.pool_texts, DOCUMENT, batch_size=128)
                 per_query = agreement_ndcg(queries @ pool.T, self.pool_judged)
         finally:
             tower.train(was_training)
