@@ -468,8 +468,8 @@ def render_headline(data: dict) -> list[str]:
             f"`{name}` {percent(e['retention_mean'])}" for name, e in data["dl_at_earlier_recipe"]["students"].items()
         )
         lines += [
-            "With DL19 and DL20 as the earlier recipe trained them (2 crops per passage, 6 epochs), the other sets as "
-            f"in the first table: {earlier}.",
+            "With DL19 and DL20 as the earlier recipe trained them (2 crops per passage, 6 epochs; `minilm-sym` 1 "
+            f"epoch, one seed), the other sets as in the first table: {earlier}.",
             "",
         ]
     label_free = data["label_free"]

@@ -2,9 +2,9 @@
 
 all-mpnet-base-v2 distilled into an asymmetric all-MiniLM-L6-v2 query encoder (``--asymmetric``; the library's
 defaults otherwise), or with ``--default-recipe`` into what ``--student all-MiniLM-L6-v2`` gives with no other flag
-(a whole named student: symmetric, 2 crops per document, 6 epochs, averaged with its start). The run scores
-all-MiniLM-L6-v2 as it comes beside the student (``--baselines auto``: the student's own model, searching its own
-index of the corpus) and says which is better on the test queries.
+(a whole named student: symmetric, 2 crops per document, 6 epochs or at most 2000 steps, averaged with its
+start). The run scores all-MiniLM-L6-v2 as it comes beside the student (``--baselines auto``: the student's own
+model, searching its own index of the corpus) and says which is better on the test queries.
 
     python benchmarks/baselines_check.py     # SciFact; writes runs/baselines_check/ and the result file
     python benchmarks/baselines_check.py --dataset ../shared/datasets/squad-dev --group-split \

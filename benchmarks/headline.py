@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "dl_at_earlier_recipe": {
             "recipe": "each set but DL19 and DL20 as in students; those two from the plain tables (2 crops per "
-            "passage, 6 epochs), as the headline read them before DL was rerun with today's defaults",
+            "passage, 6 epochs; the symmetric MiniLM 1 epoch, seed 42), as the headline read them before DL was "
+            "rerun with today's defaults",
             "students": {
                 name: {k: entry.get(k) for k in ("tables_by_set", "nDCG@10", "retention_mean", "retention_sd")}
                 for name, entry in dl_earlier.items()

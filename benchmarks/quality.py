@@ -13,7 +13,8 @@ Teacher: all-mpnet-base-v2 (``--teacher``). Students (``--students``), each in t
 * ``minilm-asym``: all-MiniLM-L6-v2 + a 384->768 projection, asymmetric (``--asymmetric``);
 * ``minilm-2L-asym``: all-MiniLM-L6-v2's first 2 layers (``student_layers: 2``) + projection, asymmetric;
 * ``minilm-sym``: all-MiniLM-L6-v2 + projection, symmetric (it embeds the documents too: its own index), what
-  ``--student all-MiniLM-L6-v2`` gives, with its recipe (2 crops per document, 6 epochs, unless set);
+  ``--student all-MiniLM-L6-v2`` gives, with its recipe (2 crops per document, 6 epochs or at most 2000 steps,
+  unless set);
 * ``mpnet-L0L11-asym``, ``mpnet-L1L11-asym``: the teacher's layers 0 and 11 (1 and 11) instead of its first two
   (``teacher:0,11``), asymmetric: candidates for which layers a 2-layer student keeps, compared on ``--dev``;
 * ``minilm-L0L5-asym``: all-MiniLM-L6-v2's bottom and top layers (``student_layers: [0, -1]``) + projection,
