@@ -479,10 +479,27 @@ def render_headline(data: dict) -> list[str]:
         f"{fmt(label_free['spearman_within_dataset'])}. Its rise from the run's start, read after the fact: "
         f"{fmt(label_free.get('spearman_gain_vs_test_retention'))} across sets.",
         "",
+        *_query_cosine_lines(label_free.get("query_cosine")),
         f"![students against the off-the-shelf frontier](benchmarks/results/{FRONTIER_CHART})",
         "",
     ]
     return lines
+
+
+def _query_cosine_lines(cosine: dict | None) -> list[str]:
+    if not cosine:
+        return []
+    dev, differ = cosine["dev"], cosine["choices_that_differ"]
+    rate, kept = differ["learning_rate"], differ["kept_checkpoint"]
+    return [
+        "The check's other number, the mean cosine to the teacher's query embeddings, ranks the same runs across sets: "
+        f"Spearman {fmt(cosine['spearman_vs_test_retention'])} over {cosine['runs']} runs (within a set "
+        f"{fmt(cosine['spearman_within_dataset'])}); on dev retention {fmt(dev['spearman_vs_dev_retention'])} against "
+        f"agreement's {fmt(dev['agreement_spearman_vs_dev_retention'])} over {dev['runs']} runs. Choosing by it would "
+        f"have changed {rate['differ']} of {rate['runs']} learning-rate choices and {kept['differ']} of {kept['runs']} "
+        "kept checkpoints.",
+        "",
+    ]
 
 
 KNOWN: dict[str, tuple[str, Callable[[dict], list[str]]]] = {

@@ -212,6 +212,7 @@ def label_free_points(tables: list[dict]) -> list[dict]:
                     "agreement": final[validation["metric"]],
                     "agreement_gain": final[validation["metric"]] - start,
                     "agreement_real": final.get(f"{validation['metric']}_real"),
+                    "query_cosine": final.get("query_cosine"),
                     "test_retention": float(np.mean(retention)),
                 }
             )
@@ -236,6 +237,48 @@ def real_queries_only(points: list[dict]) -> dict[str, dict]:
     """Within-dataset Spearman of the real-query agreement and of the mixed one, on the runs that have both."""
     both = [p for p in points if p["agreement_real"] is not None]
     return {"real": within_dataset(both, "agreement_real"), "mixed": within_dataset(both)}
+
+
+def choices_that_differ(tables: list[dict]) -> dict[str, dict[str, int]]:
+    """How often choosing by ``query_cosine`` instead of agreement would have changed a run's own choices: the
+    learning rate of ``--learning-rate auto`` and the kept checkpoint."""
+    counts = {"learning_rate": {"runs": 0, "differ": 0}, "kept_checkpoint": {"runs": 0, "differ": 0}}
+    for table in tables:
+        for row in table["rows"].values():
+            training = row.get("training", {})
+            for kind, options, value in (
+                ("learning_rate", (training.get("learning_rate_search") or {}).get("trials"), "learning_rate"),
+                ("kept_checkpoint", (training.get("validation") or {}).get("history"), "step"),
+            ):
+                if options:
+                    by_agreement = max(options, key=lambda o: o["agreement_nDCG@10"])[value]
+                    by_cosine = max(options, key=lambda o: o["query_cosine"])[value]
+                    counts[kind]["runs"] += 1
+                    counts[kind]["differ"] += int(by_agreement != by_cosine)
+    return counts
+
+
+def query_cosine_signal(points: list[dict], dev_points: list[dict], tables: list[dict]) -> dict:
+    """The other label-free number every check records, the mean cosine between the student's and the teacher's
+    query embeddings, against test (and dev) retention as agreement is; read after the fact, choosing nothing."""
+    values = [p for p in points if p["query_cosine"] is not None]
+    dev = [p for p in dev_points if p["query_cosine"] is not None]
+    return {
+        "spearman_vs_test_retention": spearman(
+            [p["query_cosine"] for p in values], [p["test_retention"] for p in values]
+        ),
+        "runs": len(values),
+        "spearman_within_dataset": within_dataset(values, "query_cosine"),
+        "dev": {
+            "spearman_vs_dev_retention": spearman([p["query_cosine"] for p in dev], [p["test_retention"] for p in dev]),
+            "agreement_spearman_vs_dev_retention": spearman(
+                [p["agreement"] for p in dev], [p["test_retention"] for p in dev]
+            ),
+            "runs": len(dev),
+            "spearman_within_dataset": within_dataset(dev, "query_cosine"),
+        },
+        "choices_that_differ": choices_that_differ(tables),
+    }
 
 
 @dataclasses.dataclass
@@ -335,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             "p_holm": adjusted[name],
         }
     points = label_free_points(tables)
+    dev_tables = load_tables(Path(args.dev_tables))
+    dev_points = label_free_points(dev_tables)
     headline = {
         "command": "python benchmarks/headline.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(),
@@ -374,10 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             "spearman_gain_vs_test_retention": spearman(
                 [p["agreement_gain"] for p in points], [p["test_retention"] for p in points]
             ),
-            "real_queries_only": {
-                "dev": real_queries_only(label_free_points(load_tables(Path(args.dev_tables)))),
-                "test": real_queries_only(points),
-            },
+            "real_queries_only": {"dev": real_queries_only(dev_points), "test": real_queries_only(points)},
+            "query_cosine": query_cosine_signal(points, dev_points, tables + dev_tables),
             "points": points,
         },
         "significance": "paired permutation test on per-query nDCG@10 averaged over seeds, Holm over all tests here",
