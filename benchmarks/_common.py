@@ -69,7 +69,7 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
     """Train ``student`` with sentence-transformers' ``EmbedDistillLoss`` (L2, the paper's distance) and its trainer.
 
     ``targets`` are the teacher's embeddings of ``texts`` (the loss's labels); ``training`` is the run's
-    ``TrainingConfig``, so epochs, batch size, warm-up and seed are ours. Returns the training seconds.
+    ``TrainingConfig``, so epochs, step cap, batch size, warm-up and seed are ours. Returns the training seconds.
     Needs the ``datasets`` package (``pip install -e ".[bench]"``).
     """
     from datasets import Dataset
@@ -86,6 +86,7 @@ def train_peer(student, texts: list[str], targets: np.ndarray, training, learnin
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "peer"),
         num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,  # our step cap too (-1: none), as with every other setting
         per_device_train_batch_size=training.batch_size,
         learning_rate=learning_rate,
         warmup_ratio=training.warmup_ratio,
