@@ -82,6 +82,12 @@ def test_the_label_free_decision_is_logged_once(corpus_only_run):
     assert log.count("label-free run:") == 1
 
 
+def test_a_step_cap_that_cuts_the_epochs_short_says_where_it_stops(corpus_only_run):
+    log = (corpus_only_run / "distill.log").read_text()
+    assert log.count("max_steps 6: training stops after") == 1  # the full run only, not the tuning runs
+    assert "of 1 epoch(s)" in log
+
+
 def test_a_missing_named_split_in_a_folder_with_qrels_is_still_a_clear_error(tmp_path, scifact_slice, capsys):
     argv = ["distill", "--teacher", "unused", "--dataset", str(scifact_slice), "--out", str(tmp_path / "out")]
     assert main([*argv, "--eval-split", "dev"]) == 2

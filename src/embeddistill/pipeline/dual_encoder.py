@@ -215,6 +215,7 @@ def train_student(prep: Prepared, out: Path, student=None):
         search = choose_learning_rate(prep, queries, out / "tune", student)
         chosen = dataclasses.replace(config.training, learning_rate=search["chosen"])
         config = dataclasses.replace(config, training=chosen)
+    _say_where_the_step_cap_stops(config, len(queries.texts))
     training = make_trainer(prep, config, student, queries, out).train()
     training["temperatures"] = list(resolved_temperatures(config, prep.teacher.normalized))
     training["start_weight"] = start_weight
@@ -248,6 +249,14 @@ def make_trainer(prep: Prepared, config: DistillConfig, student, queries: Traini
         dropout=config.model.student_dropout,
         validation=prep.validation,
     )
+
+
+def _say_where_the_step_cap_stops(config: DistillConfig, queries: int) -> None:
+    settings = config.training
+    per_epoch = math.ceil(queries / settings.batch_size)
+    if planned_steps(settings, per_epoch) < per_epoch * settings.epochs:
+        done = settings.max_steps / per_epoch
+        logger.info("max_steps %d: training stops after %.1f of %d epoch(s)", settings.max_steps, done, settings.epochs)
 
 
 def choose_learning_rate(prep: Prepared, queries: TrainingQueries, out: Path, start) -> dict:
