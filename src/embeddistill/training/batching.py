@@ -147,7 +147,8 @@ class CandidateBatcher(Batcher):
 
 
 class DocumentTokens:
-    """Token ids of a corpus' documents, each tokenized once, on first use.
+    """Token ids of a corpus' documents, each tokenized once: those a run can draw up front (:meth:`prefill`), any
+    other on first use.
 
     Symmetric students embed the same candidate documents every epoch; tokenizing a batch's ~600 texts again each
     step is CPU time the GPU waits for (0.11 s for 576 MS MARCO passages: ``benchmarks/symmetric_documents.py``).
@@ -158,8 +159,8 @@ class DocumentTokens:
         self._ids: dict[int, np.ndarray] = {}
 
     def prefill(self, rows: np.ndarray, chunk: int = 8192) -> None:
-        """Tokenize ``rows`` now, in large batches the fast tokenizer spreads over every core, instead of a step's
-        few hundred at a time on the training path (one of them per step would hold the GPU up in the first epoch)."""
+        """Tokenize ``rows`` now (``-1`` padding skipped), in large batches the fast tokenizer spreads over every
+        core: in the first epoch nearly every step's documents are new, and tokenizing them there holds the GPU up."""
         rows = np.unique(rows[rows >= 0])
         for start in tqdm(range(0, len(rows), chunk), desc="tokenize documents", unit="chunk", leave=False):
             self.of(rows[start : start + chunk])
