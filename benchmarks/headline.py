@@ -2,7 +2,7 @@
 
     python benchmarks/headline.py --out benchmarks/results/headline.json
 
-Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS][_c8|_c24].json``
+Reads the recipe's quality tables, ``benchmarks/results/recipe/quality_DATASET_sSEED[_eEPOCHS][_c8|_c24|_sym].json``
 (written by ``benchmarks/quality.py --seed SEED --split-seed 42 --out ...``, one table per dataset and training
 seed), and ``benchmarks/results/speed_cpu.json``. For each student (its ``embeddistill`` rows: the library's
 defaults; ``row`` names the quality table's row: the 2-layer mpnet student is the default ``--student teacher:0,-1``,
@@ -13,8 +13,9 @@ defaults: 24 crops per document, 2 epochs, ``crop_budget`` 150,000, on SciFact, 
 (8 crops, 6 epochs: the previous defaults), else the plain tables (2 crops, 6 epochs). ``tables_by_set`` says which
 tables each set came from: on DL, ``_c24`` gives the 30,005-passage pool 5 crops a passage (the budget). The
 symmetric student's defaults are the plain tables' recipe (a whole pretrained student is trained gently: 2 crops, 6
-epochs; ``embeddistill.config.recipe``), so all its sets are plain; ``recipe`` says, per student, the command and
-how its tables stand against the library's defaults.
+epochs; ``embeddistill.config.recipe``), at most 2,000 steps, which shortens DL alone: its DL sets come from the
+``_sym`` tables, the rest are plain; ``recipe`` says, per student, the command and how its tables stand against the
+library's defaults.
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
@@ -39,7 +40,8 @@ row's test retention of nDCG@10 (each DL row counted on DL19 and DL20 as one mea
 ``spearman_gain_vs_test_retention`` the same for the agreement's rise from the run's start (read after the fact).
 ``real_queries_only``: whether agreement on the real held-out queries alone would rank runs better, per dataset,
 against the same runs' mixed agreement: on the dev tables (against dev retention: what a choice may use) and on the
-test tables.
+test tables. ``query_cosine``: the same for the check's mean query cosine to the teacher, on test and dev, and how
+many of the runs' own choices (learning rate, kept checkpoint) it would have made otherwise.
 """
 
 from __future__ import annotations
