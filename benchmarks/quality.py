@@ -91,6 +91,7 @@ from embeddistill.pipeline.stages import teacher_query_encoder
 from embeddistill.runtime import environment_record, resolve_device
 from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json
+from embeddistill.training.batching import real_query_repeats
 from embeddistill.training.merging import merged_state, resolved_start_weight, snapshot
 
 logger = logging.getLogger("quality")
@@ -333,6 +334,15 @@ def evaluate(context: Context, prep: Prepared, student, name: str, own_index: bo
     return row_from_scores(score_splits(result.run, context.qrels, prep.config.evaluation.metrics), context.query_ids)
 
 
+def peer_texts(prep) -> tuple[list[str], np.ndarray]:
+    """The training queries as the peer's dataset: each real query as many times an epoch as our batcher shows it."""
+    training = prep.config.training
+    repeats = real_query_repeats(training.real_query_passes, training.epochs)
+    copies = np.where(prep.query_set.generated, 1, repeats)
+    rows = np.repeat(np.arange(len(copies)), copies)
+    return [prep.query_set.texts[i] for i in rows], prep.teacher_train[rows]
+
+
 def run_method(context: Context, student: str, method: str):
     """Train (or not) one student with one method and score it. Returns the row's record and the student."""
     out = context.work_dir / "rows" / student / method
@@ -349,7 +359,7 @@ def run_method(context: Context, student: str, method: str):
     elif method == "peer":
         symmetric = not prep.config.model.asymmetric
         model = initialised_student(prep, asymmetric=False)  # the peer's trainer knows no Router: the tower alone
-        texts, targets = list(prep.query_set.texts), prep.teacher_train
+        texts, targets = peer_texts(prep)
         if symmetric:  # it embeds documents too, so it learns them as our document EM does
             texts, targets = texts + prep.doc_texts, np.concatenate([targets, prep.teacher_docs])
         training["train_seconds"] = train_peer(

@@ -182,6 +182,13 @@ class TrainingConfig:
         special=("auto",),
         minimum=0,
     )
+    real_query_passes: int = option(
+        6,
+        "about how often a run shows the student each real (labelled or extra) query: repeated round(passes / "
+        "epochs) times an epoch, generated ones once (0 = once an epoch); many crops seen twice must not outweigh "
+        "the few real queries",
+        minimum=0,
+    )
     validate_every: int = option(0, "label-free check every N steps (0 = 8 times a run, and at the start)", minimum=0)
     keep_best: bool = option(True, "end with the weights of the best label-free check, the start included")
     start_weight: float = option(

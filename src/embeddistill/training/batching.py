@@ -47,17 +47,31 @@ class Documents:
     teacher_embeddings: np.ndarray
 
 
-class Batcher:
-    """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``, negatives by ``(seed, step)``."""
+def real_query_repeats(passes: int, epochs: int) -> int:
+    """How many times an epoch holds each real query, for about ``passes`` in a run of ``epochs`` (at least once)."""
+    return max(1, round(passes / epochs)) if passes else 1
 
-    def __init__(self, queries: TrainingQueries, batch_size: int, hard_negatives: int, seed: int):
+
+class Batcher:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``, negatives by ``(seed, step)``.
+
+    An epoch holds every generated query once and every real one ``real_repeats`` times (:func:`real_query_repeats`).
+    """
+
+    def __init__(
+        self, queries: TrainingQueries, batch_size: int, hard_negatives: int, seed: int, real_repeats: int = 1
+    ):
         self.queries, self.batch_size, self.hard_negatives, self.seed = queries, batch_size, hard_negatives, seed
-        self.steps_per_epoch = math.ceil(len(queries) / batch_size)
+        self.epoch_rows = np.repeat(np.arange(len(queries)), np.where(queries.generated, 1, real_repeats))
+        self.steps_per_epoch = math.ceil(len(self.epoch_rows) / batch_size)
         self._order: tuple[int, np.ndarray] | None = None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.queries)))
+            self._order = (
+                epoch,
+                self.epoch_rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.epoch_rows))],
+            )
         return self._order[1]
 
     def _sample_negatives(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -121,9 +135,15 @@ class CandidateBatcher(Batcher):
     """
 
     def __init__(
-        self, queries: TrainingQueries, targets: CandidateScores, batch_size: int, hard_negatives: int, seed: int
+        self,
+        queries: TrainingQueries,
+        targets: CandidateScores,
+        batch_size: int,
+        hard_negatives: int,
+        seed: int,
+        real_repeats: int = 1,
     ):
-        super().__init__(queries, batch_size, hard_negatives, seed)
+        super().__init__(queries, batch_size, hard_negatives, seed, real_repeats)
         self.targets = targets
 
     def batch(self, step: int) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ from embeddistill.training.batching import (
     DocumentTokens,
     TrainingQueries,
     embed_by_length,
+    real_query_repeats,
 )
 from embeddistill.training.loop import LoopSettings, TrainingLoop
 from embeddistill.training.validation import LabelFreeValidation
@@ -82,7 +83,7 @@ class DistillationTrainer:
         # Under torchrun the query tower runs wrapped in DDP (trainable parameters only); otherwise it is itself.
         example = self.encoder.tokenize(["an example query"], self.device)
         self.tower = distributed.data_parallel(query_modules(student), self.device, example)
-        self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed)
+        self.batcher = Batcher(queries, config.batch_size, hard_negatives, config.seed, repeats_of(config))
         self.total_steps = planned_steps(config, self.batcher.steps_per_epoch)
         self.teacher_documents = torch.from_numpy(documents.teacher_embeddings).to(self.device)
         self.teacher_queries = torch.from_numpy(queries.teacher_embeddings).to(self.device)
@@ -223,6 +224,12 @@ def planned_steps(config: TrainingConfig, steps_per_epoch: int) -> int:
     return min(total, config.max_steps) if config.max_steps else total
 
 
+def repeats_of(config: TrainingConfig) -> int:
+    """Each real query's copies in an epoch (:func:`~embeddistill.training.batching.real_query_repeats`)."""
+    planned_steps(config, 1)  # refuses an unresolved 'auto' epochs, naming it
+    return real_query_repeats(config.real_query_passes, config.epochs)
+
+
 def parameter_groups(student: SentenceTransformer, parameters: list, config: TrainingConfig) -> list[dict]:
     """AdamW groups: the encoder at ``learning_rate``, the student->teacher projection at its own rate.
 
@@ -275,7 +282,8 @@ class CrossEncoderDistillationTrainer(DistillationTrainer):
         super().__init__(
             student, queries, documents, criterion, config, hard_negatives, out, freeze_word_embeddings, dropout
         )
-        self.batcher = CandidateBatcher(queries, targets, config.batch_size, hard_negatives, config.seed)
+        repeats = repeats_of(config)
+        self.batcher = CandidateBatcher(queries, targets, config.batch_size, hard_negatives, config.seed, repeats)
         self.teacher_scores = torch.from_numpy(targets.scores.astype(np.float32)).to(self.device)
 
     def step(self, step: int) -> dict[str, float]:
