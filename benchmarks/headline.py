@@ -87,7 +87,7 @@ METHOD = "embeddistill"
 METRIC = "nDCG@10"
 TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
-    r"(?:_(?P<variant>mix|c8|c24|sym|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2|dev_c48e1))?\.json$"
+    r"(?:_(?P<variant>mix|c8|c24|sym|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2|dev_c48e1|dev_rq0|dev_rq6))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
 # Tables of later recipes than the plain ones, oldest first: a set that a later one holds the row on is read from that
@@ -100,6 +100,8 @@ DEV_SUFFIX = {
     "dev_c16e3": " + 16 crops per document, 3 epochs",
     "dev_c24e2": " + 24 crops per document, 2 epochs",
     "dev_c48e1": " + 48 crops per document, 1 epoch",
+    "dev_rq0": " + 24 crops per document, 2 epochs (rerun)",
+    "dev_rq6": " + 24 crops per document, 2 epochs, each real query 3 times an epoch",
 }
 GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
