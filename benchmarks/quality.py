@@ -91,7 +91,8 @@ from embeddistill.pipeline.stages import teacher_query_encoder
 from embeddistill.runtime import environment_record, resolve_device
 from embeddistill.serving.indexing import FlatIndex
 from embeddistill.storage import atomic_write_json
-from embeddistill.training.batching import real_query_repeats
+from embeddistill.training.batching import rows_of_an_epoch
+from embeddistill.training.distillation import repeats_of
 from embeddistill.training.merging import merged_state, resolved_start_weight, snapshot
 
 logger = logging.getLogger("quality")
@@ -336,10 +337,7 @@ def evaluate(context: Context, prep: Prepared, student, name: str, own_index: bo
 
 def peer_texts(prep) -> tuple[list[str], np.ndarray]:
     """The training queries as the peer's dataset: each real query as many times an epoch as our batcher shows it."""
-    training = prep.config.training
-    repeats = real_query_repeats(training.real_query_passes, training.epochs)
-    copies = np.where(prep.query_set.generated, 1, repeats)
-    rows = np.repeat(np.arange(len(copies)), copies)
+    rows = rows_of_an_epoch(prep.query_set.generated, repeats_of(prep.config.training))
     return [prep.query_set.texts[i] for i in rows], prep.teacher_train[rows]
 
 

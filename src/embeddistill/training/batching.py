@@ -52,6 +52,12 @@ def real_query_repeats(passes: int, epochs: int) -> int:
     return max(1, round(passes / epochs)) if passes else 1
 
 
+def rows_of_an_epoch(generated: np.ndarray, real_repeats: int) -> np.ndarray:
+    """The training-query rows one epoch shows, unshuffled: each generated query once, each real one ``real_repeats``
+    times."""
+    return np.repeat(np.arange(len(generated)), np.where(generated, 1, real_repeats))
+
+
 class Batcher:
     """Deterministic batches: epoch ``e`` is a permutation seeded by ``(seed, e)``, negatives by ``(seed, step)``.
 
@@ -62,7 +68,7 @@ class Batcher:
         self, queries: TrainingQueries, batch_size: int, hard_negatives: int, seed: int, real_repeats: int = 1
     ):
         self.queries, self.batch_size, self.hard_negatives, self.seed = queries, batch_size, hard_negatives, seed
-        self.epoch_rows = np.repeat(np.arange(len(queries)), np.where(queries.generated, 1, real_repeats))
+        self.epoch_rows = rows_of_an_epoch(queries.generated, real_repeats)
         self.steps_per_epoch = math.ceil(len(self.epoch_rows) / batch_size)
         self._order: tuple[int, np.ndarray] | None = None
 
