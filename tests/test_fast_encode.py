@@ -16,8 +16,8 @@ from embeddistill.models.encoding import (
     batch_bounds,
     encode,
     encode_chunks,
+    pieces,
     preprocess_chunk,
-    ramped_chunks,
     rust_tokenizer,
     tokenize_chunk,
 )
@@ -179,13 +179,24 @@ def test_chunks_come_back_in_order_with_progress(tiny_teacher_path):
     assert torch.is_grad_enabled()  # the generator's inference mode does not leak into the caller
 
 
-def test_chunks_start_small_and_double_up_to_the_chunk_size():
-    texts = [str(i) for i in range(20)]
-    chunks = ramped_chunks(texts, chunk_size=6, first=2)
-    assert [len(c) for c in chunks] == [2, 4, 6, 6, 2]
-    assert sum(chunks, []) == texts
-    assert [len(c) for c in ramped_chunks(texts[:3], chunk_size=2, first=256)] == [2, 1]
-    assert ramped_chunks([], chunk_size=4) == []
+def test_pieces_start_small_double_up_to_the_largest_and_never_straddle_two_chunks():
+    chunks = [[f"a{i}" for i in range(9)], [f"b{i}" for i in range(7)]]
+    got = list(pieces(chunks, largest=4, first=1))
+    assert [(number, len(texts)) for number, texts in got] == [(0, 1), (0, 2), (0, 4), (0, 2), (1, 4), (1, 3)]
+    assert [t for _, texts in got for t in texts] == chunks[0] + chunks[1]
+    with pytest.raises(ValueError, match="chunk 1 holds no texts"):
+        list(pieces([["x"], []]))
+
+
+def test_chunks_cut_into_many_pieces_come_back_whole_and_in_order(tiny_teacher_path, monkeypatch):
+    model = load_sentence_transformer(tiny_teacher_path)
+    monkeypatch.setattr(encoding, "FIRST_PIECE", 1)  # read at call time: pieces of 1, 2, 2, ... texts
+    monkeypatch.setattr(encoding, "PIECE", 2)
+    monkeypatch.setattr(encoding, "TOKENIZE_AHEAD", 2)
+    chunks = [TEXTS[:5], TEXTS[5:6], TEXTS[6:]]
+    parts = list(encode_chunks(model, chunks, "document", batch_size=2))
+    assert [len(p) for p in parts] == [len(c) for c in chunks]
+    np.testing.assert_allclose(np.concatenate(parts), _reference(model, TEXTS, "document"), atol=TOLERANCE)
 
 
 def test_no_texts(tiny_teacher_path):

@@ -5,17 +5,18 @@ the CPU (a device sync per batch), uses a fixed number of texts per batch whatev
 eager attention. :func:`encode_chunks` computes the very same embeddings (the model's own preprocessing and
 modules, in the model's own dtype) but:
 
-* tokenises each chunk once, in the background while the device encodes the previous chunk (:func:`ramped_chunks`
-  keeps the first chunk small: the device waits for that one alone), straight through the
-  Rust ``tokenizers`` backend (:class:`RustTokenizer`: ``encode_batch`` without offsets or padding, which releases
-  the GIL and spreads the texts over all cores), padded per length-sorted chunk into preallocated arrays; a sample
-  of every chunk is checked against the model's own ``preprocess``, which is used instead (in background threads)
-  for tokenizers that are not fast or give different tokens;
-* sorts a chunk by token length and fills batches up to a **token budget** (``batch_size * max_seq_length`` padded
+* tokenises in pieces of up to ``PIECE`` texts (the first few smaller: :func:`pieces`), up to ``TOKENIZE_AHEAD``
+  pieces ahead of the device, so tokenising (on an H200 about as fast as encoding) never waits for the device and
+  the device waits only for the first small piece; straight through the Rust ``tokenizers`` backend
+  (:class:`RustTokenizer`: ``encode_batch`` without offsets or padding, which releases the GIL and spreads the texts
+  over all cores), padded per length-sorted piece into preallocated arrays; a sample of every piece is checked
+  against the model's own ``preprocess``, which is used instead (in background threads) for tokenizers that are not
+  fast or give different tokens;
+* sorts a piece by token length and fills batches up to a **token budget** (``batch_size * max_seq_length`` padded
   tokens: the memory of ``batch_size`` longest texts), so short texts go many to a batch;
-* copies a chunk's token ids to the device once (pinned, non-blocking) and slices batches there; embeddings stay on
-  the device until the chunk is done, and go back to the host only once the next chunk is queued, so the device
-  never waits for the host, within a chunk or between chunks;
+* copies a piece's token ids to the device once (pinned, non-blocking) and slices batches there; embeddings stay on
+  the device until the piece is done, and go back to the host only once the next piece is queued, so the device
+  never waits for the host, within a piece or between pieces;
 * pads batches to a multiple of 8 tokens on CUDA (tensor-core friendly shapes), not at all on the CPU;
 * runs MPNet's attention through ``scaled_dot_product_attention`` (its relative-position bias as the additive mask,
   computed once per batch instead of once per layer), while encoding only: the model is restored afterwards.
@@ -26,6 +27,7 @@ through ``encode_query`` / ``encode_document`` unchanged.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import itertools
@@ -61,7 +63,9 @@ PROBE_TEXTS = (  # checked once per model: empty and blank texts, unicode, a tex
     "cells " * 1100,
 )
 CUDA_PAD_MULTIPLE = 8
-FIRST_CHUNK = 256  # texts of the first chunk (see ramped_chunks)
+PIECE = 512  # texts tokenised and embedded at a time: a few batches, so the device starts on them soon
+FIRST_PIECE = 64  # texts of the first piece, which nothing overlaps (see pieces)
+TOKENIZE_AHEAD = 4  # pieces tokenised ahead of the device (bounded: their token arrays wait in host memory)
 
 
 @dataclass
@@ -327,10 +331,10 @@ def _model_device(model: SentenceTransformer) -> torch.device:
     return next(model.parameters()).device
 
 
-def _embed_chunk(
+def _embed_piece(
     model: SentenceTransformer, chunk: TokenizedChunk, kind: str, budget: int, on_batch: Callable[[int], None] | None
 ) -> HostCopy:
-    """Embeddings of one tokenised chunk, rows back in input order, on their way to the host."""
+    """Embeddings of one tokenised piece, rows back in input order, on their way to the host."""
     device = _model_device(model)
     rows = len(chunk.order)
     multiple = pad_multiple(device)
@@ -388,7 +392,7 @@ def encode_chunks(
     sdpa: bool = True,
     compile: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Embed each chunk of texts (fp32 rows in the chunk's order), tokenising the next chunk while this one runs.
+    """Embed each chunk of texts (fp32 rows in the chunk's order), tokenising ahead while the device runs.
 
     ``kind`` is ``"query"`` or ``"document"`` (what ``encode_query`` / ``encode_document`` would do). ``batch_size``
     sets the token budget of a batch (:func:`token_budget`); ``on_batch`` is told how many texts each batch held.
@@ -402,61 +406,71 @@ def encode_chunks(
     budget = token_budget(model, batch_size)
     model.eval()
     threads = tokenizer_threads(_model_device(model))
+    todo = pieces(chunks)
+    ahead: collections.deque = collections.deque()  # (chunk number, future tokenised piece)
+    embedded: collections.deque = collections.deque()  # (chunk number, HostCopy) not yet handed back
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch,
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize") as tokenizers,
     ):
-        iterator = iter(chunks)
-        pending = _submit_next(prefetch, tokenizers, model, iterator, kind)
-        previous = None
-        while pending is not None:
-            chunk = pending.result()
-            pending = _submit_next(prefetch, tokenizers, model, iterator, kind)  # while the device works on this one
+        while True:
+            for number, texts in itertools.islice(todo, TOKENIZE_AHEAD - len(ahead)):
+                ahead.append((number, prefetch.submit(tokenize_chunk, model, texts, kind, tokenizers)))
+            if not ahead:
+                break
+            number, tokenized = ahead.popleft()
+            piece = tokenized.result()
             with (
                 torch.inference_mode(),
                 sdpa_attention(model) if sdpa else contextlib.nullcontext(),
                 compiled_transformer(model) if compile else contextlib.nullcontext(),
             ):
-                current = _embed_chunk(model, chunk, kind, budget, on_batch)
-            if previous is not None:  # this chunk is queued: the device keeps busy while the host takes the last
-                yield previous.numpy()  # outside the contexts: the caller runs with its own grad mode and model
-            previous = current
-        if previous is not None:
-            yield previous.numpy()
+                current = _embed_piece(model, piece, kind, budget, on_batch)
+            # this piece is queued: the device keeps busy while the host takes the chunks finished before it (outside
+            # the contexts: the caller runs with its own grad mode and model)
+            yield from _finished_chunks(embedded, before=number)
+            embedded.append((number, current))
+        yield from _finished_chunks(embedded, before=math.inf)
 
 
-def _submit_next(
-    prefetch: ThreadPoolExecutor,
-    tokenizers: ThreadPoolExecutor,
-    model: SentenceTransformer,
-    chunks: Iterator[list[str]],
-    kind: str,
-):
-    texts = next(chunks, None)
-    return None if texts is None else prefetch.submit(tokenize_chunk, model, texts, kind, tokenizers)
+def _finished_chunks(embedded: collections.deque, before: float) -> Iterator[np.ndarray]:
+    """Pop and join the pieces of every chunk numbered below ``before``, one array per chunk, in order."""
+    while embedded and embedded[0][0] < before:
+        number, parts = embedded[0][0], []
+        while embedded and embedded[0][0] == number:
+            parts.append(embedded.popleft()[1].numpy())
+        yield np.concatenate(parts)
 
 
-def ramped_chunks(texts: list[str], chunk_size: int, first: int = FIRST_CHUNK) -> list[list[str]]:
-    """``texts`` in order, cut into chunks of ``first``, twice that, ... up to ``chunk_size`` texts.
+def pieces(
+    chunks: Iterable[list[str]], largest: int | None = None, first: int | None = None
+) -> Iterator[tuple[int, list[str]]]:
+    """``(chunk number, texts)`` of each chunk cut into pieces of ``first``, twice that, ... up to ``largest`` texts
+    (``FIRST_PIECE`` and ``PIECE`` by default; the size carries on from chunk to chunk; no piece holds texts of two
+    chunks).
 
-    Nothing overlaps the first chunk's tokenisation (every later one is tokenised while the device encodes the one
-    before): a small first chunk gets the device going at once, the large later ones amortise each chunk's copy.
+    Nothing overlaps the first piece's tokenisation (every later one is tokenised while the device encodes those
+    before it): a small first piece gets the device going at once.
     """
-    chunks, start, size = [], 0, min(first, chunk_size)
-    while start < len(texts):
-        chunks.append(texts[start : start + size])
-        start, size = start + size, min(2 * size, chunk_size)
-    return chunks
+    largest = largest or PIECE
+    size = min(first or FIRST_PIECE, largest)
+    for number, texts in enumerate(chunks):
+        if not texts:
+            raise ValueError(f"chunk {number} holds no texts: every chunk must hold at least one")
+        start = 0
+        while start < len(texts):
+            yield number, texts[start : start + size]
+            start, size = start + size, min(2 * size, largest)
 
 
 def encode(
     model: SentenceTransformer, texts: list[str], kind: str, batch_size: int = 32, chunk_size: int = 2048, **options
 ) -> np.ndarray:
-    """Embed ``texts`` in :func:`ramped_chunks` of up to ``chunk_size`` (see :func:`encode_chunks`); fp32 rows in
-    input order. Texts are sorted longest first (by characters) beforehand, so each chunk holds texts of similar
-    length and its batches carry little padding."""
+    """Embed ``texts`` (see :func:`encode_chunks`); fp32 rows in input order. Texts are sorted longest first (by
+    characters) beforehand, so each piece holds texts of similar length and its batches carry little padding."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    chunks = ramped_chunks([texts[i] for i in order], chunk_size)
+    ordered = [texts[i] for i in order]
+    chunks = [ordered[i : i + chunk_size] for i in range(0, len(ordered), chunk_size)]
     parts = list(encode_chunks(model, chunks, kind, batch_size, **options))
     if not parts:
         return np.zeros((0, embedding_dimension(model)), dtype=np.float32)

@@ -65,12 +65,20 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     )
 
 
+@torch.compiler.disable
+def _position_bias(encoder, hidden_states: torch.Tensor) -> torch.Tensor:
+    """MPNet's relative position bias, ``(1, H, L, L)``: the same for every row. Outside ``torch.compile``, which
+    would fuse its bucketing (a logarithm per cell) into the kernel that adds the padding mask and so compute it
+    again for every row of the batch (a sixth of a compiled forward's device time on an H200)."""
+    return encoder.compute_position_bias(hidden_states[:1])
+
+
 def _mpnet_encoder_forward(self, hidden_states, attention_mask=None, output_attentions=False, **kwargs):
     from transformers.modeling_outputs import BaseModelOutput
 
     if output_attentions or kwargs.get("output_hidden_states"):
         raise ValueError("the SDPA MPNet path returns the last hidden state only")
-    bias = self.compute_position_bias(hidden_states[:1])  # (1, H, L, L): the same for every row
+    bias = _position_bias(self, hidden_states)
     mask = _additive_mask(attention_mask, bias.dtype)
     bias = bias if mask is None else (bias + mask).contiguous()  # (B, H, L, L), once for all layers
     for layer in self.layer:

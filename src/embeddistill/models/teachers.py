@@ -6,8 +6,7 @@ once and stored on disk: the :class:`EmbeddingCache` is keyed by the teacher's i
 weights plus pooling, normalisation and maximum length), and inside that by a fingerprint of each text, so a
 rerun encodes only texts it has not seen. Encoding is written in length-sorted shards, each atomically with
 its checksum: an interrupted run resumes from the last finished shard and a corrupt shard is re-encoded.
-Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise (the first few fewer: see
-:func:`embeddistill.models.encoding.ramped_chunks`). Texts are encoded by
+Shards hold 2048 texts unless ``$EMBEDDISTILL_CACHE_SHARD_SIZE`` says otherwise. Texts are encoded by
 :func:`embeddistill.models.encoding.encode_chunks` (the same embeddings as ``SentenceTransformer.encode``, faster).
 """
 
@@ -25,7 +24,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks, ramped_chunks
+from embeddistill.models.encoding import DOCUMENT, QUERY, embedding_dimension, encode_chunks
 from embeddistill.storage import ShardedCache, fingerprint, read_manifest, text_key, weights_hash
 from embeddistill.training import distributed
 
@@ -283,10 +282,10 @@ class EmbeddingCache(ShardedCache):
     ) -> None:
         # Longest first: shards of similar length waste no padding, and the ETA is pessimistic early on.
         texts = sorted(texts, key=len, reverse=True)
-        chunks = ramped_chunks(texts, self.shard_size)
+        chunks = [texts[i : i + self.shard_size] for i in range(0, len(texts), self.shard_size)]
         show = distributed.is_main()  # under torchrun, rank 0's share stands for the progress of all
         with tqdm(total=len(texts), desc=f"teacher {desc}", unit="text", mininterval=2, disable=not show) as bar:
-            # The fast path tokenises the next shard while this one is encoded; every shard is written as it ends.
+            # The fast path tokenises ahead while the device encodes; every shard is written as it ends.
             arrays = encode_chunks(model, chunks, kind, batch_size, on_batch=bar.update, compile=compile)
             for chunk, array in zip(chunks, arrays, strict=True):
                 self.add_shard([text_key(f"{kind}\0{t}") for t in chunk], array)
