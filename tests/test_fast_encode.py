@@ -320,16 +320,29 @@ def test_rust_tokenizer_that_differs_falls_back_to_preprocess(tiny_teacher_path,
 
 
 def test_a_difference_in_a_later_chunk_is_caught(tiny_teacher_path, monkeypatch):
-    """Later chunks check their longest text: a truncation difference that the first chunk's texts missed."""
+    """Later checked chunks check their longest text: a truncation difference that the first chunk's texts missed."""
     model = load_sentence_transformer(tiny_teacher_path)
     short, long = TEXTS[:2], [TEXTS[2]]
     rust = rust_tokenizer(model, "document")
     monkeypatch.setattr(encoding, "PROBE_TEXTS", ())
+    monkeypatch.setattr(encoding, "CHECK_EVERY", 1)  # every chunk checked
     rust.backend.enable_truncation(32)  # preprocess truncates at 64
     tokenize_chunk(model, short, "document")
     assert rust.disabled is None  # short texts: no difference to see
     _assert_same_chunk(tokenize_chunk(model, long, "document"), preprocess_chunk(model, long, "document"))
     assert rust.disabled
+
+
+def test_chunks_are_checked_at_least_every_check_every_texts(tiny_teacher_path, monkeypatch):
+    model = load_sentence_transformer(tiny_teacher_path)
+    rust = rust_tokenizer(model, "document")
+    monkeypatch.setattr(encoding, "CHECK_EVERY", 4)
+    checked: list[int] = []
+    original = rust.check
+    monkeypatch.setattr(rust, "check", lambda texts: checked.append(len(texts)) or original(texts))
+    for size in (1, 2, 1, 1, 3, 1):  # texts since the last check: 2, 3, 4 (check), 3, 4 (check)
+        tokenize_chunk(model, TEXTS[:size], "document")
+    assert checked == [2 + len(encoding.PROBE_TEXTS), 2, 2]  # the first (with the probes), the fourth, the sixth
 
 
 def test_preprocess_with_other_row_features_falls_back(tiny_teacher_path, monkeypatch):

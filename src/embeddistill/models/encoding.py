@@ -5,13 +5,11 @@ the CPU (a device sync per batch), uses a fixed number of texts per batch whatev
 eager attention. :func:`encode_chunks` computes the very same embeddings (the model's own preprocessing and
 modules, in the model's own dtype) but:
 
-* tokenises in pieces of up to ``PIECE`` texts (the first few smaller: :func:`pieces`), up to ``TOKENIZE_AHEAD``
-  pieces ahead of the device, so tokenising (on an H200 about as fast as encoding) never waits for the device and
-  the device waits only for the first small piece; straight through the Rust ``tokenizers`` backend
-  (:class:`RustTokenizer`: ``encode_batch`` without offsets or padding, which releases the GIL and spreads the texts
-  over all cores), padded per length-sorted piece into preallocated arrays; a sample of every piece is checked
-  against the model's own ``preprocess``, which is used instead (in background threads) for tokenizers that are not
-  fast or give different tokens;
+* tokenises in pieces (:func:`pieces`) up to ``TOKENIZE_AHEAD`` ahead of the device, which then waits only for
+  the small first one, straight through the Rust ``tokenizers`` backend (:class:`RustTokenizer`: ``encode_batch``
+  without offsets or padding, which releases the GIL and spreads the texts over all cores), padded per
+  length-sorted piece into preallocated arrays; samples are checked against the model's own ``preprocess``, which
+  is used instead (in background threads) for tokenizers that are not fast or give different tokens;
 * sorts a piece by token length and fills batches up to a **token budget** (``batch_size * max_seq_length`` padded
   tokens: the memory of ``batch_size`` longest texts), so short texts go many to a batch;
 * copies a piece's token ids to the device once (pinned, non-blocking) and slices batches there; embeddings stay on
@@ -52,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 QUERY, DOCUMENT = "query", "document"
 TOKENIZE_BATCH = 256  # texts per tokenizer call: enough to amortise the call, few enough to share out to threads
-CHECK_TEXTS_FIRST = 64  # texts of a model's first chunk checked against its own preprocess (plus PROBE_TEXTS)
-CHECK_TEXTS = 8  # texts of each later chunk checked (plus the chunk's longest text)
+CHECK_TEXTS_FIRST = 64  # texts of a model's first piece checked against its own preprocess (plus PROBE_TEXTS)
+CHECK_TEXTS = 8  # texts of each later checked piece checked (plus the piece's longest text)
+CHECK_EVERY = 2048  # texts between two checked pieces: a check costs milliseconds of Python that hold the GIL
 ROW_FEATURES = ("input_ids", "attention_mask", "token_type_ids")  # what the Rust path can produce
 PROBE_TEXTS = (  # checked once per model: empty and blank texts, unicode, a text far past any max_seq_length
     "",
@@ -173,9 +172,9 @@ class RustTokenizer:
     ``preprocess`` gives (int64 ``input_ids``, ``attention_mask`` and, where the model has them,
     ``token_type_ids``, right-padded with the tokenizer's pad values; ``modality`` and other constants copied).
 
-    Every chunk is checked: the first ``CHECK_TEXTS_FIRST`` texts of the first chunk and ``PROBE_TEXTS`` (once),
-    then the first ``CHECK_TEXTS`` of each chunk and its longest text, must tokenise exactly as ``preprocess``
-    tokenises them; at the first difference this tokenizer is disabled and the chunk goes through ``preprocess``.
+    The first chunk is checked, then one at least every ``CHECK_EVERY`` texts: its first ``CHECK_TEXTS`` (the first
+    chunk's ``CHECK_TEXTS_FIRST``, and ``PROBE_TEXTS``) and its longest text must tokenise exactly as ``preprocess``
+    does; at the first difference this tokenizer is disabled and the chunk goes through ``preprocess``.
     """
 
     def __init__(self, model: SentenceTransformer, kind: str, max_length: int):
@@ -196,6 +195,8 @@ class RustTokenizer:
         }
         self.disabled: str | None = None  # why this tokenizer no longer reproduces preprocess
         self._probed = False
+        self._unchecked = 0  # texts tokenised since the last check
+        self._checked: tuple[dict, list[str]] | None = None  # what the last check found: (constants, row features)
         self._lock = threading.Lock()
 
     def encodings(self, texts: list[str], pool: ThreadPoolExecutor | None = None) -> list:
@@ -253,17 +254,23 @@ class RustTokenizer:
         if self.disabled or not texts or not all(isinstance(t, str) for t in texts):
             return None
         with self._lock:
-            first = not self._probed
-            self._probed = True
-        sample = texts[: CHECK_TEXTS_FIRST if first else CHECK_TEXTS] + [max(texts, key=len)]
-        checked = self.check(sample + list(PROBE_TEXTS) if first else sample)
-        if checked is None:
-            logger.warning("tokenising through preprocess: the Rust tokenizer does not match it (%s)", self.disabled)
-            return None
+            first, self._probed = not self._probed, True
+            self._unchecked += len(texts)
+            due = first or self._checked is None or self._unchecked >= CHECK_EVERY
+            self._unchecked = 0 if due else self._unchecked
+        if due:
+            sample = texts[: CHECK_TEXTS_FIRST if first else CHECK_TEXTS] + [max(texts, key=len)]
+            checked = self.check(sample + list(PROBE_TEXTS) if first else sample)
+            if checked is None:
+                logger.warning(
+                    "tokenising through preprocess: the Rust tokenizer does not match it (%s)", self.disabled
+                )
+                return None
+            self._checked = checked
         encodings = self.encodings(texts, pool)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         order = np.argsort(-lengths, kind="stable")
-        constants, keys = checked
+        constants, keys = self._checked
         features = self.features(encodings, order, lengths, keys)
         return TokenizedChunk(dict(features, **constants), lengths[order], order)
 
@@ -426,8 +433,7 @@ def encode_chunks(
                 compiled_transformer(model) if compile else contextlib.nullcontext(),
             ):
                 current = _embed_piece(model, piece, kind, budget, on_batch)
-            # this piece is queued: the device keeps busy while the host takes the chunks finished before it (outside
-            # the contexts: the caller runs with its own grad mode and model)
+            # queued: the device keeps busy while the caller takes the chunks finished before (outside the contexts)
             yield from _finished_chunks(embedded, before=number)
             embedded.append((number, current))
         yield from _finished_chunks(embedded, before=math.inf)
@@ -445,13 +451,9 @@ def _finished_chunks(embedded: collections.deque, before: float) -> Iterator[np.
 def pieces(
     chunks: Iterable[list[str]], largest: int | None = None, first: int | None = None
 ) -> Iterator[tuple[int, list[str]]]:
-    """``(chunk number, texts)`` of each chunk cut into pieces of ``first``, twice that, ... up to ``largest`` texts
-    (``FIRST_PIECE`` and ``PIECE`` by default; the size carries on from chunk to chunk; no piece holds texts of two
-    chunks).
-
-    Nothing overlaps the first piece's tokenisation (every later one is tokenised while the device encodes those
-    before it): a small first piece gets the device going at once.
-    """
+    """``(chunk number, texts)`` of each chunk cut into pieces of ``first`` (``FIRST_PIECE``), twice that, ... up to
+    ``largest`` (``PIECE``) texts, the size carrying on across chunks; no piece straddles two chunks. Nothing overlaps
+    the first piece's tokenisation: a small one gets the device going at once."""
     largest = largest or PIECE
     size = min(first or FIRST_PIECE, largest)
     for number, texts in enumerate(chunks):
