@@ -61,7 +61,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from embeddistill import runtime
 from embeddistill.config import TeacherTrainingConfig, TrainingConfig
 from embeddistill.losses import EmbedDistillLoss
-from embeddistill.models import encoding
+from embeddistill.models import encoding, tokenization
 from embeddistill.models.cross_encoders import DualPoolingCrossEncoder
 from embeddistill.models.students import build_student, query_modules, query_tokenizer
 from embeddistill.models.teachers import DOCUMENT, EmbeddingCache, TeacherIdentity
@@ -234,13 +234,13 @@ def tokenization_rate(teacher, texts: list[str]) -> dict:
     fast path's threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = encoding.tokenizer_threads(next(teacher.parameters()).device)
-    rust = encoding.rust_tokenizer(teacher, DOCUMENT)
+    threads = tokenization.tokenizer_threads(next(teacher.parameters()).device)
+    rust = tokenization.rust_tokenizer(teacher, DOCUMENT)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        encoding.tokenize_chunk(teacher, texts, DOCUMENT, pool)  # the first chunk's fuller check, untimed
-        elapsed_fast, _ = timed(lambda: encoding.tokenize_chunk(teacher, texts, DOCUMENT, pool))
-        elapsed_preprocess_threaded, _ = timed(lambda: encoding.preprocess_chunk(teacher, texts, DOCUMENT, pool))
-    elapsed_preprocess, _ = timed(lambda: encoding.preprocess_chunk(teacher, texts, DOCUMENT))
+        tokenization.tokenize_chunk(teacher, texts, DOCUMENT, pool)  # the first chunk's fuller check, untimed
+        elapsed_fast, _ = timed(lambda: tokenization.tokenize_chunk(teacher, texts, DOCUMENT, pool))
+        elapsed_preprocess_threaded, _ = timed(lambda: tokenization.preprocess_chunk(teacher, texts, DOCUMENT, pool))
+    elapsed_preprocess, _ = timed(lambda: tokenization.preprocess_chunk(teacher, texts, DOCUMENT))
     rust_serial = None
     if rust is not None and not rust.disabled:
         parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -262,7 +262,7 @@ def tokenization_rate(teacher, texts: list[str]) -> dict:
         f"ms_per_document_preprocess_{threads}_threads": elapsed_preprocess_threaded * per_document,
         "cpu_count": os.cpu_count(),
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
-        "rayon_parallelism": encoding.rayon_parallelism(),
+        "rayon_parallelism": tokenization.rayon_parallelism(),
     }
 
 

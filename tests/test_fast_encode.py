@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from embeddistill.models import encoding
-from embeddistill.models.encoding import (
-    RustTokenizer,
-    batch_bounds,
-    encode,
-    encode_chunks,
-    pieces,
-    preprocess_chunk,
-    rust_tokenizer,
-    tokenize_chunk,
-)
+from embeddistill.models import encoding, tokenization
+from embeddistill.models.encoding import batch_bounds, encode, encode_chunks, pieces
 from embeddistill.models.kernels import sdpa_attention
 from embeddistill.models.teachers import load_sentence_transformer
+from embeddistill.models.tokenization import RustTokenizer, preprocess_chunk, rust_tokenizer, tokenize_chunk
 
 TEXTS = [
     "Coral reefs bleach when the water is too warm for too long.",
@@ -208,7 +200,7 @@ def test_threaded_tokenization_equals_serial(tiny_teacher_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     model = load_sentence_transformer(tiny_teacher_path)
-    monkeypatch.setattr(encoding, "TOKENIZE_BATCH", 2)  # several sub-batches of different widths
+    monkeypatch.setattr(tokenization, "TOKENIZE_BATCH", 2)  # several sub-batches of different widths
     serial = tokenize_chunk(model, TEXTS, "document")
     with ThreadPoolExecutor(max_workers=3) as pool:
         threaded = tokenize_chunk(model, TEXTS, "document", pool)
@@ -279,7 +271,7 @@ def test_rust_tokenization_with_threads_and_rayon(tiny_mpnet_path, monkeypatch, 
 
     model = load_sentence_transformer(tiny_mpnet_path)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
-    monkeypatch.setattr(encoding, "TOKENIZE_BATCH", 3)  # with rayon off: sub-batches in the pool's threads
+    monkeypatch.setattr(tokenization, "TOKENIZE_BATCH", 3)  # with rayon off: sub-batches in the pool's threads
     texts = (TEXTS + TRICKY) * 3
     with ThreadPoolExecutor(max_workers=3) as pool:
         got = tokenize_chunk(model, texts, "document", pool)
@@ -324,8 +316,8 @@ def test_a_difference_in_a_later_chunk_is_caught(tiny_teacher_path, monkeypatch)
     model = load_sentence_transformer(tiny_teacher_path)
     short, long = TEXTS[:2], [TEXTS[2]]
     rust = rust_tokenizer(model, "document")
-    monkeypatch.setattr(encoding, "PROBE_TEXTS", ())
-    monkeypatch.setattr(encoding, "CHECK_EVERY", 1)  # every chunk checked
+    monkeypatch.setattr(tokenization, "PROBE_TEXTS", ())
+    monkeypatch.setattr(tokenization, "CHECK_EVERY", 1)  # every chunk checked
     rust.backend.enable_truncation(32)  # preprocess truncates at 64
     tokenize_chunk(model, short, "document")
     assert rust.disabled is None  # short texts: no difference to see
@@ -336,13 +328,13 @@ def test_a_difference_in_a_later_chunk_is_caught(tiny_teacher_path, monkeypatch)
 def test_chunks_are_checked_at_least_every_check_every_texts(tiny_teacher_path, monkeypatch):
     model = load_sentence_transformer(tiny_teacher_path)
     rust = rust_tokenizer(model, "document")
-    monkeypatch.setattr(encoding, "CHECK_EVERY", 4)
+    monkeypatch.setattr(tokenization, "CHECK_EVERY", 4)
     checked: list[int] = []
     original = rust.check
     monkeypatch.setattr(rust, "check", lambda texts: checked.append(len(texts)) or original(texts))
     for size in (1, 2, 1, 1, 3, 1):  # texts since the last check: 2, 3, 4 (check), 3, 4 (check)
         tokenize_chunk(model, TEXTS[:size], "document")
-    assert checked == [2 + len(encoding.PROBE_TEXTS), 2, 2]  # the first (with the probes), the fourth, the sixth
+    assert checked == [2 + len(tokenization.PROBE_TEXTS), 2, 2]  # the first (with the probes), the fourth, the sixth
 
 
 def test_preprocess_with_other_row_features_falls_back(tiny_teacher_path, monkeypatch):

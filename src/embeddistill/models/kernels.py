@@ -65,12 +65,28 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     )
 
 
+_BUCKETS: dict[tuple[int, str], torch.Tensor] = {}  # (length, device) -> MPNet's (L, L) relative position buckets
+
+
 @torch.compiler.disable
 def _position_bias(encoder, hidden_states: torch.Tensor) -> torch.Tensor:
-    """MPNet's relative position bias, ``(1, H, L, L)``: the same for every row. Outside ``torch.compile``, which
-    would fuse its bucketing (a logarithm per cell) into the kernel that adds the padding mask and so compute it
-    again for every row of the batch (a sixth of a compiled forward's device time on an H200)."""
-    return encoder.compute_position_bias(hidden_states[:1])
+    """MPNet's relative position bias, ``(1, H, L, L)``: the same for every row, as ``compute_position_bias`` gives it.
+
+    Its buckets depend on the length alone: bucketed on the CPU once per length and device, not at every forward
+    (where the transformers versions that bucket on the CPU make the host wait for the device at every batch).
+    Outside ``torch.compile``, which would fuse the bucketing (a logarithm per cell) into the kernel that adds the
+    padding mask, computing it again for every row (a sixth of a compiled forward's device time on an H200).
+    """
+    length, device = hidden_states.shape[1], hidden_states.device
+    buckets = _BUCKETS.get((length, str(device)))
+    if buckets is None:
+        positions = torch.arange(length, dtype=torch.long)
+        relative = positions[None, :] - positions[:, None]
+        buckets = encoder.relative_position_bucket(relative, num_buckets=32).to(device)  # compute_position_bias's 32
+        if len(_BUCKETS) >= 64:  # lengths vary batch to batch where nothing pads them (the CPU): keep a few
+            _BUCKETS.pop(next(iter(_BUCKETS)))
+        _BUCKETS[(length, str(device))] = buckets
+    return encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
 def _mpnet_encoder_forward(self, hidden_states, attention_mask=None, output_attentions=False, **kwargs):
