@@ -86,7 +86,8 @@ def _position_bias(encoder, hidden_states: torch.Tensor) -> torch.Tensor:
         if len(_BUCKETS) >= 64:  # lengths vary batch to batch where nothing pads them (the CPU): keep a few
             _BUCKETS.pop(next(iter(_BUCKETS)))
         _BUCKETS[(length, str(device))] = buckets
-    return encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+    # contiguous: a permuted view handed to the compiled graph made its kernels read misaligned addresses (H200)
+    return encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def _mpnet_encoder_forward(self, hidden_states, attention_mask=None, output_attentions=False, **kwargs):
