@@ -359,3 +359,15 @@ def test_compiled_encoding_gives_the_same_embeddings_and_is_undone(tiny_mpnet_pa
     compiled = encode(model, TEXTS, "document", batch_size=2, compile=True)
     assert np.abs(compiled - eager).max() < TOLERANCE
     assert "forward" not in vars(model[0].auto_model)  # the class's own forward again
+
+
+def test_the_cached_position_bias_equals_mpnets_own_at_every_length():
+    from transformers import MPNetConfig, MPNetModel
+
+    from embeddistill.models.kernels import _position_bias
+
+    encoder = MPNetModel(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)).encoder
+    for length in (1, 7, 64, 300, 7):  # 7 twice: the second comes from the cache
+        hidden = torch.zeros(3, length, 16)
+        expected = encoder.compute_position_bias(hidden)[:1]
+        assert torch.equal(_position_bias(encoder, hidden), expected)

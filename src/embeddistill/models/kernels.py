@@ -65,7 +65,7 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     )
 
 
-_BUCKETS: dict[tuple[int, str], torch.Tensor] = {}  # (length, device) -> MPNet's (L, L) relative position buckets
+_BUCKETS: dict[tuple, torch.Tensor] = {}  # (encoder class, length, device) -> (L, L) relative position buckets
 
 
 @torch.compiler.disable
@@ -78,14 +78,15 @@ def _position_bias(encoder, hidden_states: torch.Tensor) -> torch.Tensor:
     padding mask, computing it again for every row (a sixth of a compiled forward's device time on an H200).
     """
     length, device = hidden_states.shape[1], hidden_states.device
-    buckets = _BUCKETS.get((length, str(device)))
+    key = (type(encoder), length, str(device))
+    buckets = _BUCKETS.get(key)
     if buckets is None:
         positions = torch.arange(length, dtype=torch.long)
         relative = positions[None, :] - positions[:, None]
         buckets = encoder.relative_position_bucket(relative, num_buckets=32).to(device)  # compute_position_bias's 32
         if len(_BUCKETS) >= 64:  # lengths vary batch to batch where nothing pads them (the CPU): keep a few
             _BUCKETS.pop(next(iter(_BUCKETS)))
-        _BUCKETS[(length, str(device))] = buckets
+        _BUCKETS[key] = buckets
     # contiguous: a permuted view handed to the compiled graph made its kernels read misaligned addresses (H200)
     return encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()
 
