@@ -367,7 +367,11 @@ def test_the_cached_position_bias_equals_mpnets_own_at_every_length():
     from embeddistill.models.kernels import _position_bias
 
     encoder = MPNetModel(MPNetConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)).encoder
-    for length in (1, 7, 64, 300, 7):  # 7 twice: the second comes from the cache
+    with torch.inference_mode():  # cached while encoding ...
+        _position_bias(encoder, torch.zeros(1, 7, 16))
+    for length in (1, 7, 64, 300, 7):  # ... and used where autograd records; 7 again: from the cache
         hidden = torch.zeros(3, length, 16)
         expected = encoder.compute_position_bias(hidden)[:1]
         assert torch.equal(_position_bias(encoder, hidden), expected)
+    _position_bias(encoder, torch.zeros(1, 7, 16)).sum().backward()  # the bias's weights get their gradient
+    assert encoder.relative_attention_bias.weight.grad is not None

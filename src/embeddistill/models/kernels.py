@@ -81,9 +81,11 @@ def _position_bias(encoder, hidden_states: torch.Tensor) -> torch.Tensor:
     key = (type(encoder), length, str(device))
     buckets = _BUCKETS.get(key)
     if buckets is None:
-        positions = torch.arange(length, dtype=torch.long)
-        relative = positions[None, :] - positions[:, None]
-        buckets = encoder.relative_position_bucket(relative, num_buckets=32).to(device)  # compute_position_bias's 32
+        # a normal tensor even when first made while encoding: it may be used later where autograd records
+        with torch.inference_mode(False):
+            positions = torch.arange(length, dtype=torch.long)
+            relative = positions[None, :] - positions[:, None]
+            buckets = encoder.relative_position_bucket(relative, num_buckets=32).to(device)  # as compute_position_bias
         if len(_BUCKETS) >= 64:  # lengths vary batch to batch where nothing pads them (the CPU): keep a few
             _BUCKETS.pop(next(iter(_BUCKETS)))
         _BUCKETS[key] = buckets
