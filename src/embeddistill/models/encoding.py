@@ -103,19 +103,19 @@ def _model_device(model: SentenceTransformer) -> torch.device:
 
 
 def _embed_piece(
-    model: SentenceTransformer, chunk: TokenizedChunk, kind: str, budget: int, on_batch: Callable[[int], None] | None
+    model: SentenceTransformer, piece: TokenizedChunk, kind: str, budget: int, on_batch: Callable[[int], None] | None
 ) -> HostCopy:
     """Embeddings of one tokenised piece, rows back in input order, on their way to the host."""
     device = _model_device(model)
-    rows = len(chunk.order)
+    rows = len(piece.order)
     multiple = pad_multiple(device)
-    tokens = row_tensors(chunk.features, rows)
+    tokens = row_tensors(piece.features, rows)
     if device.type == "cuda":  # one copy per piece, from pinned memory (see _tokenize_piece); batches are slices
         tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
-    constants = {k: v for k, v in chunk.features.items() if k not in tokens}
+    constants = {k: v for k, v in piece.features.items() if k not in tokens}
     pad_ids = {k: pad_id(model) if k == "input_ids" else 0 for k in tokens}
     out = None
-    for start, stop, width in batch_bounds(chunk.lengths, budget, multiple):
+    for start, stop, width in batch_bounds(piece.lengths, budget, multiple):
         batch = {k: _fit_width(v[start:stop], width, pad_ids[k]) for k, v in tokens.items()}
         embeddings = model(dict(batch, **constants), task=kind)["sentence_embedding"]
         if out is None:
@@ -123,7 +123,7 @@ def _embed_piece(
         out[start:stop] = embeddings.float()
         if on_batch is not None:
             on_batch(stop - start)
-    inverse = torch.from_numpy(np.argsort(chunk.order))  # pinned on CUDA: a pageable copy would wait for the device
+    inverse = torch.from_numpy(np.argsort(piece.order))  # pinned on CUDA: a pageable copy would wait for the device
     inverse = inverse.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else inverse
     return HostCopy(out[inverse])
 
@@ -131,7 +131,7 @@ def _embed_piece(
 class HostCopy:
     """A device tensor's copy to the host, started without waiting: on CUDA it lands in pinned memory while the
     device goes on with the work queued after it, and :meth:`numpy` waits for it alone. Waiting at once (``.cpu()``)
-    would leave the device idle until the host had queued the next chunk's first batch."""
+    would leave the device idle until the host had queued the next piece's first batch."""
 
     def __init__(self, tensor: torch.Tensor):
         if tensor.device.type != "cuda":
