@@ -87,7 +87,8 @@ METHOD = "embeddistill"
 METRIC = "nDCG@10"
 TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
-    r"(?:_(?P<variant>mix|c8|c24|sym|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2|dev_c48e1|dev_rq0|dev_rq6))?\.json$"
+    r"(?:_(?P<variant>mix|c8|c24|sym|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2|dev_c48e1|dev_rq0|dev_rq6|dev_c24e3"
+    r"|dev_c24e2_(?:lr2e-5|lr3e-4|pq8|mix)))?\.json$"
 )
 GENERAL = "mix"  # the tables trained with general queries mixed in
 # Tables of later recipes than the plain ones, oldest first: a set that a later one holds the row on is read from that
@@ -102,6 +103,11 @@ DEV_SUFFIX = {
     "dev_c48e1": " + 48 crops per document, 1 epoch",
     "dev_rq0": " + 24 crops per document, 2 epochs (rerun)",
     "dev_rq6": " + 24 crops per document, 2 epochs, each real query 3 times an epoch",
+    "dev_c24e3": " + 24 crops per document, 3 epochs",
+    "dev_c24e2_lr2e-5": " + 24 crops per document, 2 epochs, encoder learning rate 2e-5",
+    "dev_c24e2_lr3e-4": " + 24 crops per document, 2 epochs, encoder learning rate 3e-4",
+    "dev_c24e2_pq8": " + 24 crops per document, 2 epochs, 8 perturbations per real query",
+    "dev_c24e2_mix": " + 24 crops per document, 2 epochs, general queries",
 }
 GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
