@@ -85,11 +85,6 @@ FIRST_LAYERS = ("mpnet-2L-asym", "minilm-2L-asym")  # the same students keeping 
 OFF_THE_SHELF = "all-MiniLM-L6-v2"
 METHOD = "embeddistill"
 METRIC = "nDCG@10"
-TABLE_NAME = re.compile(
-    r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
-    r"(?:_(?P<variant>mix|c8|c24|sym|dev|dev_mix|dev_c8|dev_c16e3|dev_c24e2|dev_c48e1|dev_rq0|dev_rq6|dev_c24e3"
-    r"|dev_c24e2_(?:lr2e-5|lr3e-4|pq8|mix)))?\.json$"
-)
 GENERAL = "mix"  # the tables trained with general queries mixed in
 # Tables of later recipes than the plain ones, oldest first: a set that a later one holds the row on is read from that
 # one alone. c8: 8 crops, 6 epochs; c24: today's asymmetric defaults (24 crops, 2 epochs); sym: today's symmetric
@@ -109,6 +104,12 @@ DEV_SUFFIX = {
     "dev_c24e2_pq8": " + 24 crops per document, 2 epochs, 8 perturbations per real query",
     "dev_c24e2_mix": " + 24 crops per document, 2 epochs, general queries",
 }
+# A table's name: its dataset, training seed, epochs where not the recipe's, and variant (a dev table's names its
+# candidate, one of DEV_SUFFIX's); names of any other form (a one-seed test of a dev candidate) are not read.
+TABLE_NAME = re.compile(
+    r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
+    rf"(?:_(?P<variant>{'|'.join(re.escape(v) for v in ('mix', 'dev', *LATER_RECIPES, *DEV_SUFFIX))}))?\.json$"
+)
 GENERAL_STUDENTS = ("mpnet-2L-asym", "mpnet-L0L11-asym", "minilm-asym", "minilm-2L-asym", "minilm-L0L5-asym")
 
 
