@@ -104,8 +104,8 @@ DEV_SUFFIX = {
     "dev_c24e2_pq8": " + 24 crops per document, 2 epochs, 8 perturbations per real query",
     "dev_c24e2_mix": " + 24 crops per document, 2 epochs, general queries",
 }
-# A table's name: its dataset, training seed, epochs where not the recipe's, and variant (a dev table's names its
-# candidate, one of DEV_SUFFIX's); names of any other form (a one-seed test of a dev candidate) are not read.
+# A table's name: its dataset, training seed, epochs where not the recipe's, and variant (for a dev table, the
+# candidate: one of DEV_SUFFIX's); a name of any other form (a one-seed test of a dev candidate) is not read.
 TABLE_NAME = re.compile(
     r"^quality_(?P<dataset>[a-z-]+)_s(?P<seed>\d+)(?:_e(?P<epochs>\d+))?"
     rf"(?:_(?P<variant>{'|'.join(re.escape(v) for v in ('mix', 'dev', *LATER_RECIPES, *DEV_SUFFIX))}))?\.json$"
