@@ -151,7 +151,7 @@ class RustTokenizer:
         self.backend.no_padding()
         self._encode_batch = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
         self.pad_values = {
-            "input_ids": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+            "input_ids": pad_id(model),
             "attention_mask": 0,
             "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
         }
