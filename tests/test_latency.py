@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import yaml
 
+from embeddistill.evaluation import latency as latency_module
 from embeddistill.evaluation.latency import measure_latency, medians
 from embeddistill.evaluation.model_card import render_model_card
 from embeddistill.evaluation.report import report_table, write_report
 from embeddistill.pipeline.summary import RunSummary, speedup
 
 
-class SleepingEncoder(torch.nn.Module):
-    """Takes ``delays_ms[i]`` for its i-th call (the last one after that): a query encoder with known timings."""
+class FakeClock:
+    """``perf_counter`` for the latency module: time moves only when an encoder says it took some, so the timings
+    are exact whatever else the machine is doing (sleeping for them made the test fail on a loaded machine)."""
 
-    def __init__(self, delays_ms: list[float]):
+    def __init__(self):
+        self.seconds = 0.0
+
+    def perf_counter(self) -> float:
+        return self.seconds
+
+
+class SlowEncoder(torch.nn.Module):
+    """Takes ``delays_ms[i]`` on ``clock`` for its i-th call (the last one after that): known timings."""
+
+    def __init__(self, delays_ms: list[float], clock: FakeClock):
         super().__init__()
-        self.delays_ms, self.calls = delays_ms, 0
+        self.delays_ms, self.calls, self.clock = delays_ms, 0, clock
 
     def tokenize(self, texts: list[str]) -> dict:
         return {"input_ids": torch.zeros(len(texts), 4, dtype=torch.long)}
 
     def forward(self, features: dict) -> torch.Tensor:
-        time.sleep(self.delays_ms[min(self.calls, len(self.delays_ms) - 1)] / 1000)
+        self.clock.seconds += self.delays_ms[min(self.calls, len(self.delays_ms) - 1)] / 1000
         self.calls += 1
         return torch.zeros(features["input_ids"].shape[0], 8)
 
 
-def test_latency_gives_the_median_and_the_spread_of_the_repeats_and_shows_progress(capsys):
+def test_latency_gives_the_median_and_the_spread_of_the_repeats_and_shows_progress(capsys, monkeypatch):
     # 1 warm-up call, then 5 timed repeats of 10, 20, 30, 40, 50 ms at batch size 1, and again at batch size 4.
     delays = [1, 10, 20, 30, 40, 50, 1, 10, 20, 30, 40, 50]
-    result = measure_latency({"slow": SleepingEncoder(delays)}, ["a query"], [1, 4], repeats=5, warmup=1)
+    clock = FakeClock()
+    monkeypatch.setattr(latency_module, "time", clock)  # the module's clock alone: the progress bar keeps its own
+    result = measure_latency({"slow": SlowEncoder(delays, clock)}, ["a query"], [1, 4], repeats=5, warmup=1)
     latency = result["slow"]
     assert set(latency) == {f"batch{b}_{stat}ms" for b in (1, 4) for stat in ("", "p10_", "p90_")}
     for batch in ("batch1", "batch4"):
