@@ -17,12 +17,12 @@ def _resolved(**options) -> tuple:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, (True, 24, 2, 0)),  # the default student, teacher:0,-1: a query encoder cut from the teacher
-        ({"student": "teacher:2"}, (True, 24, 2, 0)),
-        ({"student": "some/minilm", "student_layers": [0, -1]}, (True, 24, 2, 0)),  # cut: far from any retriever
+        ({}, (True, 24, 3, 0)),  # the default student, teacher:0,-1: a query encoder cut from the teacher
+        ({"student": "teacher:2"}, (True, 24, 3, 0)),
+        ({"student": "some/minilm", "student_layers": [0, -1]}, (True, 24, 3, 0)),  # cut: far from any retriever
         ({"student": "some/minilm"}, (False, 2, 6, 2000)),  # a whole pretrained model keeps its own index
-        ({"student": "some/minilm", "asymmetric": True}, (True, 24, 2, 0)),  # asked for: the query-encoder recipe
-        ({"student": "teacher:2", "asymmetric": False}, (False, 24, 2, 0)),  # symmetric, but not a pretrained whole
+        ({"student": "some/minilm", "asymmetric": True}, (True, 24, 3, 0)),  # asked for: the query-encoder recipe
+        ({"student": "teacher:2", "asymmetric": False}, (False, 24, 3, 0)),  # symmetric, but not a pretrained whole
         ({"student": "some/minilm", "crops_per_document": 8, "epochs": 3, "max_steps": 0}, (False, 8, 3, 0)),  # kept
     ],
 )
@@ -32,10 +32,10 @@ def test_auto_resolves_to_the_recipe_of_what_the_student_is(options, expected):
 
 def test_a_teacher_that_allows_one_kind_of_student_decides_asymmetric_but_not_a_value_given():
     endpoint = {"teacher": "http://localhost:8000/v1", "student": "some/minilm"}
-    assert _resolved(**endpoint) == (True, 24, 2, 0)  # a black-box teacher has no document tower to train against
+    assert _resolved(**endpoint) == (True, 24, 3, 0)  # a black-box teacher has no document tower to train against
     assert _resolved(**endpoint, asymmetric=False)[0] is False  # refused later by the checks, named
     cross_encoder = {"cross_encoder": "some/reranker", "student": "teacher:2"}
-    assert _resolved(**cross_encoder) == (False, 24, 2, 0)  # a cross-encoder teacher has none to keep
+    assert _resolved(**cross_encoder) == (False, 24, 3, 0)  # a cross-encoder teacher has none to keep
 
 
 def test_resolving_twice_changes_nothing():

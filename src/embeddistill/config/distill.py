@@ -148,7 +148,7 @@ class LossConfig:
 class TrainingConfig:
     epochs: int = option(
         "auto",
-        "passes over the training queries (more varied crops beat more passes); 'auto': 2, or 6 for a symmetric "
+        "passes over the training queries (more varied crops beat more passes); 'auto': 3, or 6 for a symmetric "
         "student that starts as a whole pretrained model",
         special=("auto",),
         minimum=1,
