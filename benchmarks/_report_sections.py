@@ -458,6 +458,8 @@ def render_headline(data: dict) -> list[str]:
         "",
     ]
     lines += table(HEADLINE_HEADER, _headline_rows(data["students"]))
+    lines += [f"- `{name}`: {student['recipe']}" for name, student in data["students"].items() if "recipe" in student]
+    lines += [""]
     if data.get("first_layers"):
         lines += ["The same students keeping their first two layers (the previous recipe):", ""]
         lines += table(HEADLINE_HEADER, _headline_rows(data["first_layers"]))
