@@ -460,6 +460,14 @@ def render_headline(data: dict) -> list[str]:
     lines += table(HEADLINE_HEADER, _headline_rows(data["students"]))
     lines += [f"- `{name}`: {student['recipe']}" for name, student in data["students"].items() if "recipe" in student]
     lines += [""]
+    for name, third in data.get("third_epoch", {}).get("students", {}).items():
+        sets = ", ".join(
+            f"{split} {t['mean_difference']:+.4f} (p_holm {t['p_holm']:.2f}, {len(t['seeds'])} seeds)"
+            for split, t in third["vs_2_epochs"].items()
+        )
+        by_seed = "; ".join(f"{label}: {fmt(v)}" for label, v in third["three_set_retention_by_seed"].items())
+        lines += [f"`{name}` at 3 epochs against 2, nDCG@10 per set: {sets}. Three-set retention by seed: {by_seed}."]
+        lines += [""]
     if data.get("first_layers"):
         lines += ["The same students keeping their first two layers (the previous recipe):", ""]
         lines += table(HEADLINE_HEADER, _headline_rows(data["first_layers"]))

@@ -147,3 +147,37 @@ def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
     earlier = written["dl_at_earlier_recipe"]["students"]["mpnet-2L-asym"]
     assert earlier["retention_mean"] == pytest.approx((0.8 + 0.6 + 0.4 * 3) / 5)
     assert earlier["tables_by_set"]["msmarco-dl/dl19"] == "plain"
+
+
+def test_the_third_epoch_is_read_for_the_rerun_student_alone_and_compared_with_two_seed_by_seed(tmp_path):
+    # The default student has _c24 (2 epochs) and _c24e3 (3 epochs) tables on the three seeded sets: its headline
+    # reads _c24e3, and third_epoch compares the two on the seeds both hold. The asymmetric MiniLM's _c24e3 row
+    # (a one-seed check) is not read.
+    shelf = headline.OFF_THE_SHELF
+    for dataset in ("scifact", "nfcorpus", "squad", "msmarco-dl"):
+        _table(tmp_path, f"quality_{dataset}_s42.json", dataset, {"teacher": 1.0, shelf: 0.5})
+    for dataset, two, three in (("scifact", 0.8, 0.9), ("nfcorpus", 0.6, 0.6), ("squad", 0.4, 0.7)):
+        for seed in (42, 43):
+            rows = {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": two, "minilm-asym/embeddistill": two}
+            _table(tmp_path, f"quality_{dataset}_s{seed}_c24.json", dataset, rows)
+        rows = {"teacher": 1.0, "mpnet-L0L11-asym/embeddistill": three, "minilm-asym/embeddistill": 1.0}
+        _table(tmp_path, f"quality_{dataset}_s42_c24e3.json", dataset, rows)
+    _table(tmp_path, "quality_msmarco-dl_s42_c24.json", "msmarco-dl", {"mpnet-L0L11-asym/embeddistill": 0.5})
+    _table(tmp_path, "quality_msmarco-dl_s43_c24.json", "msmarco-dl", {"mpnet-L0L11-asym/embeddistill": 0.5})
+    out = tmp_path / "headline.json"
+    args = ["--tables", str(tmp_path), "--dev-tables", str(tmp_path / "none"), "--speed-cpu", str(tmp_path / "none")]
+    assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
+    written = json.loads(out.read_text())
+    assert written["students"]["mpnet-2L-asym"]["tables_by_set"]["scifact/test"] == "c24e3"
+    assert written["students"]["minilm-asym"]["tables_by_set"]["scifact/test"] == "c24"
+    third = written["third_epoch"]["students"]["mpnet-2L-asym"]
+    assert set(third) == {"vs_2_epochs", "three_set_retention_by_seed"}
+    assert third["vs_2_epochs"]["scifact/test"]["seeds"] == [42]  # 43 has no 3-epoch table
+    assert third["vs_2_epochs"]["scifact/test"]["mean_difference"] == pytest.approx(0.1)
+    assert third["vs_2_epochs"]["squad/test"]["mean_difference"] == pytest.approx(0.3)
+    assert third["vs_2_epochs"]["nfcorpus/test"]["p"] == pytest.approx(1.0)  # no difference at all
+    assert "msmarco-dl/dl19" not in third["vs_2_epochs"]  # no 3-epoch DL table
+    assert third["three_set_retention_by_seed"] == {
+        "3 epochs": {"42": pytest.approx((0.9 + 0.6 + 0.7) / 3)},
+        "2 epochs": {"42": pytest.approx(0.6), "43": pytest.approx(0.6)},
+    }
