@@ -98,9 +98,6 @@ GENERAL = "mix"  # the tables trained with general queries mixed in
 # one alone. c8: 8 crops, 6 epochs; c24: 24 crops, 2 epochs; c24e3: today's asymmetric defaults (24 crops, 3 epochs);
 # sym: today's symmetric defaults where the step cap changed them (DL: 2000 steps rather than 6 epochs).
 LATER_RECIPES = ("c8", "c24", "c24e3", "sym")
-# The students rerun at today's asymmetric defaults on every set and seed (DL: seed 42): only these read the c24e3
-# tables.
-RERUN_AT_3_EPOCHS = ("mpnet-2L-asym", "minilm-asym", "minilm-2L-asym")
 DEV_SUFFIX = {
     "dev_mix": " + general queries",
     "dev_c8": " + 8 crops per document",
@@ -316,11 +313,6 @@ class Reference:
     tests: list[tuple[str, dict, str, float, float]] = dataclasses.field(default_factory=list)
 
 
-def recipes_read(later_tables: dict[str, list[dict]], student: str) -> dict[str, list[dict]]:
-    """The later recipes' tables a student's headline reads: c24e3 only for the students rerun with it."""
-    return {v: ts for v, ts in later_tables.items() if v != "c24e3" or student in RERUN_AT_3_EPOCHS}
-
-
 def three_set_retention_by_seed(found: dict, teacher: dict) -> dict[str, float]:
     """Per seed held on all three, one row's mean retention of nDCG@10 over SciFact, NFCorpus and SQuAD (``found`` as
     ``collect`` gives it; ``teacher`` the teacher's mean per set)."""
@@ -341,9 +333,10 @@ def third_epoch_against_two(tables: list[dict], rounds: int) -> dict:
     teacher = {
         x: float(np.mean(list(seed_averaged(by_seed).values()))) for x, by_seed in collect(tables, "teacher").items()
     }
-    for name in RERUN_AT_3_EPOCHS:
-        key = f"{STUDENTS[name]}/{METHOD}"
-        three, two = (collect([t for t in tables if t["variant"] == v], key) for v in ("c24e3", "c24"))
+    for name, row in STUDENTS.items():
+        three, two = (collect([t for t in tables if t["variant"] == v], f"{row}/{METHOD}") for v in ("c24e3", "c24"))
+        if not three:
+            continue
         by_set = {}
         for d, s in SETS:
             seeds = sorted(set(three.get((d, s), {})) & set(two.get((d, s), {})))
@@ -430,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     shelf = five_set_means(shelf_found)
     shelf_retention = shelf[min(shelf)] / teacher_mean if shelf else None
     ref = Reference(teacher_mean, shelf_found, shelf_retention, speed, args.permutation_rounds)
-    students = {
-        name: student_entry(default_tables, row, name, ref, recipes_read(later_tables, name))
-        for name, row in STUDENTS.items()
-    }
+    students = {name: student_entry(default_tables, row, name, ref, later_tables) for name, row in STUDENTS.items()}
     for name, entry in students.items():
         entry["recipe"] = RECIPES[name]
     first_layers = {row: student_entry(default_tables, row, f"{row} (first layers)", ref) for row in FIRST_LAYERS}
@@ -444,10 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     # Its own Reference: these tests repeat the headline's and stay out of its Holm correction.
     beir_later = {v: [t for t in ts if t["dataset"] != "msmarco-dl"] for v, ts in later_tables.items()}
     aside = dataclasses.replace(ref, tests=[])
-    dl_earlier = {
-        name: student_entry(default_tables, row, name, aside, recipes_read(beir_later, name))
-        for name, row in STUDENTS.items()
-    }
+    dl_earlier = {name: student_entry(default_tables, row, name, aside, beir_later) for name, row in STUDENTS.items()}
     adjusted = holm({name: p for name, _, _, _, p in ref.tests})
     for name, entry, split, difference, p in ref.tests:
         entry.setdefault("vs_off_the_shelf", {})[split] = {

@@ -149,10 +149,10 @@ def test_a_set_reads_the_student_from_its_newest_crop_tables_alone(tmp_path):
     assert earlier["tables_by_set"]["msmarco-dl/dl19"] == "plain"
 
 
-def test_the_third_epoch_is_read_for_the_rerun_student_alone_and_compared_with_two_seed_by_seed(tmp_path):
-    # The default student has _c24 (2 epochs) and _c24e3 (3 epochs) tables on the three seeded sets: its headline
-    # reads _c24e3, and third_epoch compares the two on the seeds both hold. The asymmetric MiniLM's _c24e3 row
-    # (a one-seed check) is not read.
+def test_the_third_epoch_is_read_where_a_student_has_it_and_compared_with_two_seed_by_seed(tmp_path):
+    # Two students have _c24 (2 epochs) and _c24e3 (3 epochs) tables on the three seeded sets: each headline reads
+    # _c24e3, and third_epoch compares the two on the seeds both hold. The symmetric MiniLM has no _c24e3 row and is
+    # left out of third_epoch.
     shelf = headline.OFF_THE_SHELF
     for dataset in ("scifact", "nfcorpus", "squad", "msmarco-dl"):
         _table(tmp_path, f"quality_{dataset}_s42.json", dataset, {"teacher": 1.0, shelf: 0.5})
@@ -169,7 +169,11 @@ def test_the_third_epoch_is_read_for_the_rerun_student_alone_and_compared_with_t
     assert headline.main([*args, "--out", str(out), "--permutation-rounds", "100"]) == 0
     written = json.loads(out.read_text())
     assert written["students"]["mpnet-2L-asym"]["tables_by_set"]["scifact/test"] == "c24e3"
-    assert written["students"]["minilm-asym"]["tables_by_set"]["scifact/test"] == "c24"
+    assert written["students"]["minilm-asym"]["tables_by_set"]["scifact/test"] == "c24e3"
+    assert set(written["third_epoch"]["students"]) == {"mpnet-2L-asym", "minilm-asym"}
+    assert written["third_epoch"]["students"]["minilm-asym"]["vs_2_epochs"]["squad/test"]["mean_difference"] == (
+        pytest.approx(0.6)
+    )
     third = written["third_epoch"]["students"]["mpnet-2L-asym"]
     assert set(third) == {"vs_2_epochs", "three_set_retention_by_seed"}
     assert third["vs_2_epochs"]["scifact/test"]["seeds"] == [42]  # 43 has no 3-epoch table
