@@ -194,6 +194,13 @@ def seed_averaged(by_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     return {q: float(np.mean([scores[q] for scores in by_seed.values()])) for q in queries}
 
 
+def paired_difference(ours: dict, theirs: dict, rounds: int) -> tuple[float, float]:
+    """Two rows' per-query nDCG@10 by seed (``collect``'s values for one set), each averaged over its seeds: the mean
+    per-query difference and its paired permutation p."""
+    ours, theirs = seed_averaged(ours), seed_averaged(theirs)
+    return float(np.mean([ours[q] - theirs[q] for q in ours])), paired_permutation_test(ours, theirs, rounds=rounds)
+
+
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm-Bonferroni adjusted p-values (step-down, kept monotone)."""
     order = sorted(p_values, key=p_values.get)
@@ -341,10 +348,9 @@ def third_epoch_against_two(tables: list[dict], rounds: int) -> dict:
         for d, s in SETS:
             seeds = sorted(set(three.get((d, s), {})) & set(two.get((d, s), {})))
             if seeds:
-                ours = seed_averaged({seed: three[(d, s)][seed] for seed in seeds})
-                theirs = seed_averaged({seed: two[(d, s)][seed] for seed in seeds})
-                tests[f"{name}|{d}/{s}"] = paired_permutation_test(ours, theirs, rounds=rounds)
-                difference = float(np.mean([ours[q] - theirs[q] for q in ours]))
+                ours = {seed: three[(d, s)][seed] for seed in seeds}
+                theirs = {seed: two[(d, s)][seed] for seed in seeds}
+                difference, tests[f"{name}|{d}/{s}"] = paired_difference(ours, theirs, rounds)
                 by_set[f"{d}/{s}"] = {"seeds": seeds, "mean_difference": difference, "p": tests[f"{name}|{d}/{s}"]}
         found[name] = {
             "vs_2_epochs": by_set,
@@ -396,9 +402,7 @@ def student_entry(
     entry["cpu_speedup_batch1"] = encoder["speedup_vs_teacher"]["batch1_ms"] if encoder else None
     for d, s in SETS:
         if (d, s) in found and (d, s) in ref.shelf_found:
-            ours, theirs = seed_averaged(found[(d, s)]), seed_averaged(ref.shelf_found[(d, s)])
-            p = paired_permutation_test(ours, theirs, rounds=ref.rounds)
-            difference = float(np.mean([ours[q] - theirs[q] for q in ours]))
+            difference, p = paired_difference(found[(d, s)], ref.shelf_found[(d, s)], ref.rounds)
             ref.tests.append((f"{label}|{d}/{s}", entry, f"{d}/{s}", difference, p))
     return entry
 
