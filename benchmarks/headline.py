@@ -20,7 +20,7 @@ library's defaults.
 
 * ``retention_mean``: the five-set mean of nDCG@10 (SciFact, NFCorpus, SQuAD, DL19, DL20) over the teacher's
   five-set mean, per training seed, then averaged over seeds; ``retention_sd`` their standard deviation (a set with
-  fewer seeds, DL, contributes its one value to every seed's mean: ``seeds`` says how many each set has);
+  fewer seeds, DL, lends the mean of its seeds to each seed it lacks: ``seeds`` says how many each set has);
 * ``cpu_speedup_batch1``: the query encoder's speed-up over the teacher's at batch 1 on the CPU (``speed_cpu.json``);
 * ``beats_off_the_shelf``: ``retention_mean`` above all-MiniLM-L6-v2's as it comes (its own index);
 * ``vs_off_the_shelf``: per set, the mean per-query nDCG@10 difference (per-query values averaged over seeds first)
@@ -83,7 +83,7 @@ STUDENTS = {
 RECIPES = {
     "mpnet-2L-asym": "distill (the default student, teacher:0,-1): its defaults, asymmetric, 24 crops, 3 epochs (DL: "
     "seed 42 alone)",
-    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs (DL: seed 42 alone)",
+    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs (DL: seeds 42 and 43)",
     "minilm-2L-asym": "--student all-MiniLM-L6-v2 --student-layers 0 -1: asymmetric, its defaults, 24 crops, 3 epochs "
     "(DL: seed 42 alone)",
     "minilm-sym": "--student all-MiniLM-L6-v2: its defaults, symmetric, 2 crops, 6 epochs or at most 2000 steps, "
@@ -111,6 +111,9 @@ DEV_SUFFIX = {
     "dev_c24e2_lr3e-4": " + 24 crops per document, 2 epochs, encoder learning rate 3e-4",
     "dev_c24e2_pq8": " + 24 crops per document, 2 epochs, 8 perturbations per real query",
     "dev_c24e2_mix": " + 24 crops per document, 2 epochs, general queries",
+    "dev_c24e5": " + 24 crops per document, 5 epochs",
+    "dev_c24e3lr": " + 24 crops per document, 3 epochs, 3e-4 added to the learning-rate candidates",
+    "dev_c24e5lr": " + 24 crops per document, 5 epochs, 3e-4 added to the learning-rate candidates",
 }
 # A table's name: its dataset, training seed, epochs where not the recipe's, and variant (for a dev table, the
 # candidate: one of DEV_SUFFIX's); a name of any other form (a one-seed test of a dev candidate) is not read.
@@ -174,19 +177,16 @@ def collect(tables: list[dict], key: str) -> dict[tuple[str, str], dict[int, dic
 
 
 def five_set_means(found: dict) -> dict[int, float] | None:
-    """Per seed, the mean over the five sets of the mean nDCG@10; a set with one seed lends it to every seed."""
+    """Per seed, the mean over the five sets of the mean nDCG@10; a set that lacks a seed (DL) lends it the mean of
+    the seeds it has, so that each of its seeds weighs alike in the seed average."""
     if any(s not in found for s in SETS):
         return None
     seeds = sorted({seed for by_seed in found.values() for seed in by_seed})
-    means = {}
-    for seed in seeds:
-        values = []
-        for s in SETS:
-            by_seed = found[s]
-            scores = by_seed.get(seed) or by_seed[min(by_seed)]
-            values.append(float(np.mean(list(scores.values()))))
-        means[seed] = float(np.mean(values))
-    return means
+    set_means = {s: {seed: float(np.mean(list(scores.values()))) for seed, scores in found[s].items()} for s in SETS}
+    return {
+        seed: float(np.mean([by_seed.get(seed, np.mean(list(by_seed.values()))) for by_seed in set_means.values()]))
+        for seed in seeds
+    }
 
 
 def seed_averaged(by_seed: dict[int, dict[str, float]]) -> dict[str, float]:

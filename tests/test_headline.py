@@ -38,11 +38,20 @@ def _table(folder: Path, name: str, dataset: str, rows: dict[str, float]) -> Non
         ("quality_squad_s44_c24.json", "c24", None),
         ("quality_scifact_s42_dev_c24e2.json", "dev_c24e2", None),
         ("quality_nfcorpus_s42_dev_c48e1.json", "dev_c48e1", None),
+        ("quality_squad_s42_dev_c24e5lr.json", "dev_c24e5lr", None),
     ],
 )
 def test_table_names_give_their_variant(name, variant, epochs):
     match = headline.TABLE_NAME.match(name)
     assert match["variant"] == variant and match["epochs"] == epochs
+
+
+def test_a_set_with_fewer_seeds_lends_each_missing_seed_the_mean_of_those_it_has():
+    found = {s: {42: {"q": 0.5}, 43: {"q": 0.5}, 44: {"q": 0.5}} for s in headline.SETS}
+    for dl in [("msmarco-dl", "dl19"), ("msmarco-dl", "dl20")]:
+        found[dl] = {42: {"q": 0.2}, 43: {"q": 0.4}}
+    # seed 42: (3 x 0.5 + 2 x 0.2) / 5; seed 43: (1.5 + 0.8) / 5; seed 44 borrows DL's mean 0.3: (1.5 + 0.6) / 5
+    assert headline.five_set_means(found) == pytest.approx({42: 0.38, 43: 0.46, 44: 0.42})
 
 
 def test_tables_of_other_experiments_are_not_read_as_the_headline():
