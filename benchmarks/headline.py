@@ -82,10 +82,10 @@ STUDENTS = {
 # 24 crops, 3 epochs).
 RECIPES = {
     "mpnet-2L-asym": "distill (the default student, teacher:0,-1): its defaults, asymmetric, 24 crops, 3 epochs (DL: "
-    "seed 42 alone)",
-    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs (DL: seeds 42 and 43)",
+    "seeds 42-44)",
+    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs (DL: seeds 42-44)",
     "minilm-2L-asym": "--student all-MiniLM-L6-v2 --student-layers 0 -1: asymmetric, its defaults, 24 crops, 3 epochs "
-    "(DL: seed 42 alone)",
+    "(DL: seeds 42-44)",
     "minilm-sym": "--student all-MiniLM-L6-v2: its defaults, symmetric, 2 crops, 6 epochs or at most 2000 steps, "
     "start weight 0.5 (the cap shortens DL alone, to 2000 steps of its 6 x 1,150)",
 }
