@@ -80,12 +80,10 @@ STUDENTS = {
 # The command that gives each student, and how its tables' recipe stands against the library's defaults today
 # (embeddistill.config.recipe: a whole named student is symmetric, 2 crops, 6 epochs, at most 2000 steps; any other
 # 24 crops, 3 epochs).
-RECIPES = {
-    "mpnet-2L-asym": "distill (the default student, teacher:0,-1): its defaults, asymmetric, 24 crops, 3 epochs (DL: "
-    "seeds 42-44)",
-    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs (DL: seeds 42-44)",
-    "minilm-2L-asym": "--student all-MiniLM-L6-v2 --student-layers 0 -1: asymmetric, its defaults, 24 crops, 3 epochs "
-    "(DL: seeds 42-44)",
+RECIPES = {  # the seeds each set has are the entry's ``seeds``, read from the tables, not restated here
+    "mpnet-2L-asym": "distill (the default student, teacher:0,-1): its defaults, asymmetric, 24 crops, 3 epochs",
+    "minilm-asym": "--student all-MiniLM-L6-v2 --asymmetric: its defaults, 24 crops, 3 epochs",
+    "minilm-2L-asym": "--student all-MiniLM-L6-v2 --student-layers 0 -1: asymmetric, its defaults, 24 crops, 3 epochs",
     "minilm-sym": "--student all-MiniLM-L6-v2: its defaults, symmetric, 2 crops, 6 epochs or at most 2000 steps, "
     "start weight 0.5 (the cap shortens DL alone, to 2000 steps of its 6 x 1,150)",
 }
